@@ -1,0 +1,194 @@
+"""The LightningModule shared by every embedding recipe: towers + objectives, set from YAML."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from encoders.base import EncoderOutput
+from mmalign.towers import Objective, Tower
+
+
+def in_batch_r1(a: Tensor, b: Tensor) -> Tensor:
+    """Fraction of rows of ``a`` whose most similar row of ``b`` (cosine) is the paired one."""
+    a, b = nn.functional.normalize(a.float(), dim=-1), nn.functional.normalize(b.float(), dim=-1)
+    return (a @ b.T).argmax(dim=1).eq(torch.arange(len(a), device=a.device)).float().mean()
+
+
+class AlignmentModule(L.LightningModule):
+    """Frozen encoders -> trainable projectors (towers) and weighted objectives between towers.
+
+    Args:
+        towers: Named towers, e.g. ``{"student": ..., "teacher": ...}`` or ``{"image": ..., "text": ...}``.
+        objectives: Losses between pairs of towers.
+        embed_dim: Shared space size given to projector factories. ``None``: taken from a tower
+            without projector (a frozen teacher defines the space).
+        optimizer: Optimizer factory over the trainable parameters (projectors, temperatures).
+        scheduler: Optional LR scheduler factory (stepped every optimizer step).
+        retrieval: Tower pairs evaluated in validation/test (both directions, per language). Default:
+            the pairs of the objectives.
+    """
+
+    def __init__(
+        self,
+        towers: dict[str, Tower],
+        objectives: list[Objective],
+        embed_dim: int | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        retrieval: list[list[str]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["towers", "objectives", "optimizer", "scheduler"])
+        self.towers = nn.ModuleDict(towers)
+        self.objectives = nn.ModuleList(objectives)
+        self.embed_dim = self._build_towers(embed_dim)
+        for obj in self.objectives:
+            for name in obj.towers:
+                if name not in self.towers:
+                    raise ValueError(f"objective names tower {name!r}; towers are {sorted(self.towers)}")
+        pairs = retrieval if retrieval is not None else [o.towers for o in self.objectives]
+        self.retrieval_pairs = list(dict.fromkeys(tuple(p) for p in pairs))
+        self._optimizer = optimizer
+        self._scheduler = scheduler
+        self._eval_store: dict[str, list[Any]] = defaultdict(list)
+
+    def _build_towers(self, embed_dim: int | None) -> int:
+        if embed_dim is None:
+            teachers = [t for t in self.towers.values() if t._projector_factory is None]
+            if not teachers:
+                raise ValueError("set embed_dim: every tower has a projector, so the shared size is not implied")
+            embed_dim = teachers[0].encoder.output_dim
+        for name, tower in self.towers.items():
+            out = tower.build(embed_dim)
+            if out != embed_dim:
+                raise ValueError(f"tower {name!r} outputs {out}-d vectors but the shared space is {embed_dim}-d")
+        return embed_dim
+
+    # -- forward ----------------------------------------------------------------------------
+    def tower_features(self, name: str, batch: dict[str, Any]) -> EncoderOutput | None:
+        """Encoder output of tower ``name``: from cached features if the batch has them, else encoded."""
+        cached = batch.get("features", {}).get(name)
+        if cached is not None:
+            return EncoderOutput(**cached).float() if isinstance(cached, dict) else cached
+        inputs = batch.get("inputs", {}).get(name)
+        if inputs is None:
+            return None
+        return self.towers[name].encoder(inputs)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """``{tower_name: embeds [B, D]}`` for every tower the batch has inputs or features for."""
+        embeds = {}
+        for name, tower in self.towers.items():
+            feats = self.tower_features(name, batch)
+            if feats is not None:
+                embeds[name] = tower.project(feats)
+        return embeds
+
+    def compute_losses(self, embeds: dict[str, Tensor]) -> dict[str, Tensor]:
+        losses: dict[str, Tensor] = {}
+        for obj in self.objectives:
+            if all(t in embeds for t in obj.towers):
+                for key, value in obj(embeds).items():
+                    key = f"{'-'.join(obj.towers)}/{key}" if key in losses or len(self.objectives) > 2 else key
+                    losses[key] = losses.get(key, 0) + value
+        if not losses:
+            raise ValueError(f"no objective could run: the batch fed towers {sorted(embeds)}")
+        return losses
+
+    # -- Lightning hooks ---------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        embeds = self(batch)
+        losses = self.compute_losses(embeds)
+        loss = torch.stack(list(losses.values())).sum()
+        bs = len(batch["meta"]["id"])
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=bs)
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        for a, b in self.retrieval_pairs:
+            if a in embeds and b in embeds:
+                self.log(f"train/{a}->{b}/inbatch_R@1", in_batch_r1(embeds[a], embeds[b]), batch_size=bs)
+        return loss
+
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+        embeds = self(batch)
+        losses = self.compute_losses(embeds)
+        bs = len(batch["meta"]["id"])
+        self.log_dict({f"{stage}/{k}": v for k, v in losses.items()}, batch_size=bs, sync_dist=True)
+        self.log(f"{stage}/loss", torch.stack(list(losses.values())).sum(), batch_size=bs, sync_dist=True, prog_bar=True)
+        self._eval_store["meta"].append(batch["meta"])
+        self._eval_store["keys"].append(batch.get("keys", {}))
+        self._eval_store["embeds"].append({k: v.detach().float().cpu() for k, v in embeds.items()})
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def collected_embeddings(self) -> dict[str, Any]:
+        """Concatenate what the last evaluation epoch stored: embeds per tower, meta and keys."""
+        store = self._eval_store
+        embeds = {k: torch.cat([e[k] for e in store["embeds"]]) for k in (store["embeds"][0] if store["embeds"] else {})}
+        meta = {k: sum((m[k] for m in store["meta"]), []) for k in (store["meta"][0] if store["meta"] else {})}
+        keys = {k: sum((m[k] for m in store["keys"]), []) for k in (store["keys"][0] if store["keys"] else {})}
+        return {"embeds": embeds, "meta": meta, "keys": keys}
+
+    def evaluate_collected(self, collected: dict[str, Any]) -> dict[str, Any]:
+        """Per-language retrieval in both directions for every configured tower pair."""
+        from mmalign.evaluation import per_language_retrieval
+
+        embeds, meta, keys = collected["embeds"], collected["meta"], collected["keys"]
+        results: dict[str, Any] = {}
+        for a, b in self.retrieval_pairs:
+            if a not in embeds or b not in embeds:
+                continue
+            results[f"{a}|{b}"] = per_language_retrieval(
+                embeds[a], embeds[b], labels=meta["concept"], langs=meta["lang"],
+                a_keys=keys.get(self.towers[a].field), b_keys=keys.get(self.towers[b].field),
+            )
+        return results
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        if self.trainer.sanity_checking:
+            self._eval_store.clear()
+            return
+        collected = self.collected_embeddings()
+        self._eval_store.clear()
+        if not collected["embeds"]:
+            return
+        results = self.evaluate_collected(collected)
+        self.last_eval = {"stage": stage, "results": results, "collected": collected}
+        flat: dict[str, float] = {}
+        r1s = []
+        for pair, per_lang in results.items():
+            for lang, directions in per_lang.items():
+                for direction, metrics in directions.items():
+                    for metric, value in metrics.items():
+                        if metric in ("R@1", "R@5", "MRR"):
+                            flat[f"{stage}/{lang}/{direction}/{metric}"] = float(value)
+                    if lang == "all":
+                        r1s.append(float(metrics["R@1"]))
+        if r1s:
+            flat[f"{stage}/R@1"] = sum(r1s) / len(r1s)
+        self.log_dict(flat, sync_dist=False)
+
+    # -- optimisation ------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self._optimizer(self.trainable_parameters())
+        if self._scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._scheduler(optimizer), "interval": "step"}}

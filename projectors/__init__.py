@@ -1,0 +1,8 @@
+"""Small trainable modules mapping frozen encoder outputs into the shared space."""
+
+from projectors.attention import AttentionPool, Resampler
+from projectors.base import Identity, Projector, count_parameters
+from projectors.linear import Linear
+from projectors.mlp import MLP
+
+__all__ = ["AttentionPool", "Identity", "Linear", "MLP", "Projector", "Resampler", "count_parameters"]
