@@ -153,10 +153,16 @@ class AlignmentModule(L.LightningModule):
         for a, b in self.retrieval_pairs:
             if a not in embeds or b not in embeds:
                 continue
-            results[f"{a}|{b}"] = per_language_retrieval(
-                embeds[a], embeds[b], labels=meta["concept"], langs=meta["lang"],
-                a_keys=keys.get(self.towers[a].field), b_keys=keys.get(self.towers[b].field),
+            kwargs = dict(
+                labels=meta["concept"], a_keys=keys.get(self.towers[a].field), b_keys=keys.get(self.towers[b].field),
+                a_name=a, b_name=b,
             )
+            per_lang = per_language_retrieval(embeds[a], embeds[b], langs=meta["lang"], **kwargs)
+            if len(per_lang) > 1:  # every language together, deduplicated across languages too
+                per_lang["all"] = per_language_retrieval(embeds[a], embeds[b], langs=["all"] * len(embeds[a]), **kwargs)["all"]
+            else:
+                per_lang["all"] = next(iter(per_lang.values()))
+            results[f"{a}|{b}"] = per_lang
         return results
 
     def _eval_epoch_end(self, stage: str) -> None:

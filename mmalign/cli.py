@@ -1,0 +1,61 @@
+"""``mmalign`` command line: LightningCLI for ``fit|validate|test|predict``, plain functions for the rest.
+
+    mmalign fit --config configs/uclip_pivot.yaml
+    mmalign test --config configs/uclip_pivot.yaml --ckpt_path best
+    mmalign <tool> --help          # tools: see TOOLS below
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Callable
+
+#: Plain-function subcommands (``module:function``), parsed from the function's signature by jsonargparse.
+TOOLS: dict[str, str] = {
+    "quickstart": "mmalign.quickstart:quickstart",
+    "data": "mmalign.data.commands:data",
+}
+
+
+def _load(target: str) -> Callable:
+    module, fn = target.split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+class AlignCLI:
+    """Builds the LightningCLI lazily so ``mmalign <tool>`` does not import Lightning's trainer machinery."""
+
+    @staticmethod
+    def run(args: list[str]) -> None:
+        import lightning as L
+        from lightning.pytorch.cli import LightningCLI
+
+        LightningCLI(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            auto_configure_optimizers=False,
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if argv and argv[0] in TOOLS:
+        from jsonargparse import CLI
+
+        CLI(_load(TOOLS[argv[0]]), args=argv[1:], as_positional=False)
+        return
+    if argv and argv[0] in ("-h", "--help") and len(argv) == 1:
+        print(__doc__)
+        print("tools:", ", ".join(sorted(TOOLS)))
+    AlignCLI.run(argv)
+
+
+if __name__ == "__main__":
+    main()
