@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from typing import Any
+
 from torch import Tensor, nn
 
 from encoders.base import EncoderOutput
@@ -20,10 +24,31 @@ class Projector(nn.Module):
 
     uses_tokens: bool = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Record every projector's constructor arguments (sentence-transformers' get_config_dict idea)
+        # so exports can rebuild it: ``{"class_path": ..., "init_args": {...}}``.
+        super().__init_subclass__(**kwargs)
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def recording_init(self, *args: Any, **kw: Any) -> None:
+            init(self, *args, **kw)
+            if type(self) is cls:
+                bound = inspect.signature(init).bind(self, *args, **kw)
+                bound.apply_defaults()
+                init_args = {k: v for k, v in bound.arguments.items() if k != "self"}
+                self._config = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
+
+        cls.__init__ = recording_init  # type: ignore[method-assign]
+
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
         self.in_dim = in_dim
         self.out_dim = out_dim
+
+    def config(self) -> dict[str, Any]:
+        """``{"class_path", "init_args"}`` that rebuild this projector (weights aside)."""
+        return dict(self._config)
 
     @property
     def num_parameters(self) -> int:
