@@ -77,6 +77,7 @@ class Encoder(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._frozen = False
+        self.register_load_state_dict_post_hook(Encoder._forget_frozen_keys)
 
     # -- identity -------------------------------------------------------------------------
     def spec(self) -> dict[str, Any]:
@@ -117,9 +118,18 @@ class Encoder(nn.Module):
         return super().state_dict(*args, **kwargs)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401
+        self._load_prefix = prefix
         if self._frozen:  # frozen weights come from the pretrained source, never a checkpoint
             return
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @staticmethod
+    def _forget_frozen_keys(module: "Encoder", incompatible_keys: Any) -> None:
+        # Registered as a load_state_dict post-hook: checkpoints never hold frozen encoder weights, so
+        # their absence is not a "missing key" (strict loading of projector checkpoints stays strict).
+        if module._frozen:
+            prefix = getattr(module, "_load_prefix", "")
+            incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.startswith(prefix)]
 
     # -- data -----------------------------------------------------------------------------
     def preprocess(self, items: Sequence[Any]) -> dict[str, Tensor]:
