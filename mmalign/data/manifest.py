@@ -1,4 +1,10 @@
-"""Manifests: JSONL or CSV files, one sample per row (see docs/ARCHITECTURE.md for the fields)."""
+"""Manifests: JSONL or CSV files, one sample per row (see docs/ARCHITECTURE.md for the fields).
+
+Every row is checked when the manifest is read (see :mod:`mmalign.data.policy`): malformed JSON,
+duplicate ids, unknown language codes, and for the fields a recipe reads: missing field, empty or
+whitespace-only text, missing media file. Under ``on_error="error"`` (default) the first bad row raises
+an error naming the file, line, id and field; under ``"skip"`` bad rows are dropped and counted.
+"""
 
 from __future__ import annotations
 
@@ -9,47 +15,101 @@ from typing import Any, Iterable
 
 from torch.utils.data import Dataset
 
+from mmalign.data.policy import ON_ERROR, BadInputError, BadInputReport, check_choice, is_known_language
+
 #: Fields holding paths, resolved relative to the manifest's folder.
 PATH_FIELDS = ("image", "audio")
 META_FIELDS = ("id", "concept", "lang")
 
 
 class ManifestError(ValueError):
-    """A manifest row is malformed; the message names the file, row and field."""
+    """A manifest is unusable as a whole (no rows left, language absent...); the message names the file."""
 
 
-def read_manifest(path: str | Path) -> list[dict[str, Any]]:
-    """Read a ``.jsonl`` or ``.csv`` manifest; paths become absolute; ids must be unique."""
+class ManifestRowError(BadInputError, ManifestError):
+    """One manifest row is bad; the message names the file, line, item id and field."""
+
+    def __init__(self, path: Path, line: int | None, item_id: Any, field: str, reason: str, detail: str = "") -> None:
+        where = f"{path}:{line}" if line is not None else str(path)
+        super().__init__(item_id, field, reason, f"{where}{': ' + detail if detail else ''}")
+
+
+def read_manifest(
+    path: str | Path, on_error: str = "error", report: BadInputReport | None = None
+) -> list[dict[str, Any]]:
+    """Read a ``.jsonl`` or ``.csv`` manifest; media paths become absolute.
+
+    Args:
+        path: The manifest file.
+        on_error: ``"error"``: the first malformed line, duplicate id or unknown ``lang`` raises
+            :class:`ManifestRowError`. ``"skip"``: such rows are dropped (a duplicate keeps its first row)
+            and counted in ``report``.
+        report: Collects skip counts (a throwaway one when ``None``).
+    """
+    check_choice("on_error", on_error, ON_ERROR)
+    report = report if report is not None else BadInputReport()
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"manifest not found: {path}")
-    rows: list[dict[str, Any]] = []
+    raw: list[tuple[int, Any]] = []  # (line number, row)
     if path.suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as f:
-            rows = [{k: v for k, v in r.items() if v not in (None, "")} for r in csv.DictReader(f)]
+            reader = csv.DictReader(f)
+            for r in reader:
+                # An empty CSV cell is an absent field (CSV cannot tell them apart).
+                raw.append((reader.line_num, {k: v for k, v in r.items() if v not in (None, "") and k is not None}))
     else:
         with path.open(encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ManifestError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+                    report.handle(ManifestRowError(path, lineno, f"<line {lineno}>", "<row>", "malformed json", e.msg), on_error)
+                    continue
+                if not isinstance(row, dict):
+                    report.handle(ManifestRowError(path, lineno, f"<line {lineno}>", "<row>", "malformed json",
+                                                   f"a row must be a JSON object, got {type(row).__name__}"), on_error)
+                    continue
+                raw.append((lineno, row))
+    rows: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
-    for i, row in enumerate(rows):
+    for i, (lineno, row) in enumerate(raw):
         row.setdefault("id", f"{path.stem}-{i}")
         row["id"] = str(row["id"])
         if row["id"] in seen:
-            raise ManifestError(f"{path}: duplicate id {row['id']!r} (rows {seen[row['id']] + 1} and {i + 1})")
-        seen[row["id"]] = i
+            report.handle(ManifestRowError(path, lineno, row["id"], "id", "duplicate id",
+                                           f"first seen on line {seen[row['id']]}"), on_error)
+            continue
+        seen[row["id"]] = lineno
         row.setdefault("concept", row["id"])
         row["concept"] = str(row["concept"])
         row.setdefault("lang", "und")
+        if not is_known_language(row["lang"]):
+            report.handle(ManifestRowError(path, lineno, row["id"], "lang", "unknown language",
+                                           f"{row['lang']!r} is not an ISO 639-1 code or 'und'"), on_error)
+            continue
         for field in PATH_FIELDS:
             if field in row and row[field] is not None:
-                row[field] = str((path.parent / row[field]).resolve())
+                row[field] = str((path.parent / str(row[field])).resolve())
+        rows.append(row)
     return rows
+
+
+def check_row(row: dict[str, Any], fields: Iterable[str], path: Path, check_files: bool = True) -> None:
+    """Raise :class:`ManifestRowError` if ``row`` lacks a usable value for one of ``fields``."""
+    for field in fields:
+        value = row.get(field)
+        if value is None or (field in PATH_FIELDS and value == ""):
+            raise ManifestRowError(path, None, row["id"], field, f"missing {field}")
+        if field in PATH_FIELDS:
+            if check_files and not Path(value).is_file():
+                raise ManifestRowError(path, None, row["id"], field, "missing file", f"no such file {value}")
+        elif not isinstance(value, str):
+            raise ManifestRowError(path, None, row["id"], field, "bad text", f"expected a string, got {type(value).__name__}")
+        elif not value.strip():
+            raise ManifestRowError(path, None, row["id"], field, "empty text", f"{value!r} has no visible character")
 
 
 class ManifestDataset(Dataset):
@@ -58,9 +118,11 @@ class ManifestDataset(Dataset):
     Args:
         path: The ``.jsonl``/``.csv`` file.
         languages: Keep only rows whose ``lang`` is listed (e.g. ``["en"]`` for English-only pivot training).
-        required_fields: Fields every row must have (the towers' input fields).
-        on_missing: ``"error"`` (default): a row without a required field raises, naming the row and the
-            field. ``"skip"``: such rows are dropped and counted in :attr:`skipped`.
+        required_fields: Fields every row must have (the towers' input fields): present, non-blank text,
+            existing media file.
+        on_error: ``"error"`` (default): a bad row raises, naming the row, id and field. ``"skip"``: bad
+            rows are dropped and counted in :attr:`report` (and :attr:`skipped`).
+        check_files: Check that media files exist when the manifest is read (one ``stat`` per row).
     """
 
     def __init__(
@@ -68,32 +130,37 @@ class ManifestDataset(Dataset):
         path: str | Path,
         languages: Iterable[str] | None = None,
         required_fields: Iterable[str] = (),
-        on_missing: str = "error",
+        on_error: str = "error",
+        check_files: bool = True,
     ) -> None:
-        if on_missing not in ("error", "skip"):
-            raise ValueError(f"on_missing must be 'error' or 'skip', got {on_missing!r}")
+        check_choice("on_error", on_error, ON_ERROR)
         self.path = Path(path)
-        rows = read_manifest(self.path)
-        self.skipped: dict[str, int] = {}
+        self.report = BadInputReport()
+        rows = read_manifest(self.path, on_error, self.report)
         if languages is not None:
             langs = set(languages)
             known = {r["lang"] for r in rows}
             if unknown := sorted(langs - known):
                 raise ManifestError(f"{self.path}: no rows in language(s) {unknown}; the manifest has {sorted(known)}")
             rows = [r for r in rows if r["lang"] in langs]
+        fields = list(required_fields)
         kept = []
         for row in rows:
-            missing = [f for f in required_fields if row.get(f) in (None, "")]
-            if not missing:
-                kept.append(row)
-            elif on_missing == "error":
-                raise ManifestError(f"{self.path}: row id={row['id']!r} has no {missing[0]!r} (needed by a tower)")
-            else:
-                for f in missing:
-                    self.skipped[f"missing {f}"] = self.skipped.get(f"missing {f}", 0) + 1
+            try:
+                check_row(row, fields, self.path, check_files)
+            except ManifestRowError as e:
+                self.report.handle(e, on_error)
+                continue
+            kept.append(row)
         if not kept:
-            raise ManifestError(f"{self.path}: no rows left after filtering (languages={languages}, fields={list(required_fields)})")
+            raise ManifestError(f"{self.path}: no rows left after filtering (languages={languages}, fields={fields}; "
+                                f"{self.report.summary()})")
         self.rows = kept
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Rows dropped under ``on_error="skip"``, per reason."""
+        return self.report.as_dict()
 
     def __len__(self) -> int:
         return len(self.rows)
