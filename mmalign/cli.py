@@ -16,6 +16,7 @@ from typing import Callable
 TOOLS: dict[str, str] = {
     "quickstart": "mmalign.quickstart:quickstart",
     "data": "mmalign.data.commands:data",
+    "cache": "mmalign.cache.command:cache",
 }
 
 

@@ -1,7 +1,9 @@
-"""DataModule yielding raw batches preprocessed by each tower's encoder inside DataLoader workers."""
+"""DataModule yielding raw batches (each tower's encoder preprocesses in DataLoader workers) or, with
+``cache_dir`` set, batches of cached encoder features written by ``mmalign cache``."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 import lightning as L
@@ -9,6 +11,9 @@ from torch.utils.data import DataLoader
 
 from mmalign.data.collate import TowerCollator, tower_fields
 from mmalign.data.manifest import ManifestDataset
+
+# Splits each Lightning stage reads: a cache need not hold the test split to fit, nor train to test.
+_STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
 
 class AlignmentDataModule(L.LightningDataModule):
@@ -26,6 +31,10 @@ class AlignmentDataModule(L.LightningDataModule):
         train_languages: Train only on rows in these languages (``["en"]``: English-pivot recipes).
         eval_languages: Evaluate only on rows in these languages (default: all).
         on_missing: ``"error"`` or ``"skip"`` for rows lacking a field a tower reads (skips are counted).
+        cache_dir: Read encoder features from this feature cache (``mmalign cache --config <this recipe>``)
+            instead of raw files: no decoding, no encoder forward. A cache written for another encoder,
+            other rows or other sizes is refused with :class:`~mmalign.cache.CacheError`.
+        verify_cache: Recompute the dataset fingerprint (file sizes/mtimes) when opening the cache.
     """
 
     def __init__(
@@ -38,40 +47,79 @@ class AlignmentDataModule(L.LightningDataModule):
         train_languages: list[str] | None = None,
         eval_languages: list[str] | None = None,
         on_missing: str = "error",
+        cache_dir: str | None = None,
+        verify_cache: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.datasets: dict[str, ManifestDataset] = {}
+        self.datasets: dict[str, Any] = {}
         self._towers: dict[str, tuple[str, Callable]] | None = None
+        self._module_towers: dict[str, Any] | None = None
+        self._skipped: dict[str, dict[str, int]] = {}
 
     def connect(self, module: Any) -> None:
         """Bind the towers whose encoders preprocess the data (done automatically in ``setup``)."""
         self._towers = tower_fields(module)
+        self._module_towers = dict(module.towers.items())
+
+    def split_manifests(self) -> dict[str, tuple[str, list[str] | None]]:
+        """``{split: (manifest path, languages)}`` of the configured splits (test defaults to val)."""
+        hp = self.hparams
+        splits = {"train": (hp.train, hp.train_languages), "val": (hp.val, hp.eval_languages),
+                  "test": (hp.test or hp.val, hp.eval_languages)}
+        return {s: v for s, v in splits.items() if v[0]}
+
+    def cache_split(self, split: str) -> str:
+        """Folder of ``split`` in the cache: ``test`` without its own manifest reuses ``val``'s features."""
+        return "val" if split == "test" and not self.hparams.test else split
+
+    def manifest_dataset(self, split: str) -> ManifestDataset:
+        """The raw rows of ``split``, filtered by language and required fields (what the cache is keyed on)."""
+        if self._towers is None:
+            raise RuntimeError("AlignmentDataModule needs the model's towers: call connect(module) first")
+        splits = self.split_manifests()
+        if split not in splits:
+            raise ValueError(f"no {split} manifest configured (data.init_args.{split})")
+        path, langs = splits[split]
+        fields = sorted({f for f, _ in self._towers.values()})
+        return ManifestDataset(path, langs, fields, self.hparams.on_missing)
 
     def setup(self, stage: str | None = None) -> None:
         if self._towers is None:
             if self.trainer is None or self.trainer.lightning_module is None:
                 raise RuntimeError("AlignmentDataModule needs the model's towers: call connect(module) first")
             self.connect(self.trainer.lightning_module)
-        fields = sorted({f for f, _ in self._towers.values()})
-        hp = self.hparams
-        splits = {"train": (hp.train, hp.train_languages), "val": (hp.val, hp.eval_languages),
-                  "test": (hp.test or hp.val, hp.eval_languages)}
-        for split, (path, langs) in splits.items():
-            if path and split not in self.datasets:
-                self.datasets[split] = ManifestDataset(path, langs, fields, hp.on_missing)
+        wanted = _STAGE_SPLITS.get(stage or "", ("train", "val", "test"))
+        for split in self.split_manifests():
+            if split in self.datasets or split not in wanted:
+                continue
+            rows = self.manifest_dataset(split)
+            self._skipped[split] = rows.skipped
+            if self.hparams.cache_dir is None:
+                self.datasets[split] = rows
+            else:
+                from mmalign.cache.reader import CachedSplit
+
+                self.datasets[split] = CachedSplit(
+                    Path(self.hparams.cache_dir) / self.cache_split(split), rows.rows, self._module_towers, verify=self.hparams.verify_cache
+                )
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             raise ValueError(f"no {split} manifest configured (data.init_args.{split})")
         ds = self.datasets[split]
+        collate: Callable = TowerCollator(self._towers)
+        if self.hparams.cache_dir is not None:
+            from mmalign.cache.reader import passthrough  # the cached dataset builds whole batches
+
+            collate = passthrough
         return DataLoader(
             ds,
             batch_size=self.hparams.batch_size,
             shuffle=shuffle,
             drop_last=shuffle and len(ds) > self.hparams.batch_size,
             num_workers=self.hparams.num_workers,
-            collate_fn=TowerCollator(self._towers),
+            collate_fn=collate,
             persistent_workers=self.hparams.num_workers > 0,
         )
 
@@ -89,4 +137,4 @@ class AlignmentDataModule(L.LightningDataModule):
 
     def skipped(self) -> dict[str, dict[str, int]]:
         """Counts of rows skipped under ``on_missing="skip"``, per split and reason."""
-        return {s: dict(d.skipped) for s, d in self.datasets.items() if d.skipped}
+        return {s: dict(d) for s, d in self._skipped.items() if d}

@@ -1,0 +1,110 @@
+"""``mmalign cache``: encode a recipe's dataset once with its frozen encoders.
+
+    mmalign cache --config configs/tiny/lit_contrastive.yaml --output cache/lit
+    mmalign cache --config recipe.yaml --split train,val --rank 0 --world_size 4   # one of 4 writers
+    torchrun --nproc_per_node 4 -m mmalign.cli cache --config recipe.yaml          # rank from the env
+
+The recipe YAML is the one ``mmalign fit`` reads: its ``model`` and ``data`` are instantiated by
+jsonargparse from the same ``class_path``/``init_args`` (several ``--config`` files compose as for
+``fit``), so the cache holds exactly the features that recipe's towers would compute. Train from it by
+setting ``data.init_args.cache_dir`` (the only change to the recipe).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from mmalign.cache.writer import write_split
+
+
+def _device(device: str) -> torch.device:
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _splits(split: str | list[str] | None, available: list[str]) -> list[str]:
+    if split is None:
+        return available
+    names = [s.strip() for s in (split.split(",") if isinstance(split, str) else split) if s.strip()]
+    unknown = [s for s in names if s not in available]
+    if unknown:
+        raise ValueError(f"split(s) {unknown} are not configured in the recipe's data; configured: {available}")
+    return names
+
+
+def cache(
+    model: L.LightningModule,
+    data: L.LightningDataModule,
+    split: str | list[str] | None = None,
+    output: str | None = None,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    shard_size: int = 4096,
+    dtype: str = "float16",
+    fingerprint: str = "stat",
+    rank: int | None = None,
+    world_size: int | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    seed_everything: bool | int | None = None,
+    trainer: dict | None = None,
+    ckpt_path: str | None = None,
+) -> dict[str, Any]:
+    """Run each frozen encoder of the recipe once over its data and write the feature cache.
+
+    Args:
+        model: The recipe's model (an ``AlignmentModule``), from ``--config recipe.yaml``.
+        data: The recipe's data (an ``AlignmentDataModule``).
+        split: Splits to cache, ``train,val`` or ``[train, val]`` (default: every configured split;
+            ``test`` without its own manifest shares ``val``'s features).
+        output: Cache folder (default: the recipe's ``data.init_args.cache_dir``).
+        batch_size: Items per encoder forward (default: the recipe's batch size).
+        num_workers: Preprocessing workers (default: the recipe's).
+        shard_size: Unique items per shard file.
+        dtype: Storage dtype, ``float16`` (default) or ``float32``.
+        fingerprint: ``stat`` (file size + mtime, default), ``content`` (file bytes) or ``rows`` (values only).
+        rank: This writer's index (default: torch.distributed, then the ``RANK`` env variable, then 0).
+        world_size: Number of writers (default: torch.distributed, then ``WORLD_SIZE``, then 1).
+        device: ``auto`` (``cuda:$LOCAL_RANK`` when available, else CPU), ``cpu``, ``cuda:1``...
+        progress: Show progress bars.
+        seed_everything: Accepted from the recipe and ignored (encoders are deterministic).
+        trainer: Accepted from the recipe and ignored.
+        ckpt_path: Accepted from the recipe and ignored.
+
+    Returns:
+        ``{split: manifest summary or None}`` (None: other ranks still have shards to write).
+    """
+    del seed_everything, trainer, ckpt_path
+    if not hasattr(data, "manifest_dataset"):
+        raise TypeError(f"mmalign cache needs an AlignmentDataModule-like data module, got {type(data).__name__}")
+    out_dir = output or data.hparams.get("cache_dir")
+    if not out_dir:
+        raise ValueError("give --output DIR or set data.init_args.cache_dir in the recipe")
+    data.connect(model)
+    available = [s for s in data.split_manifests() if data.cache_split(s) == s]
+    summary: dict[str, Any] = {}
+    for name in _splits(split, available):
+        rows = data.manifest_dataset(name).rows
+        manifest = write_split(
+            rows, dict(model.towers.items()), Path(out_dir) / name, split=name,
+            batch_size=batch_size or data.hparams.batch_size,
+            num_workers=data.hparams.num_workers if num_workers is None else num_workers,
+            shard_size=shard_size, dtype=dtype, fingerprint=fingerprint, rank=rank, world_size=world_size,
+            device=_device(device), progress=progress,
+        )
+        if manifest is None:
+            print(f"[mmalign cache] {name}: this rank's shards are done; waiting for other ranks to finish the merge")
+            summary[name] = None
+            continue
+        entries = {k: {"items": e["num_items"], "dim": e["dim"], "tokens": e["tokens"]} for k, e in manifest["entries"].items()}
+        print(f"[mmalign cache] {name}: {manifest['num_rows']} rows -> {Path(out_dir) / name} {entries}")
+        summary[name] = {"num_rows": manifest["num_rows"], "dataset_fingerprint": manifest["dataset_fingerprint"], "entries": entries}
+    return summary

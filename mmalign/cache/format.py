@@ -1,0 +1,166 @@
+"""On-disk layout of the feature cache, dataset fingerprints and atomic file helpers.
+
+Layout of one split (``<cache_dir>/<split>/``)::
+
+    manifest.json                       written LAST by the merge step; a split without it is not a cache
+    <field>--<encoder cache_key>/       one *entry*: the features of one encoder over one field
+        shard-00000.pooled.npy          [n, D]  float16 (default) or float32
+        shard-00000.tokens.npy          [n, T_shard, D_tok], only when a projector uses tokens
+        shard-00000.mask.npy            [n, T_shard] bool, True on real tokens
+        shard-00000.json                marker written after the arrays: only marked shards are trusted
+        items.npy                       [M] uint64 digest of every unique item (value + file size/mtime)
+        rows.npy                        [N] int64 row -> item index
+
+Entries store each *unique* value of a field once (e.g. the one image shared by 14 caption rows), so
+the cache is keyed by (dataset fingerprint, encoder cache_key) and encodes every item exactly once.
+Token sequences are padded per shard to that shard's longest sequence (``mask`` marks real tokens).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from mmalign.data.manifest import PATH_FIELDS
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+FINGERPRINT_MODES = ("stat", "content", "rows")
+DTYPES = ("float16", "float32")
+
+
+class CacheError(RuntimeError):
+    """A feature cache is missing, unfinished, stale or does not match the recipe; the message says what."""
+
+
+def entry_name(field: str, cache_key: str) -> str:
+    """Directory name of the features of encoder ``cache_key`` over ``field``."""
+    return f"{field}--{cache_key}"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+# -- fingerprints --------------------------------------------------------------------------------
+
+
+def _item_text(field: str, value: Any, mode: str) -> bytes:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    if field in PATH_FIELDS and mode != "rows":
+        try:
+            if mode == "stat":
+                st = os.stat(text)
+                text = f"{text}\0{st.st_size}\0{st.st_mtime_ns}"
+            else:  # "content"
+                with open(text, "rb") as f:
+                    text = f"{text}\0{hashlib.file_digest(f, 'sha1').hexdigest()}"
+        except OSError as e:
+            raise CacheError(f"cannot fingerprint {field} file {text!r}: {e}") from e
+    return text.encode("utf-8", "surrogatepass")
+
+
+def unique_items(rows: Sequence[dict[str, Any]], field: str) -> tuple[list[Any], np.ndarray]:
+    """Unique values of ``field`` in first-appearance order and the row -> item index ``[N]``."""
+    index: dict[str, int] = {}
+    items: list[Any] = []
+    row_index = np.empty(len(rows), dtype=np.int64)
+    for i, row in enumerate(rows):
+        value = row[field]
+        key = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+        j = index.get(key)
+        if j is None:
+            j = index[key] = len(items)
+            items.append(value)
+        row_index[i] = j
+    return items, row_index
+
+
+def item_digests(items: Sequence[Any], field: str, mode: str) -> np.ndarray:
+    """``[M]`` uint64 digest per item: its value, plus file size/mtime (``stat``) or bytes (``content``)."""
+    if mode not in FINGERPRINT_MODES:
+        raise ValueError(f"fingerprint mode must be one of {FINGERPRINT_MODES}, got {mode!r}")
+    out = np.empty(len(items), dtype=np.uint64)
+    for i, value in enumerate(items):
+        out[i] = int.from_bytes(hashlib.sha1(_item_text(field, value, mode)).digest()[:8], "little")
+    return out
+
+
+def digest(*parts: Any) -> str:
+    """Hex sha256 of strings / arrays (arrays by their bytes)."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.tobytes() if isinstance(part, np.ndarray) else str(part).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
+def rows_fingerprint(row_ids: Sequence[str]) -> str:
+    return digest("\n".join(row_ids))
+
+
+# -- atomic files --------------------------------------------------------------------------------
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` to ``path`` through a temporary file + ``os.replace`` (never half a file)."""
+    tmp = _tmp(path)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    tmp = _tmp(path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON at ``path``, or None when it is missing or unreadable (a marker that is not there)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+# -- diagnostics ---------------------------------------------------------------------------------
+
+
+def spec_diff(cached: dict[str, Any], current: dict[str, Any]) -> str:
+    """``"pool: cached 'head', now 'avg'; ..."`` for the keys where two encoder specs differ."""
+    keys = sorted(set(cached) | set(current))
+    parts = [f"{k}: cached {cached.get(k)!r}, now {current.get(k)!r}" for k in keys if cached.get(k) != current.get(k)]
+    return "; ".join(parts) or "specs are equal but the cache keys differ (encoder class renamed?)"
+
+
+def first_difference(cached: Sequence[str], current: Sequence[str]) -> str:
+    """Human description of how two ordered row-id lists differ."""
+    removed = sorted(set(cached) - set(current))
+    added = sorted(set(current) - set(cached))
+    parts = [f"the cache has {len(cached)} rows, the dataset {len(current)}"]
+    if removed:
+        parts.append(f"{len(removed)} cached ids are gone (e.g. {removed[:3]})")
+    if added:
+        parts.append(f"{len(added)} ids are new (e.g. {added[:3]})")
+    if not removed and not added:
+        i = next(k for k, (a, b) in enumerate(zip(cached, current)) if a != b)
+        parts.append(f"same ids in another order (row {i}: cached {cached[i]!r}, now {current[i]!r})")
+    return "; ".join(parts)

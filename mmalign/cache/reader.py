@@ -1,0 +1,199 @@
+"""Read cached features: a map-style dataset yielding whole ``{"meta", "keys", "features"}`` batches.
+
+Nothing here decodes an image or audio file or runs an encoder. Shards are opened as read-only numpy
+memmaps, lazily in each process (DataLoader workers reopen them instead of receiving copies), so the
+process holds only the rows of the current batch; the rest stays in the OS page cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from mmalign.cache.format import (
+    FORMAT_VERSION, MANIFEST, CacheError, digest, entry_name, first_difference, item_digests, read_json,
+    spec_diff, unique_items,
+)
+from mmalign.data.manifest import META_FIELDS
+
+
+def load_manifest(split_dir: str | Path) -> dict[str, Any]:
+    """``<split_dir>/manifest.json``; raises :class:`CacheError` when the split was never (fully) cached."""
+    split_dir = Path(split_dir)
+    manifest = read_json(split_dir / MANIFEST)
+    if manifest is None:
+        hint = " (some shards exist: the cache run was interrupted or other ranks are unfinished)" if split_dir.is_dir() else ""
+        raise CacheError(f"no feature cache at {split_dir}: {MANIFEST} is missing{hint}; run `mmalign cache --config <recipe>`")
+    if manifest.get("format") != FORMAT_VERSION:
+        raise CacheError(f"{split_dir}: cache format {manifest.get('format')} is not {FORMAT_VERSION}; re-run `mmalign cache`")
+    return manifest
+
+
+@dataclass
+class _TowerView:
+    """Memmapped shards of one entry, as one tower reads them."""
+
+    entry_dir: Path
+    row_index: np.ndarray  # [N] row -> item
+    starts: np.ndarray  # [S] first item of each shard
+    shards: list[dict[str, Any]]
+    tokens: bool
+    _maps: dict[tuple[int, str], np.ndarray] = field(default_factory=dict)
+
+    def _array(self, s: int, key: str) -> np.ndarray:
+        arr = self._maps.get((s, key))
+        if arr is None:
+            arr = self._maps[(s, key)] = np.load(self.entry_dir / f"{self.shards[s]['name']}.{key}.npy", mmap_mode="r")
+        return arr
+
+    def gather(self, items: np.ndarray) -> dict[str, torch.Tensor]:
+        """Features of ``items`` ``[B]``: pooled ``[B, D]`` (+ tokens ``[B, T, D_tok]``, mask ``[B, T]``)."""
+        shard_of = np.searchsorted(self.starts, items, side="right") - 1  # [B]
+        groups = [(s, np.nonzero(shard_of == s)[0]) for s in np.unique(shard_of)]
+        first = self._array(int(groups[0][0]), "pooled")
+        pooled = np.empty((len(items), first.shape[1]), dtype=first.dtype)
+        for s, sel in groups:
+            pooled[sel] = self._array(int(s), "pooled")[items[sel] - self.starts[s]]
+        out = {"pooled": torch.from_numpy(pooled)}
+        if not self.tokens:
+            return out
+        t_max = max(self.shards[int(s)]["token_len"] for s, _ in groups)
+        tok0 = self._array(int(groups[0][0]), "tokens")
+        tokens = np.zeros((len(items), t_max, tok0.shape[2]), dtype=tok0.dtype)
+        mask = np.zeros((len(items), t_max), dtype=bool)
+        for s, sel in groups:
+            local = items[sel] - self.starts[s]
+            t = self.shards[int(s)]["token_len"]
+            tokens[sel, :t] = self._array(int(s), "tokens")[local]
+            mask[sel, :t] = self._array(int(s), "mask")[local]
+        length = max(int(mask.sum(axis=1).max()), 1)  # trim padding no row of this batch needs
+        out["tokens"] = torch.from_numpy(tokens[:, :length])
+        out["mask"] = torch.from_numpy(mask[:, :length])
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_maps"] = {}  # workers reopen the memmaps instead of receiving pickled copies
+        return state
+
+
+def _check_entry(tower_name: str, tower: Any, manifest: dict[str, Any], split_dir: Path) -> dict[str, Any]:
+    """The manifest entry tower ``tower_name`` reads; a clear :class:`CacheError` when it cannot."""
+    encoder = tower.encoder
+    name = entry_name(tower.field, encoder.cache_key)
+    entry = manifest["entries"].get(name)
+    if entry is None:
+        same_field = [e for e in manifest["entries"].values() if e["field"] == tower.field]
+        if not same_field:
+            raise CacheError(
+                f"{split_dir}: no cached features of field {tower.field!r} (tower {tower_name!r}); "
+                f"cached fields: {sorted({e['field'] for e in manifest['entries'].values()})}; re-run `mmalign cache`"
+            )
+        other = same_field[0]
+        raise CacheError(
+            f"{split_dir}: tower {tower_name!r} uses encoder {encoder.cache_key}, but field {tower.field!r} was cached "
+            f"with {other['cache_key']}: {spec_diff(other['encoder'], encoder.spec())}; re-run `mmalign cache`"
+        )
+    if entry["dim"] != encoder.output_dim:
+        raise CacheError(
+            f"{split_dir}/{name}: cached pooled features are {entry['dim']}-d but tower {tower_name!r}'s encoder "
+            f"outputs {encoder.output_dim}-d"
+        )
+    if getattr(tower.projector, "uses_tokens", False):
+        if not entry["tokens"]:
+            raise CacheError(
+                f"{split_dir}/{name}: tower {tower_name!r}'s projector {type(tower.projector).__name__} uses token "
+                "sequences but only pooled features were cached; re-run `mmalign cache` with this recipe"
+            )
+        token_dim = getattr(encoder, "token_dim", None)
+        if token_dim is not None and entry["token_dim"] != token_dim:
+            raise CacheError(f"{split_dir}/{name}: cached tokens are {entry['token_dim']}-d, the encoder's {token_dim}-d")
+    return entry
+
+
+class CachedSplit(torch.utils.data.Dataset):
+    """Rows of one split whose tower inputs are cached features.
+
+    ``__getitems__`` (used by :class:`~torch.utils.data.DataLoader` for whole batches) returns a ready
+    batch ``{"meta": {id, concept, lang}, "keys": {field: [str]}, "features": {tower: {"pooled", "tokens",
+    "mask"}}}``; pair it with :func:`passthrough` as ``collate_fn``. Features keep the stored dtype
+    (float16 by default); :class:`~mmalign.module.AlignmentModule` casts them to float.
+
+    Args:
+        split_dir: ``<cache_dir>/<split>``.
+        rows: The split's manifest rows, filtered exactly as when the cache was written.
+        towers: ``{name: Tower}`` of the recipe (projectors built).
+        verify: Recompute the dataset fingerprint (file sizes/mtimes) and refuse a stale cache.
+
+    Raises:
+        CacheError: The cache is missing, unfinished, or differs from the recipe or the data (the message
+            says which row, encoder setting or size differs).
+    """
+
+    def __init__(self, split_dir: str | Path, rows: Sequence[dict[str, Any]], towers: dict[str, Any], verify: bool = True) -> None:
+        self.split_dir = Path(split_dir)
+        self.rows = list(rows)
+        manifest = load_manifest(self.split_dir)
+        row_ids = [str(r["id"]) for r in self.rows]
+        if manifest["row_ids"] != row_ids:
+            raise CacheError(f"{self.split_dir}: stale cache, the dataset rows changed: {first_difference(manifest['row_ids'], row_ids)}")
+        self.fields = sorted({t.field for t in towers.values()})
+        self.views: dict[str, _TowerView] = {}
+        checked: dict[str, np.ndarray] = {}
+        for tower_name, tower in towers.items():
+            entry = _check_entry(tower_name, tower, manifest, self.split_dir)
+            entry_dir = self.split_dir / entry_name(tower.field, entry["cache_key"])
+            if entry_dir.name not in checked:
+                checked[entry_dir.name] = self._verify(entry_dir, entry, tower.field, manifest["fingerprint_mode"], verify)
+            self.views[tower_name] = _TowerView(
+                entry_dir=entry_dir,
+                row_index=checked[entry_dir.name],
+                starts=np.array([s["start"] for s in entry["shards"]], dtype=np.int64),
+                shards=entry["shards"],
+                tokens=bool(getattr(tower.projector, "uses_tokens", False)),
+            )
+        self.manifest = {k: v for k, v in manifest.items() if k != "row_ids"}
+
+    def _verify(self, entry_dir: Path, entry: dict[str, Any], field: str, mode: str, verify: bool) -> np.ndarray:
+        row_index = np.load(entry_dir / "rows.npy")
+        if not verify:
+            return row_index
+        items, current_index = unique_items(self.rows, field)
+        current = item_digests(items, field, mode)
+        if digest(current, current_index) == entry["items_fingerprint"]:
+            return current_index
+        cached = np.load(entry_dir / "items.npy")
+        changed = (current_index != row_index) | (
+            current[current_index] != cached[np.clip(row_index, 0, len(cached) - 1)]
+        )
+        bad = np.nonzero(changed)[0]
+        i = int(bad[0]) if len(bad) else 0
+        what = "its value or file size/mtime" if mode == "stat" else "its value or file content" if mode == "content" else "its value"
+        raise CacheError(
+            f"{self.split_dir}/{entry_dir.name}: stale cache, {len(bad)} row(s) changed since caching; first: row "
+            f"id={self.rows[i]['id']!r} {field}={str(self.rows[i][field])[:120]!r} ({what} differs); re-run `mmalign cache`"
+        )
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
+        idx = np.asarray(indices, dtype=np.int64)
+        rows = [self.rows[i] for i in idx]
+        return {
+            "meta": {k: [r[k] for r in rows] for k in META_FIELDS},
+            "keys": {f: [str(r[f]) for r in rows] for f in self.fields},
+            "features": {name: view.gather(view.row_index[idx]) for name, view in self.views.items()},
+        }
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.__getitems__([index])
+
+
+def passthrough(batch: Any) -> Any:
+    """``collate_fn`` for :class:`CachedSplit`: its ``__getitems__`` already built the batch."""
+    return batch
