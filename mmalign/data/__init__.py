@@ -1,6 +1,23 @@
-from mmalign.data.collate import TowerCollator
-from mmalign.data.datamodule import AlignmentDataModule
-from mmalign.data.manifest import ManifestDataset, ManifestError, read_manifest
-from mmalign.data.synthetic import build_synthetic_dataset
+"""Data: manifests, raw and cached DataModules, dataset generators (imported lazily)."""
 
-__all__ = ["AlignmentDataModule", "ManifestDataset", "ManifestError", "TowerCollator", "build_synthetic_dataset", "read_manifest"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "AlignmentDataModule": "mmalign.data.datamodule",
+    "TowerCollator": "mmalign.data.collate",
+    "ManifestDataset": "mmalign.data.manifest",
+    "ManifestError": "mmalign.data.manifest",
+    "read_manifest": "mmalign.data.manifest",
+    "build_synthetic_dataset": "mmalign.data.synthetic",
+    "build_emoji_dataset": "mmalign.data.emoji",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mmalign.data' has no attribute {name!r}")
