@@ -16,6 +16,8 @@ from typing import Callable
 TOOLS: dict[str, str] = {
     "quickstart": "mmalign.quickstart:quickstart",
     "data": "mmalign.data.commands:data",
+    "export": "mmalign.export:export",
+    "embed": "mmalign.inference:embed",
     "cache": "mmalign.cache.command:cache",
 }
 
