@@ -2,6 +2,7 @@
 
     mmalign fit --config configs/uclip_pivot.yaml
     mmalign test --config configs/uclip_pivot.yaml --ckpt_path best
+    mmalign eval --config configs/uclip_pivot.yaml --ckpt_path best.ckpt --output eval/
     mmalign <tool> --help          # tools: see TOOLS below
 """
 
@@ -49,6 +50,11 @@ class AlignCLI:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if argv and argv[0] == "eval":  # LightningCLI recipe options + report options
+        from mmalign.evaluate import evaluate
+
+        evaluate(argv[1:])
+        return
     if argv and argv[0] in TOOLS:
         from jsonargparse import CLI
 
