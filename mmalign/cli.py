@@ -11,12 +11,14 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import warnings
 from typing import Callable
 
 #: Plain-function subcommands (``module:function``), parsed from the function's signature by jsonargparse.
 TOOLS: dict[str, str] = {
     "quickstart": "mmalign.quickstart:quickstart",
     "data": "mmalign.data.commands:data",
+    "convert": "encoders.commands:convert",
     "export": "mmalign.export:export",
     "embed": "mmalign.inference:embed",
     "cache": "mmalign.cache.command:cache",
@@ -50,6 +52,9 @@ class AlignCLI:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Frozen encoders stay in eval mode by design; Lightning warns about it on every fit.
+    warnings.filterwarnings("ignore", message=r"Found .* module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     if argv and argv[0] == "eval":  # LightningCLI recipe options + report options
         from mmalign.evaluate import evaluate
 
