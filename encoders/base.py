@@ -166,3 +166,16 @@ def masked_mean(tokens: Tensor, mask: Tensor | None) -> Tensor:
         return tokens.mean(dim=1)
     m = mask.to(tokens.dtype).unsqueeze(-1)  # [B, T, 1]
     return (tokens * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+
+
+def check_texts(items: Sequence[Any]) -> list[str]:
+    """Return ``items`` as a list of non-blank strings; errors name the offending index."""
+    if isinstance(items, str):
+        raise TypeError("expected a sequence of strings, got a single string; wrap it in a list")
+    texts = list(items)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"text item #{i} is a {type(t).__name__}, not a str: {t!r:.80}")
+        if not t.strip():
+            raise ValueError(f"text item #{i} is empty or whitespace only: {t!r}")
+    return texts

@@ -9,24 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from encoders.base import Encoder, EncoderOutput, Modality, masked_mean
+from encoders.base import Encoder, EncoderOutput, Modality, check_texts, masked_mean
 from encoders.tiny import register_tiny, resolve_model_path
 
 PACKAGED_PREFIX = "packaged:"
 _POOLINGS = ("mean", "cls", "pooler")
-
-
-def check_texts(items: Sequence[Any]) -> list[str]:
-    """Return ``items`` as a list of strings; reject non-strings and empty/blank strings by index."""
-    if isinstance(items, str):
-        raise TypeError("expected a sequence of strings, got a single str; wrap it in a list")
-    texts = list(items)
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise TypeError(f"text item {i}: expected str, got {type(t).__name__}")
-        if not t.strip():
-            raise ValueError(f"text item {i} is empty or whitespace only: {t!r}")
-    return texts
 
 
 def packaged_model_path(name: str) -> Path:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from encoders.base import Encoder, EncoderOutput, Modality
 from encoders.image_io import load_images
-from encoders.hf_text import check_texts
+from encoders.base import check_texts
 from encoders.tiny import register_tiny, resolve_model_path
 
 LOCAL_DIR_PREFIX = "local-dir:"

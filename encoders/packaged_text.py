@@ -23,23 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from encoders.base import Encoder, EncoderOutput, Modality
+from encoders.base import Encoder, EncoderOutput, Modality, check_texts
 
 #: Languages Universal Sentence Encoder Multilingual v3 was trained on.
 USE_M_LANGUAGES = ("ar", "de", "en", "es", "fr", "it", "ja", "ko", "nl", "pl", "pt", "ru", "th", "tr", "zh", "zh-tw")
-
-
-def check_texts(items: Sequence[Any]) -> list[str]:
-    """Return ``items`` as a list of non-blank strings; errors name the offending index."""
-    if isinstance(items, str):
-        raise TypeError("expected a sequence of strings, got a single string; wrap it in a list")
-    texts = list(items)
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise TypeError(f"text item #{i} is a {type(t).__name__}, not a str: {t!r:.80}")
-        if not t.strip():
-            raise ValueError(f"text item #{i} is empty or whitespace only: {t!r}")
-    return texts
 
 
 def _normalise_lang(code: str) -> str:

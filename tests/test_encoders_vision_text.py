@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from encoders.base import masked_mean
-from encoders.hf_text import HFTextEncoder, check_texts
+from encoders.base import check_texts
+from encoders.hf_text import HFTextEncoder
 from encoders.hf_vision import HFVisionEncoder
 from encoders.image_io import load_image
 from encoders.open_clip_encoders import OpenClipImageEncoder, OpenClipTextEncoder
@@ -218,13 +219,13 @@ def test_load_image_kinds(tmp_path):
 @pytest.mark.parametrize("name", ["bert-text", "open-clip-text"])
 def test_empty_text_rejected(encoders_by_name, name):
     enc = encoders_by_name[name]
-    with pytest.raises(ValueError, match="text item 1"):
+    with pytest.raises(ValueError, match="text item #1"):
         enc.preprocess(["fine", "   "])
-    with pytest.raises(ValueError, match="text item 0"):
+    with pytest.raises(ValueError, match="text item #0"):
         enc.preprocess([""])
-    with pytest.raises(TypeError, match="text item 1"):
+    with pytest.raises(TypeError, match="text item #1"):
         check_texts(["ok", None])
-    with pytest.raises(TypeError, match="single str"):
+    with pytest.raises(TypeError, match="single string"):
         check_texts("a string")
 
 

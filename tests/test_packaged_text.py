@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
-from encoders.packaged_text import MultilingualE5Small, UniversalSentenceEncoderM, check_texts
+from encoders.base import check_texts
+from encoders.packaged_text import MultilingualE5Small, UniversalSentenceEncoderM
 
 
 class _FakeEngine:
