@@ -103,6 +103,7 @@ class AlignmentDataModule(L.LightningDataModule):
                 self.datasets[split] = CachedSplit(
                     Path(self.hparams.cache_dir) / self.cache_split(split), rows.rows, self._module_towers, verify=self.hparams.verify_cache
                 )
+                self.datasets[split].report = getattr(rows, "report", None)  # manifest-level skips stay visible
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
