@@ -184,6 +184,10 @@ def build_export_config(
     """The ``config.json`` of an export (without the ``weights`` entry, added when writing)."""
     import mmalign
 
+    missing = [a for a in ("towers", "objectives", "embed_dim") if not hasattr(module, a)]
+    if missing:
+        raise ExportError(f"{class_path(module)} has no {missing}: exports cover AlignmentModule-style recipes")
+
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -419,9 +423,11 @@ def load_export_state(module: nn.Module, state_dict: Mapping[str, Tensor], sourc
 
 def training_languages(recipe: Mapping[str, Any] | None = None, datamodule: Any = None) -> list[str] | None:
     """Languages of the training rows: from a set-up datamodule, else from the recipe's train manifest."""
-    datasets = getattr(datamodule, "datasets", None)
-    if isinstance(datasets, Mapping) and "train" in datasets and hasattr(datasets["train"], "languages"):
-        return list(datasets["train"].languages)
+    train_set = (getattr(datamodule, "datasets", None) or {}).get("train")
+    if hasattr(train_set, "languages"):  # a ManifestDataset
+        return list(train_set.languages)
+    if hasattr(train_set, "rows"):  # a feature-cache split keeps its manifest rows
+        return sorted({r.get("lang", "und") for r in train_set.rows})
     init = ((recipe or {}).get("data") or {}).get("init_args") or {}
     train = init.get("train")
     if not train or not Path(train).is_file():

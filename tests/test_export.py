@@ -24,6 +24,15 @@ def _rows(data: Path, split: str = "val") -> list[dict]:
     return read_manifest(data / f"{split}.jsonl")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny models: one intra-op thread is fastest, and far faster when the CPUs are shared.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def lit_module():
     """A tiny LiT-style module (image MLP, text Linear) with non-default weights and temperature."""
@@ -173,6 +182,15 @@ def test_encoder_override_needs_strict_false(exported):
         model = AlignedModel.from_pretrained(exported, device="cpu", towers=["text"],
                                              encoder_overrides={"text": {"max_length": 64}}, strict=False)
     assert list(model.towers) == ["text"] and model.embed_text(["ein Hund"]).shape == (1, 16)
+
+
+def test_dtype_and_tower_subset(aligned, exported):
+    texts = ["ein Hund", "un perro", "a dog"]
+    half = AlignedModel.from_pretrained(exported, device="cpu", dtype="bfloat16", towers=["text"])
+    assert list(half.towers) == ["text"] and next(half.towers["text"].projector.parameters()).dtype == torch.bfloat16
+    got, want = half.embed_text(texts), aligned.embed_text(texts)
+    assert got.dtype == torch.float32 and not torch.equal(got, want)
+    torch.testing.assert_close(got, want, atol=3e-2, rtol=0)
 
 
 def test_tower_choice_and_bad_input_errors(aligned, synthetic_data):
