@@ -130,7 +130,7 @@ class AlignedModel(nn.Module):
             if name not in names:
                 raise ExportError(f"encoder_overrides names tower {name!r}, which is not loaded ({names})")
         built = {name: _build_tower(name, recorded[name], overrides.get(name), strict) for name in names}
-        tensors = _load_weights(root, config, built, verify_checksum=not overrides and towers is None)
+        tensors = _load_weights(root, config, built)
         logit_scales = {
             "|".join(o["towers"]): o["loss"]["logit_scale"]
             for o in config.get("objectives", []) if o.get("loss", {}).get("logit_scale") is not None
@@ -191,7 +191,7 @@ class AlignedModel(nn.Module):
                 raise ValueError(f"no tower {tower!r}; towers: {listing}")
             got = str(self.towers[tower].encoder.modality)
             if modality is not None and got != modality:
-                raise ValueError(f"tower {tower!r} is a {got} tower, not {modality}; towers: {listing}")
+                raise ValueError(f"tower {tower!r} embeds {got}, not {modality}; towers: {listing}")
             return tower
         names = [n for n, t in self.towers.items() if modality is None or str(t.encoder.modality) == modality]
         if field is not None:
@@ -366,7 +366,7 @@ def _build_tower(name: str, cfg: Mapping[str, Any], override: Mapping[str, Any] 
     return tower
 
 
-def _load_weights(root: Path, config: Mapping[str, Any], towers: Mapping[str, Tower], verify_checksum: bool) -> dict[str, Tensor]:
+def _load_weights(root: Path, config: Mapping[str, Any], towers: Mapping[str, Tower]) -> dict[str, Tensor]:
     """Read ``model.safetensors`` after checking it against the rebuilt projectors and config.json."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -405,7 +405,7 @@ def _load_weights(root: Path, config: Mapping[str, Any], towers: Mapping[str, To
                  and not k.startswith(loaded)]
     if problems:
         raise ExportError(f"{path} does not match the model described by config.json:\n  " + "\n  ".join(problems))
-    if verify_checksum and info.get("sha256") and sha256_file(path) != info["sha256"]:
+    if info.get("sha256") and sha256_file(path) != info["sha256"]:
         raise ExportError(
             f"{path} has the expected tensors but its sha256 differs from the one recorded at export: the weights "
             "were modified after export"
@@ -419,7 +419,7 @@ def _read_input(path: Path, field: str) -> tuple[list[Any], list[str] | None]:
     """Items (and languages, for manifests) from a ``.txt`` (one item per line) or ``.jsonl``/``.csv`` manifest."""
     if not path.is_file():
         raise FileNotFoundError(f"input file not found: {path}")
-    if path.suffix in (".jsonl", ".csv", ".json"):
+    if path.suffix in (".jsonl", ".csv"):
         from mmalign.data.manifest import read_manifest
 
         rows = read_manifest(path)

@@ -198,7 +198,7 @@ def test_tower_choice_and_bad_input_errors(aligned, synthetic_data):
         aligned.embed_speech([np.zeros(1600, np.float32)], sampling_rate=16000)
     with pytest.raises(ValueError, match="several towers match"):
         aligned.embed(["a"])
-    with pytest.raises(ValueError, match="tower 'image' is a image tower, not text"):
+    with pytest.raises(ValueError, match="tower 'image' embeds image, not text"):
         aligned.embed_text(["a"], tower="image")
     with pytest.raises(TypeError, match="wrap it in a list"):
         aligned.embed_text("a dog")
