@@ -1,7 +1,7 @@
 """``mmalign quickstart``: the offline main job, end to end on real packaged encoders.
 
 1. builds the real emoji data (images + names in 14 languages) if needed,
-2. trains the uCLIP-pivot projector (USE-m -> all-MiniLM-L6-v2 English space) on ENGLISH names only,
+2. encodes every split once with the frozen encoders (feature cache), then trains the uCLIP-pivot projector (USE-m -> all-MiniLM-L6-v2 English space) on ENGLISH names only,
 3. tests zero-shot retrieval on held-out concepts in 12 languages and prints the per-language table,
 4. writes the checkpoint, a report (JSON, Markdown, plots) and an exported projector directory.
 """
@@ -71,8 +71,14 @@ def quickstart(
     args += [f"--data.init_args.{split}={info.manifests[split]}" for split in ("train", "val", "test")]
     if max_epochs is not None:
         args.append(f"--trainer.max_epochs={max_epochs}")
+    cache_dir = out / "cache"
+    args.append(f"--data.init_args.cache_dir={cache_dir}")
     cli = LightningCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                        args=args, run=False, save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+    # Frozen encoders run once over every split; training and evaluation then read memory-mapped features.
+    from mmalign.cache.command import cache
+
+    cache(cli.model, cli.datamodule, output=str(cache_dir))
     cli.trainer.fit(cli.model, cli.datamodule)
     ckpt = cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else None
     cli.trainer.test(cli.model, cli.datamodule, ckpt_path=ckpt or None, verbose=False)

@@ -6,6 +6,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# Tiny models gain nothing from intra-op threads, and oversubscribed threads on a busy 2-core CI
+# machine slow PyTorch down by an order of magnitude; subprocesses (CLI tests) inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -17,6 +20,12 @@ def synthetic_data(tmp_path_factory) -> Path:
     from mmalign.data.synthetic import build_synthetic_dataset
 
     return build_synthetic_dataset(tmp_path_factory.mktemp("synthetic"))
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def pytest_collection_modifyitems(config, items):
