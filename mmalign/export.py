@@ -299,8 +299,9 @@ def export_onnx(module: nn.Module, directory: str | os.PathLike) -> dict[str, An
     """Write each tower's projector as ``<directory>/<tower>.onnx`` (batch and token axes dynamic).
 
     Inputs are the encoder outputs: ``pooled [B, D_enc]`` and, for token projectors, ``tokens
-    [B, T, D_tok]`` and ``mask [B, T]`` (bool). The output ``embeds [B, D]`` is normalised if the tower
-    normalises. Needs ``pip install onnx onnxscript`` (torch's exporter).
+    [B, T, D_tok]`` and ``mask [B, T]`` (bool); inputs a projector never reads are dropped by the
+    exporter, so config.json lists each graph's actual inputs. The output ``embeds [B, D]`` is normalised
+    if the tower normalises. Needs ``pip install onnx onnxscript`` (torch's exporter).
 
     Returns:
         ``{tower: {"file", "inputs", "output"}}`` for config.json.
@@ -313,24 +314,27 @@ def export_onnx(module: nn.Module, directory: str | os.PathLike) -> dict[str, An
         param = next(iter(graph.parameters()), None)
         dtype = param.dtype if param is not None else torch.float32
         enc = tower.encoder
+        batch, tokens = torch.export.Dim("batch"), torch.export.Dim("tokens")
         pooled = torch.zeros(2, enc.output_dim, dtype=dtype)
         args: tuple[Tensor, ...] = (pooled,)
         names = ["pooled"]
-        shapes: dict[str, Any] = {"pooled": {0: "batch"}}
+        dynamic: tuple[dict[int, Any], ...] = ({0: batch},)
         if graph.uses_tokens:
             token_dim = int(getattr(enc, "token_dim", enc.output_dim))
             args = (pooled, torch.zeros(2, 3, token_dim, dtype=dtype), torch.ones(2, 3, dtype=torch.bool))
             names += ["tokens", "mask"]
-            shapes.update(tokens={0: "batch", 1: "tokens"}, mask={0: "batch", 1: "tokens"})
+            dynamic += ({0: batch, 1: tokens}, {0: batch, 1: tokens})
         path = directory / f"{name}.onnx"
         try:
-            torch.onnx.export(
-                graph, args, str(path), input_names=names, output_names=["embeds"],
-                dynamic_axes={**shapes, "embeds": {0: "batch"}}, dynamo=False,
-            )
+            torch.onnx.export(graph, args, str(path), input_names=names, output_names=["embeds"],
+                              dynamic_shapes=dynamic, dynamo=True, verbose=False)
         except ImportError as err:
             raise ExportError(f"ONNX export needs `pip install onnx onnxscript` ({err})") from err
-        info[name] = {"file": f"{ONNX_DIR}/{path.name}", "inputs": names, "output": "embeds"}
+        import onnx
+
+        # The exporter drops inputs the graph never reads (``pooled`` for token-pooling projectors).
+        inputs = [i.name for i in onnx.load(str(path)).graph.input]
+        info[name] = {"file": f"{ONNX_DIR}/{path.name}", "inputs": inputs, "output": "embeds"}
     return info
 
 

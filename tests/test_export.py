@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from mmalign.export import CONFIG_NAME, WEIGHTS_NAME, ExportError, export_module, export_onnx
+from mmalign.export import CONFIG_NAME, WEIGHTS_NAME, ExportError, export_module
 from mmalign.inference import AlignedModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,17 +216,27 @@ def test_not_an_export_refused(tmp_path):
         export_module(torch.nn.Module(), tmp_path)
 
 
-def test_onnx_projectors_match(lit_module, aligned, tmp_path, synthetic_data):
+def test_onnx_projectors_match(lit_module, tmp_path, synthetic_data):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    info = export_onnx(lit_module, tmp_path / "onnx")
-    rows = _rows(synthetic_data)[:4]
-    for name, items in (("image", [r["image"] for r in rows]), ("text", [r["text"] for r in rows])):
-        enc = aligned.towers[name].encoder
-        pooled = enc(enc.preprocess(items)).pooled.numpy()
-        session = ort.InferenceSession(str(tmp_path / info[name]["file"]))  # "onnx/<tower>.onnx"
-        (got,) = session.run(None, {"pooled": pooled})
-        np.testing.assert_allclose(got, aligned.embed(items, name).numpy(), atol=1e-5)
+    from mmalign import AlignmentModule, ClipLoss, Objective, Tower
+    from projectors import AttentionPool
+
+    # Token-pooling text projector (token axis must stay dynamic) next to the pooled MLP image tower.
+    text = Tower(lit_module.towers["text"].encoder, "text", functools.partial(AttentionPool, num_heads=2), normalize=True)
+    image = Tower(lit_module.towers["image"].encoder, "image", lambda i, o: lit_module.towers["image"].projector)
+    module = AlignmentModule({"image": image, "text": text}, [Objective(ClipLoss(), ["image", "text"])], embed_dim=16).eval()
+    out = export_module(module, tmp_path / "export", onnx=True)
+    info = json.loads((out / CONFIG_NAME).read_text())["onnx"]
+    assert info["image"]["inputs"] == ["pooled"] and set(info["text"]["inputs"]) >= {"tokens", "mask"}
+    model = AlignedModel.from_pretrained(out, device="cpu")
+    rows = _rows(synthetic_data)[:5]
+    for name, items in (("image", [r["image"] for r in rows]), ("text", ["a much longer caption than the others"] + [r["text"] for r in rows])):
+        feats = model.towers[name].encoder(model.towers[name].encoder.preprocess(items))
+        feed = {"pooled": feats.pooled.numpy(), "tokens": feats.tokens.numpy(), "mask": feats.mask.numpy()}
+        session = ort.InferenceSession(str(out / info[name]["file"]))
+        (got,) = session.run(None, {k: feed[k] for k in info[name]["inputs"]})
+        np.testing.assert_allclose(got, model.embed(items, name).numpy(), atol=1e-5)
 
 
 @pytest.fixture(scope="module")
