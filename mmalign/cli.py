@@ -30,25 +30,6 @@ def _load(target: str) -> Callable:
     return getattr(importlib.import_module(module), fn)
 
 
-class AlignCLI:
-    """Builds the LightningCLI lazily so ``mmalign <tool>`` does not import Lightning's trainer machinery."""
-
-    @staticmethod
-    def run(args: list[str]) -> None:
-        import lightning as L
-        from lightning.pytorch.cli import LightningCLI
-
-        LightningCLI(
-            L.LightningModule,
-            L.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
-            args=args,
-            auto_configure_optimizers=False,
-        )
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -68,7 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in ("-h", "--help") and len(argv) == 1:
         print(__doc__)
         print("tools:", ", ".join(sorted(TOOLS)))
-    AlignCLI.run(argv)
+    from mmalign.recipe import MMAlignCLI  # imported late: tools above need no Lightning trainer
+
+    MMAlignCLI(args=argv)
 
 
 if __name__ == "__main__":

@@ -115,13 +115,10 @@ def evaluate(argv: list[str]) -> dict[str, Any]:
     if not any(a == "--config" or a.startswith("--config=") for a in rest):
         parser.error("--config recipe.yaml is required")
 
-    import lightning as L
-    from lightning.pytorch.cli import LightningCLI
-
     from mmalign.evaluation import write_report
+    from mmalign.recipe import load_recipe
 
-    cli = LightningCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                       args=rest, run=False, save_config_callback=None, auto_configure_optimizers=False)
+    cli = load_recipe(rest)
     run = cli.trainer.test if ours.split == "test" else cli.trainer.validate
     run(cli.model, cli.datamodule, ckpt_path=ours.ckpt_path, verbose=False)
     collected = cli.model.last_eval["collected"]

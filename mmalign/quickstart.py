@@ -56,11 +56,11 @@ def quickstart(
         The per-language test results of the student -> teacher direction and paths written.
     """
     _check_offline_extras()
-    import lightning as L
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.cli import SaveConfigCallback
 
     from mmalign.data.emoji import build_emoji_dataset
     from mmalign.evaluation import write_report
+    from mmalign.recipe import load_recipe
 
     start = time.time()
     out = Path(output)
@@ -73,8 +73,7 @@ def quickstart(
         args.append(f"--trainer.max_epochs={max_epochs}")
     cache_dir = out / "cache"
     args.append(f"--data.init_args.cache_dir={cache_dir}")
-    cli = LightningCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                       args=args, run=False, save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+    cli = load_recipe(args, save_config_callback=SaveConfigCallback, save_config_kwargs={"overwrite": True})
     # Frozen encoders run once over every split; training and evaluation then read memory-mapped features.
     from mmalign.cache.command import cache
 

@@ -157,15 +157,10 @@ def test_two_writers_fill_disjoint_shards(rows, module, tmp_path, cache_dir, mon
 
 
 def _recipe_cli(synthetic_data: Path, *extra: str):
-    import lightning as L
-    from lightning.pytorch.cli import LightningCLI
+    from mmalign.recipe import load_recipe
 
     paths = [f"--data.init_args.{s}={synthetic_data / f'{s}.jsonl'}" for s in ("train", "val", "test")]
-    return LightningCLI(
-        L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
-        auto_configure_optimizers=False, save_config_callback=None,
-        args=["--config", str(ROOT / "configs/tiny/lit_contrastive.yaml"), *paths, "--trainer.max_epochs=2", *extra],
-    )
+    return load_recipe(["--config", str(ROOT / "configs/tiny/lit_contrastive.yaml"), *paths, "--trainer.max_epochs=2", *extra])
 
 
 def test_training_from_cache_matches_raw(synthetic_data, tmp_path, monkeypatch):

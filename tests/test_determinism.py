@@ -4,22 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import torch
-from lightning.pytorch.cli import LightningCLI
+from mmalign.recipe import MMAlignCLI, load_recipe
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs/tiny/lit_contrastive.yaml"
 
 
-def _cli(data: Path, root: Path, seed: int) -> LightningCLI:
+def _cli(data: Path, root: Path, seed: int) -> MMAlignCLI:
     args = [
         "--config", str(CONFIG), f"--seed_everything={seed}",
         "--data.init_args.train", str(data / "train.jsonl"), "--data.init_args.val", str(data / "val.jsonl"),
         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.num_sanity_val_steps", "0",
         "--trainer.default_root_dir", str(root),
     ]
-    return LightningCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                        run=False, auto_configure_optimizers=False, save_config_callback=None, args=args)
+    return load_recipe(args)
 
 
 def _weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -2,16 +2,16 @@
 
 from pathlib import Path
 
-import lightning as L
 import pytest
-from lightning.pytorch.cli import LightningCLI
+
+from mmalign.recipe import MMAlignCLI
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "trainer" not in p.parts)
 TINY_CONFIGS = sorted((ROOT / "configs" / "tiny").glob("*.yaml"))
 
 
-class ParseOnlyCLI(LightningCLI):
+class ParseOnlyCLI(MMAlignCLI):
     """Parses and type-checks a config (class_path/init_args against signatures) without instantiating."""
 
     def instantiate_classes(self) -> None:
@@ -24,8 +24,7 @@ def _data_args(data_dir: Path) -> list[str]:
 
 @pytest.mark.parametrize("config", ALL_CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_config_parses(config):
-    cli = ParseOnlyCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                       args=["--config", str(config)], run=False, save_config_callback=None, auto_configure_optimizers=False)
+    cli = ParseOnlyCLI(args=["--config", str(config)], run=False, save_config_callback=None)
     cfg = cli.config
     assert cfg.model.class_path.startswith("mmalign.")
     assert cfg.data.class_path.startswith("mmalign.")
@@ -33,11 +32,10 @@ def test_config_parses(config):
 
 @pytest.mark.parametrize("config", TINY_CONFIGS, ids=lambda p: p.stem)
 def test_tiny_recipe_fast_dev_run(config, synthetic_data, tmp_path):
-    cli = LightningCLI(
-        L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+    cli = MMAlignCLI(
         args=["fit", "--config", str(config), "--trainer.fast_dev_run=2", f"--trainer.default_root_dir={tmp_path}",
               *_data_args(synthetic_data)],
-        save_config_callback=None, auto_configure_optimizers=False,
+        save_config_callback=None,
     )
     assert cli.trainer.state.finished
     logged = cli.trainer.callback_metrics

@@ -104,15 +104,13 @@ def test_kill_and_resume_matches_uninterrupted(runs):
 def test_mismatched_checkpoint_is_refused(runs, tmp_path):
     """A checkpoint whose projector tensors do not have the model's shapes is refused, naming the tensor."""
     import lightning as L
-    from lightning.pytorch.cli import LightningCLI
+    from mmalign.recipe import load_recipe
 
     ckpt = torch.load(runs["full"] / "ckpt/last.ckpt", weights_only=True)
     name = next(k for k, v in ckpt["state_dict"].items() if k.endswith("weight") and v.ndim == 2)
     ckpt["state_dict"][name] = ckpt["state_dict"][name][:, :-1].clone()  # one input column short
     bad = tmp_path / "bad.ckpt"
     torch.save(ckpt, bad)
-    cli = LightningCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                       run=False, auto_configure_optimizers=False,
-                       args=_args(Path(ckpt["datamodule_hyper_parameters"]["train"]).parent, tmp_path / "x")[4:])
+    cli = load_recipe(_args(Path(ckpt["datamodule_hyper_parameters"]["train"]).parent, tmp_path / "x")[4:])
     with pytest.raises(RuntimeError, match=rf"size mismatch for {name}.*copying a param with shape"):
         cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=str(bad))

@@ -30,7 +30,9 @@ class AlignmentDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes (encoder preprocessing runs there).
         train_languages: Train only on rows in these languages (``["en"]``: English-pivot recipes).
         eval_languages: Evaluate only on rows in these languages (default: all).
-        on_missing: ``"error"`` or ``"skip"`` for rows lacking a field a tower reads (skips are counted).
+        on_error: Bad-input policy (``mmalign.data.policy``): ``"error"`` raises naming the item and field;
+            ``"skip"`` drops bad rows and media, counted per reason and reported (``BadInputCallback``).
+        silent_audio: ``"error"``, ``"skip"`` or ``"allow"`` for all-silent clips.
         cache_dir: Read encoder features from this feature cache (``mmalign cache --config <this recipe>``)
             instead of raw files: no decoding, no encoder forward. A cache written for another encoder,
             other rows or other sizes is refused with :class:`~mmalign.cache.CacheError`.
@@ -46,7 +48,8 @@ class AlignmentDataModule(L.LightningDataModule):
         num_workers: int = 0,
         train_languages: list[str] | None = None,
         eval_languages: list[str] | None = None,
-        on_missing: str = "error",
+        on_error: str = "error",
+        silent_audio: str = "error",
         cache_dir: str | None = None,
         verify_cache: bool = True,
     ) -> None:
@@ -82,7 +85,7 @@ class AlignmentDataModule(L.LightningDataModule):
             raise ValueError(f"no {split} manifest configured (data.init_args.{split})")
         path, langs = splits[split]
         fields = sorted({f for f, _ in self._towers.values()})
-        return ManifestDataset(path, langs, fields, self.hparams.on_missing)
+        return ManifestDataset(path, langs, fields, self.hparams.on_error)
 
     def setup(self, stage: str | None = None) -> None:
         if self._towers is None:
@@ -109,7 +112,7 @@ class AlignmentDataModule(L.LightningDataModule):
         if split not in self.datasets:
             raise ValueError(f"no {split} manifest configured (data.init_args.{split})")
         ds = self.datasets[split]
-        collate: Callable = TowerCollator(self._towers)
+        collate: Callable = TowerCollator(self._towers, self.hparams.on_error, self.hparams.silent_audio)
         if self.hparams.cache_dir is not None:
             from mmalign.cache.reader import passthrough  # the cached dataset builds whole batches
 
@@ -137,5 +140,5 @@ class AlignmentDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def skipped(self) -> dict[str, dict[str, int]]:
-        """Counts of rows skipped under ``on_missing="skip"``, per split and reason."""
+        """Counts of rows skipped under ``on_error="skip"``, per split and reason."""
         return {s: dict(d) for s, d in self._skipped.items() if d}
