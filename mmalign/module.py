@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -11,6 +12,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from encoders.base import EncoderOutput
+from mmalign.gradcache import check_per_sample, chunk_ranges, grad_cache_backward, slice_rows
 from mmalign.towers import Objective, Tower
 
 
@@ -32,6 +34,14 @@ class AlignmentModule(L.LightningModule):
         scheduler: Optional LR scheduler factory (stepped every optimizer step).
         retrieval: Tower pairs evaluated in validation/test (both directions, per language). Default:
             the pairs of the objectives.
+        grad_cache_chunk: Rows per chunk for GradCache (Gao et al., 2021; :mod:`mmalign.gradcache`):
+            the training step projects the whole batch without a graph, takes the gradient of the
+            full-batch loss w.r.t. the embeddings, then re-projects ``grad_cache_chunk`` rows at a time
+            with a graph. Gradients equal the plain step's, so the contrastive batch (and its
+            negatives) can exceed what the projector graph fits in memory. Switches the module to
+            Lightning manual optimization (``trainer.gradient_clip_val`` and
+            ``trainer.accumulate_grad_batches`` are then unavailable: grow ``batch_size`` instead).
+            ``None`` (default): plain step, automatic optimization.
     """
 
     def __init__(
@@ -42,6 +52,7 @@ class AlignmentModule(L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
         retrieval: list[list[str]] | None = None,
+        grad_cache_chunk: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["towers", "objectives", "optimizer", "scheduler"])
@@ -57,6 +68,10 @@ class AlignmentModule(L.LightningModule):
         self._optimizer = optimizer
         self._scheduler = scheduler
         self._eval_store: dict[str, list[Any]] = defaultdict(list)
+        if grad_cache_chunk is not None:
+            chunk_ranges(1, grad_cache_chunk)  # validates the size
+            check_per_sample({name: tower.projector for name, tower in self.towers.items()})
+            self.automatic_optimization = False
 
     def _build_towers(self, embed_dim: int | None) -> int:
         if embed_dim is None:
@@ -101,11 +116,63 @@ class AlignmentModule(L.LightningModule):
             raise ValueError(f"no objective could run: the batch fed towers {sorted(embeds)}")
         return losses
 
+    # -- large batches (GradCache) -------------------------------------------------------------
+    def chunked_features(self, name: str, batch: dict[str, Any], ranges: list[tuple[int, int]]) -> list[EncoderOutput] | None:
+        """Encoder outputs of tower ``name`` per row range: cached features sliced, or encoded chunk by chunk.
+
+        Frozen encoders run once per chunk (no graph); both GradCache passes reuse these features.
+        """
+        batch_size = len(batch["meta"]["id"])
+        cached = batch.get("features", {}).get(name)
+        if cached is not None:
+            feats = EncoderOutput(**cached).float() if isinstance(cached, dict) else cached
+            return [feats[s:e] for s, e in ranges]
+        inputs = batch.get("inputs", {}).get(name)
+        if inputs is None:
+            return None
+        return [self.towers[name].encoder(slice_rows(inputs, s, e, batch_size)) for s, e in ranges]
+
+    def grad_cache_step(
+        self, batch: dict[str, Any], backward: Callable[[Tensor], None] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """Accumulate the full-batch gradient into ``.grad`` with GradCache; returns (loss, losses, embeds), detached.
+
+        Args:
+            batch: A training batch (raw inputs or cached features).
+            backward: Backpropagates a scalar; default ``self.manual_backward`` when attached to a
+                trainer (precision plugin, DDP), else ``Tensor.backward``.
+        """
+        chunk = self.hparams.get("grad_cache_chunk") or len(batch["meta"]["id"])
+        ranges = chunk_ranges(len(batch["meta"]["id"]), chunk)
+        feats = {name: f for name in self.towers if (f := self.chunked_features(name, batch, ranges)) is not None}
+        attached = self._trainer is not None
+        if backward is None:
+            backward = self.manual_backward if attached else Tensor.backward
+
+        def project(i: int) -> dict[str, Tensor]:
+            return {name: self.towers[name].project(f[i]) for name, f in feats.items()}
+
+        def sync(last: bool) -> Any:
+            block = getattr(self.trainer.strategy, "block_backward_sync", None) if attached else None
+            return contextlib.nullcontext() if last or block is None else block()
+
+        out = grad_cache_backward(project, len(ranges), self.compute_losses, backward=backward, sync=sync)
+        return out.loss, out.losses, out.embeds
+
     # -- Lightning hooks ---------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        embeds = self(batch)
-        losses = self.compute_losses(embeds)
-        loss = torch.stack(list(losses.values())).sum()
+        if self.automatic_optimization:
+            embeds = self(batch)
+            losses = self.compute_losses(embeds)
+            loss = torch.stack(list(losses.values())).sum()
+        else:  # GradCache: the step does its own backward passes and the optimizer step
+            optimizer = self.optimizers()
+            optimizer.zero_grad()
+            loss, losses, embeds = self.grad_cache_step(batch)
+            optimizer.step()
+            scheduler = self.lr_schedulers()
+            if scheduler is not None:
+                scheduler.step()
         bs = len(batch["meta"]["id"])
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=bs)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
@@ -159,6 +226,10 @@ class AlignmentModule(L.LightningModule):
             )
             per_lang = per_language_retrieval(embeds[a], embeds[b], langs=meta["lang"], **kwargs)
             if len(per_lang) > 1:  # every language together, deduplicated across languages too
+                for side, name in (("a_keys", a), ("b_keys", b)):
+                    if kwargs[side] is not None and self.towers[name].field == "text":
+                        # the same string may name different concepts in two languages ("crayon" en/fr)
+                        kwargs[side] = [f"{lang}:{k}" for lang, k in zip(meta["lang"], kwargs[side])]
                 per_lang["all"] = per_language_retrieval(embeds[a], embeds[b], langs=["all"] * len(embeds[a]), **kwargs)["all"]
             else:
                 per_lang["all"] = next(iter(per_lang.values()))
