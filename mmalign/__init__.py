@@ -20,6 +20,8 @@ _LAZY = {
     "MSELoss": "mmalign.losses",
     "SigLipLoss": "mmalign.losses",
     "AlignedModel": "mmalign.inference",
+    "load": "mmalign.inference",
+    "PrefixCaptioningModule": "mmalign.prefix",
 }
 __all__ = sorted(_LAZY)
 

@@ -331,6 +331,9 @@ def _read_config(root: Path) -> dict[str, Any]:
         config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ExportError(f"{path} is not valid JSON: {err}") from err
+    if config.get("format") == "mmalign-prefix-captioner":
+        raise ExportError(f"{root} is a visual-prefix captioner export: load it with mmalign.load({str(root)!r}) or "
+                          "mmalign.prefix.PrefixCaptioningModule.from_pretrained, then call .generate(images, lang=...)")
     if config.get("format") != FORMAT:
         raise ExportError(f"{path} is not an mmalign export (format {config.get('format')!r}, expected {FORMAT!r})")
     if int(config.get("format_version", -1)) > FORMAT_VERSION:
@@ -474,3 +477,18 @@ def embed(
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, emb.numpy())
     print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings (tower {name!r}) to {out}")
+
+
+def load(path: str | os.PathLike, **kwargs: Any) -> Any:
+    """Load any mmalign export: an :class:`AlignedModel` (embedding recipes) or a
+    :class:`~mmalign.prefix.PrefixCaptioningModule` (visual-prefix recipes, with ``generate``)."""
+    root = Path(path)
+    try:
+        fmt = json.loads((root / CONFIG_NAME).read_text(encoding="utf-8")).get("format")
+    except (OSError, json.JSONDecodeError):
+        fmt = None  # let AlignedModel give the detailed error
+    if fmt == "mmalign-prefix-captioner":
+        from mmalign.prefix import PrefixCaptioningModule
+
+        return PrefixCaptioningModule.from_pretrained(root, **kwargs)
+    return AlignedModel.from_pretrained(root, **kwargs)

@@ -197,6 +197,13 @@ def test_export_reload_gives_identical_greedy_captions(kind, request, rows, tmp_
     images = [r["image"] for r in rows[:4]]
     langs = [r["lang"] for r in rows[:4]]
     assert module.generate(images, lang=langs, max_new_tokens=6) == reloaded.generate(images, lang=langs, max_new_tokens=6)
+    # the generic loader dispatches on the export format; the embedding loader names the right one
+    import mmalign
+    from mmalign.inference import AlignedModel, ExportError
+
+    assert isinstance(mmalign.load(out), PrefixCaptioningModule)
+    with pytest.raises(ExportError, match="visual-prefix captioner"):
+        AlignedModel.from_pretrained(out)
 
 
 def test_from_pretrained_errors_name_the_problem(tmp_path):
