@@ -20,6 +20,7 @@ import lightning as L
 import torch
 
 from mmalign.cache.writer import write_split
+from mmalign.data.policy import BadInputReport
 
 
 def _device(device: str) -> torch.device:
@@ -60,6 +61,10 @@ def cache(
 ) -> dict[str, Any]:
     """Run each frozen encoder of the recipe once over its data and write the feature cache.
 
+    Features are checked for NaN/Inf under the recipe's ``data.init_args.on_error``: ``error`` (default)
+    stops naming the row id and field; ``skip`` leaves those rows out of the cache (listed in its
+    manifest, counted and printed here, and not read by training or evaluation from the cache).
+
     Args:
         model: The recipe's model (an ``AlignmentModule``), from ``--config recipe.yaml``.
         data: The recipe's data (an ``AlignmentDataModule``).
@@ -91,14 +96,16 @@ def cache(
     data.connect(model)
     available = [s for s in data.split_manifests() if data.cache_split(s) == s]
     summary: dict[str, Any] = {}
+    on_error = data.hparams.get("on_error", "error")
     for name in _splits(split, available):
         rows = data.manifest_dataset(name).rows
+        report = BadInputReport()
         manifest = write_split(
             rows, dict(model.towers.items()), Path(out_dir) / name, split=name,
             batch_size=batch_size or data.hparams.batch_size,
             num_workers=data.hparams.num_workers if num_workers is None else num_workers,
             shard_size=shard_size, dtype=dtype, fingerprint=fingerprint, rank=rank, world_size=world_size,
-            device=_device(device), progress=progress,
+            device=_device(device), progress=progress, on_error=on_error, report=report,
         )
         if manifest is None:
             print(f"[mmalign cache] {name}: this rank's shards are done; waiting for other ranks to finish the merge")
@@ -106,5 +113,8 @@ def cache(
             continue
         entries = {k: {"items": e["num_items"], "dim": e["dim"], "tokens": e["tokens"]} for k, e in manifest["entries"].items()}
         print(f"[mmalign cache] {name}: {manifest['num_rows']} rows -> {Path(out_dir) / name} {entries}")
-        summary[name] = {"num_rows": manifest["num_rows"], "dataset_fingerprint": manifest["dataset_fingerprint"], "entries": entries}
+        if on_error == "skip":  # rows with NaN/Inf features are left out of the cache: say how many
+            print(f"[mmalign cache] {name}: " + report.summary("rows left out of the cache"))
+        summary[name] = {"num_rows": manifest["num_rows"], "num_cached_rows": manifest["num_cached_rows"],
+                         "skipped": manifest["skipped"], "dataset_fingerprint": manifest["dataset_fingerprint"], "entries": entries}
     return summary

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,6 +33,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FINGERPRINT_MODES = ("stat", "content", "rows")
 DTYPES = ("float16", "float32")
+#: Reason under which rows with NaN/Inf features are skipped (``mmalign.data.policy``).
+NON_FINITE = "non-finite features"
 
 
 class CacheError(RuntimeError):
@@ -107,8 +110,40 @@ def rows_fingerprint(row_ids: Sequence[str]) -> str:
 # -- atomic files --------------------------------------------------------------------------------
 
 
+_HOST = socket.gethostname().replace(".", "_") or "host"
+
+
 def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    return path.with_name(f".{path.name}.{_HOST}-{os.getpid()}.tmp")
+
+
+def remove_dead_tmp(folder: Path) -> int:
+    """Delete temporary files left in ``folder`` by killed writers of this host; returns how many.
+
+    Temporary names carry the host and pid of their writer (``.<name>.<host>-<pid>.tmp``); files of
+    live processes and of other hosts (shared disks) are left alone.
+    """
+    removed = 0
+    for tmp in folder.glob(f".*.{_HOST}-*.tmp"):
+        try:
+            pid = int(tmp.name.rsplit("-", 1)[1][: -len(".tmp")])
+        except ValueError:
+            continue
+        if pid == os.getpid() or _alive(pid):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def atomic_save_npy(path: Path, array: np.ndarray) -> None:

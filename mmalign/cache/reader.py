@@ -7,6 +7,7 @@ process holds only the rows of the current batch; the rest stays in the OS page 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,10 +16,15 @@ import numpy as np
 import torch
 
 from mmalign.cache.format import (
-    FORMAT_VERSION, MANIFEST, CacheError, digest, entry_name, first_difference, item_digests, read_json,
+    FORMAT_VERSION, MANIFEST, NON_FINITE, CacheError, digest, entry_name, first_difference, item_digests, read_json,
     spec_diff, unique_items,
 )
 from mmalign.data.manifest import META_FIELDS
+from mmalign.data.policy import ON_ERROR, BadInputReport, check_choice
+
+log = logging.getLogger("mmalign.cache")
+#: Elements per chunk when scanning shards for NaN/Inf (bounds the memory of the check, ~32 MB).
+_SCAN_CHUNK = 1 << 23
 
 
 def load_manifest(split_dir: str | Path) -> dict[str, Any]:
@@ -115,6 +121,53 @@ def _check_entry(tower_name: str, tower: Any, manifest: dict[str, Any], split_di
     return entry
 
 
+def check_shards(entry_dir: Path, entry: dict[str, Any], scan: bool, item_ids: Sequence[str] | None = None) -> None:
+    """Check the shard files of one entry against the manifest; with ``scan``, also that every value is finite.
+
+    The shapes and dtypes come from the ``.npy`` headers (cheap, always). The scan reads every shard in
+    chunks of at most ``_SCAN_CHUNK`` elements (a few tens of MB of memory whatever the cache size): the
+    writer stores only finite values, so NaN/Inf means the files were modified or corrupted afterwards.
+
+    Args:
+        entry_dir: The entry's folder.
+        entry: Its manifest entry.
+        scan: Read the values (``verify_cache``).
+        item_ids: ``[M]`` a row id per item, named in the error.
+
+    Raises:
+        CacheError: A shard is missing, has another shape or dtype, or holds NaN/Inf.
+    """
+    keys = ["pooled"] + (["tokens", "mask"] if entry["tokens"] else [])
+    for shard in entry["shards"]:
+        for key in keys:
+            path = entry_dir / f"{shard['name']}.{key}.npy"
+            try:
+                arr = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise CacheError(f"{path}: unreadable cache shard ({e}); delete {shard['name']}.json there and re-run `mmalign cache`") from e
+            want = {"pooled": (shard["count"], entry["dim"]), "tokens": (shard["count"], shard["token_len"], entry["token_dim"]),
+                    "mask": (shard["count"], shard["token_len"])}[key]
+            dtype = np.dtype(bool if key == "mask" else entry["dtype"])
+            if arr.shape != want or arr.dtype != dtype:
+                raise CacheError(
+                    f"{path}: shape {arr.shape} {arr.dtype}, the manifest says {want} {dtype}; the cache was modified "
+                    f"after it was written: delete {shard['name']}.json there and re-run `mmalign cache`"
+                )
+            if not scan or key == "mask":
+                continue
+            step = max(1, _SCAN_CHUNK // max(1, int(np.prod(arr.shape[1:]))))
+            for a in range(0, len(arr), step):
+                finite = np.isfinite(arr[a:a + step].reshape(min(step, len(arr) - a), -1)).all(axis=1)  # [chunk]
+                if not finite.all():
+                    j = a + int(np.nonzero(~finite)[0][0])
+                    who = f" (item of row id={item_ids[shard['start'] + j]!r})" if item_ids is not None else ""
+                    raise CacheError(
+                        f"{path}: row {j}{who} holds NaN/Inf, which `mmalign cache` never writes: the cache was modified "
+                        f"or corrupted after it was written. Delete {entry_dir / (shard['name'] + '.json')} (or the "
+                        "whole cache) and re-run `mmalign cache`"
+                    )
+
+
 class CachedSplit(torch.utils.data.Dataset):
     """Rows of one split whose tower inputs are cached features.
 
@@ -123,46 +176,97 @@ class CachedSplit(torch.utils.data.Dataset):
     "mask"}}}``; pair it with :func:`passthrough` as ``collate_fn``. Features keep the stored dtype
     (float16 by default); :class:`~mmalign.module.AlignmentModule` casts them to float.
 
+    Rows that ``mmalign cache`` left out under ``on_error="skip"`` (NaN/Inf features of an item this
+    recipe's towers read) are not served: ``len()`` and the indices count kept rows only, and they are
+    counted in :attr:`report` (reason ``"non-finite features"``), which
+    :class:`~mmalign.data.policy.BadInputCallback` prints at the end of a run.
+
     Args:
         split_dir: ``<cache_dir>/<split>``.
         rows: The split's manifest rows, filtered exactly as when the cache was written.
         towers: ``{name: Tower}`` of the recipe (projectors built).
-        verify: Recompute the dataset fingerprint (file sizes/mtimes) and refuse a stale cache.
+        verify: Recompute the dataset fingerprint (file sizes/mtimes) and scan every shard for NaN/Inf
+            once (refusing a modified or corrupted cache). Shard shapes are always checked.
+        on_error: The reader's bad-input policy: ``"error"`` refuses a cache that left rows out,
+            ``"skip"`` serves the rest; None (default) accepts the policy the cache was written with.
 
     Raises:
-        CacheError: The cache is missing, unfinished, or differs from the recipe or the data (the message
-            says which row, encoder setting or size differs).
+        CacheError: The cache is missing, unfinished, corrupted, or differs from the recipe or the data
+            (the message says which row, encoder setting, size or file differs).
     """
 
-    def __init__(self, split_dir: str | Path, rows: Sequence[dict[str, Any]], towers: dict[str, Any], verify: bool = True) -> None:
+    def __init__(
+        self, split_dir: str | Path, rows: Sequence[dict[str, Any]], towers: dict[str, Any], verify: bool = True,
+        on_error: str | None = None,
+    ) -> None:
         self.split_dir = Path(split_dir)
-        self.rows = list(rows)
+        self.all_rows = list(rows)
         manifest = load_manifest(self.split_dir)
-        row_ids = [str(r["id"]) for r in self.rows]
+        row_ids = [str(r["id"]) for r in self.all_rows]
         if manifest["row_ids"] != row_ids:
             raise CacheError(f"{self.split_dir}: stale cache, the dataset rows changed: {first_difference(manifest['row_ids'], row_ids)}")
         self.fields = sorted({t.field for t in towers.values()})
-        self.views: dict[str, _TowerView] = {}
-        checked: dict[str, np.ndarray] = {}
+        entries: dict[str, dict[str, Any]] = {}
+        full_index: dict[str, np.ndarray] = {}
+        skipped: dict[str, str] = {}
+        tower_entry: dict[str, str] = {}
         for tower_name, tower in towers.items():
             entry = _check_entry(tower_name, tower, manifest, self.split_dir)
-            entry_dir = self.split_dir / entry_name(tower.field, entry["cache_key"])
-            if entry_dir.name not in checked:
-                checked[entry_dir.name] = self._verify(entry_dir, entry, tower.field, manifest["fingerprint_mode"], verify)
+            name = tower_entry[tower_name] = entry_name(tower.field, entry["cache_key"])
+            if name not in entries:
+                entries[name] = entry
+                full_index[name] = self._verify(self.split_dir / name, entry, tower.field, manifest["fingerprint_mode"], verify)
+                first = np.unique(full_index[name], return_index=True)[1]  # [M] first row of each item
+                check_shards(self.split_dir / name, entry, scan=verify, item_ids=[row_ids[i] for i in first])
+                for rid, why in entry.get("skipped_rows", {}).items():
+                    skipped.setdefault(rid, why)
+        if skipped and on_error is not None:
+            check_choice("on_error", on_error, ON_ERROR)
+            if on_error == "error":
+                rid, why = next(iter(skipped.items()))
+                raise CacheError(
+                    f"{self.split_dir}: the cache left out {len(skipped)} row(s) with non-finite features (first: id={rid!r} "
+                    f"{why}) under on_error=skip, but this run uses on_error=error"
+                )
+        # Rows left out when caching are never served: indices below count kept rows only.
+        self.keep = np.array([i for i, rid in enumerate(row_ids) if rid not in skipped], dtype=np.int64)  # [N_kept]
+        self.rows = [self.all_rows[i] for i in self.keep]
+        self.skipped_rows = skipped
+        self._cache_report = BadInputReport()
+        if skipped:
+            self._cache_report.counts[NON_FINITE] = len(skipped)
+            self._cache_report.examples[NON_FINITE] = list(skipped)[: self._cache_report.max_examples]
+            log.warning("%s: %d row(s) were left out when caching (%s), e.g. %s", self.split_dir, len(skipped), NON_FINITE,
+                        ", ".join(f"id={r!r} {w}" for r, w in list(skipped.items())[:3]))
+        self._report = self._cache_report
+        self.views: dict[str, _TowerView] = {}
+        for tower_name, tower in towers.items():
+            name = tower_entry[tower_name]
+            entry = entries[name]
             self.views[tower_name] = _TowerView(
-                entry_dir=entry_dir,
-                row_index=checked[entry_dir.name],
+                entry_dir=self.split_dir / name,
+                row_index=full_index[name][self.keep],
                 starts=np.array([s["start"] for s in entry["shards"]], dtype=np.int64),
                 shards=entry["shards"],
                 tokens=bool(getattr(tower.projector, "uses_tokens", False)),
             )
         self.manifest = {k: v for k, v in manifest.items() if k != "row_ids"}
 
+    @property
+    def report(self) -> BadInputReport:
+        """Rows skipped: those left out when caching, plus any manifest-level report assigned to it."""
+        return self._report
+
+    @report.setter
+    def report(self, other: BadInputReport | None) -> None:
+        # The DataModule assigns the manifest's own report here; keep the cache's skips in it as well.
+        self._report = BadInputReport().merge(other).merge(self._cache_report)
+
     def _verify(self, entry_dir: Path, entry: dict[str, Any], field: str, mode: str, verify: bool) -> np.ndarray:
         row_index = np.load(entry_dir / "rows.npy")
         if not verify:
             return row_index
-        items, current_index = unique_items(self.rows, field)
+        items, current_index = unique_items(self.all_rows, field)
         current = item_digests(items, field, mode)
         if digest(current, current_index) == entry["items_fingerprint"]:
             return current_index
@@ -175,7 +279,7 @@ class CachedSplit(torch.utils.data.Dataset):
         what = "its value or file size/mtime" if mode == "stat" else "its value or file content" if mode == "content" else "its value"
         raise CacheError(
             f"{self.split_dir}/{entry_dir.name}: stale cache, {len(bad)} row(s) changed since caching; first: row "
-            f"id={self.rows[i]['id']!r} {field}={str(self.rows[i][field])[:120]!r} ({what} differs); re-run `mmalign cache`"
+            f"id={self.all_rows[i]['id']!r} {field}={str(self.all_rows[i][field])[:120]!r} ({what} differs); re-run `mmalign cache`"
         )
 
     def __len__(self) -> int:

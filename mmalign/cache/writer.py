@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 from encoders.base import Encoder
 from mmalign.cache.format import (
     DTYPES, FORMAT_VERSION, MANIFEST, CacheError, atomic_save_npy, atomic_write_json, digest, entry_name,
-    item_digests, read_json, rows_fingerprint, shard_name, unique_items,
+    NON_FINITE, item_digests, read_json, remove_dead_tmp, rows_fingerprint, shard_name, unique_items,
 )
+from mmalign.data.policy import ON_ERROR, BadInputError, BadInputReport, check_choice, check_finite
 
 
 @dataclass
@@ -40,6 +41,8 @@ class EntryPlan:
         row_index: ``[N]`` row -> item.
         digests: ``[M]`` uint64 item digests (see :func:`~mmalign.cache.format.item_digests`).
         shards: ``(start, count)`` item ranges.
+        item_ids: ``[M]`` id of the first row using each item (named in errors).
+        row_ids: ``[N]`` row ids.
     """
 
     name: str
@@ -51,6 +54,8 @@ class EntryPlan:
     row_index: np.ndarray
     digests: np.ndarray
     shards: list[tuple[int, int]]
+    item_ids: list[str]
+    row_ids: list[str]
 
     def shard_fingerprint(self, k: int, dtype: str) -> str:
         start, count = self.shards[k]
@@ -83,7 +88,12 @@ def plan_entries(
         items, row_index = unique_items(rows, tower.field)
         digests = item_digests(items, tower.field, fingerprint)
         shards = [(s, min(shard_size, len(items) - s)) for s in range(0, len(items), shard_size)]
-        plans[name] = EntryPlan(name, tower.field, tower.encoder, uses_tokens, [tower_name], items, row_index, digests, shards)
+        row_ids = [str(r["id"]) for r in rows]
+        first_row = np.unique(row_index, return_index=True)[1]  # [M]: items are numbered in first-appearance order
+        plans[name] = EntryPlan(
+            name, tower.field, tower.encoder, uses_tokens, [tower_name], items, row_index, digests, shards,
+            [row_ids[i] for i in first_row], row_ids,
+        )
     return list(plans.values())
 
 
@@ -100,29 +110,56 @@ class _Preprocess:
             raise type(e)(f"could not preprocess {self.field!r} items {[str(i)[:80] for i in items[:4]]}: {e}") from e
 
 
+def _finite_rows(values: torch.Tensor, ids: Sequence[str], field: str, on_error: str, bad: dict[int, list[str]], offset: int) -> torch.Tensor:
+    """``keep [b]`` of :func:`check_finite`; bad rows are recorded in ``bad`` as ``{shard item: [field, detail]}``."""
+    keep = check_finite(values, ids, field, on_error, BadInputReport())  # raises under "error"
+    for j in torch.nonzero(~keep).flatten().tolist():
+        n_bad = int((~torch.isfinite(values[j])).sum())
+        bad.setdefault(offset + j, [field, f"{n_bad} NaN/Inf values"])
+    return keep
+
+
 def _encode_shard(
     plan: EntryPlan, k: int, *, batch_size: int, num_workers: int, device: torch.device, dtype: str,
-    bar: tqdm | None,
-) -> dict[str, np.ndarray]:
+    on_error: str, bar: tqdm | None,
+) -> tuple[dict[str, np.ndarray], dict[int, list[str]]]:
+    """Encode shard ``k`` of ``plan``.
+
+    Returns:
+        ``(arrays, bad)``: ``{"pooled" [n, D], "tokens" [n, T, D_tok], "mask" [n, T]}`` and, under
+        ``on_error="skip"``, ``{shard item: [field, detail]}`` of items whose features are not finite
+        (stored as zeros; their rows are left out when the cache is read).
+    """
     start, count = plan.shards[k]
+    labels = plan.item_ids[start:start + count]
     loader = DataLoader(
         plan.items[start:start + count], batch_size=batch_size, shuffle=False, num_workers=num_workers,
         collate_fn=_Preprocess(plan.encoder, plan.field),
     )
     np_dtype = np.dtype(dtype)
     pooled, tokens, masks = [], [], []
+    bad: dict[int, list[str]] = {}
+    i0 = 0
     for inputs in loader:
         inputs = {k_: v.to(device) if isinstance(v, torch.Tensor) else v for k_, v in inputs.items()}
         out = plan.encoder(inputs)
-        pooled.append(out.pooled.float().cpu().numpy().astype(np_dtype))  # [b, D]
+        pool = out.pooled.float().cpu()  # [b, D]
+        b = len(pool)
+        keep = _finite_rows(pool, labels[i0:i0 + b], f"features/{plan.field}/pooled", on_error, bad, i0)
         if plan.tokens:
             if out.tokens is None:
                 raise CacheError(f"{plan.name}: the encoder returned no tokens but a projector needs them")
-            mask = out.mask if out.mask is not None else torch.ones(out.tokens.shape[:2], dtype=torch.bool)
-            tokens.append(out.tokens.float().cpu().numpy().astype(np_dtype))  # [b, T_b, D_tok]
-            masks.append(mask.cpu().numpy().astype(bool))  # [b, T_b]
+            mask = out.mask.cpu().bool() if out.mask is not None else torch.ones(out.tokens.shape[:2], dtype=torch.bool)
+            tok = out.tokens.float().cpu().masked_fill(~mask.unsqueeze(-1), 0.0)  # [b, T_b, D_tok]; padding is not content
+            keep &= _finite_rows(tok, labels[i0:i0 + b], f"features/{plan.field}/tokens", on_error, bad, i0)
+            tok[~keep] = 0.0
+            tokens.append(tok.numpy().astype(np_dtype))
+            masks.append(mask.numpy())  # [b, T_b]
+        pool[~keep] = 0.0  # skipped items are stored as zeros (never read) so every shard stays finite
+        pooled.append(pool.numpy().astype(np_dtype))
+        i0 += b
         if bar is not None:
-            bar.update(len(out.pooled))
+            bar.update(b)
     arrays = {"pooled": np.concatenate(pooled)}
     if plan.tokens:
         # Pad to this shard's longest sequence; the mask keeps padding apart from real tokens.
@@ -136,9 +173,16 @@ def _encode_shard(
             i += len(t)
         arrays["tokens"], arrays["mask"] = padded, mask
     for key, arr in arrays.items():
-        if arr.dtype != bool and not np.isfinite(arr).all():
-            raise CacheError(f"{plan.name} shard {k}: {key} has inf/nan after casting to {dtype} (try dtype float32)")
-    return arrays
+        if arr.dtype == bool:
+            continue
+        finite = np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
+        if not finite.all():  # finite in float32 (checked above), so the cast overflowed
+            j = int(np.nonzero(~finite)[0][0])
+            raise CacheError(
+                f"{plan.name} shard {k}: item id={labels[j]!r} field {plan.field!r}: {key} features exceed the range "
+                f"of {dtype} (|x| > {np.finfo(np_dtype).max:g}); cache with --dtype float32"
+            )
+    return arrays, bad
 
 
 def _write_shard(entry_dir: Path, k: int, arrays: dict[str, np.ndarray], marker: dict[str, Any]) -> None:
@@ -190,6 +234,8 @@ def write_split(
     world_size: int | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    on_error: str = "error",
+    report: BadInputReport | None = None,
     on_shard: Callable[[str, int], None] | None = None,
 ) -> dict[str, Any] | None:
     """Encode this rank's shards of every entry of one split, then merge if every shard is done.
@@ -209,13 +255,21 @@ def write_split(
         world_size: Number of writer processes.
         device: Where the encoders run.
         progress: Show a tqdm bar per entry.
+        on_error: Policy for NaN/Inf features (:mod:`mmalign.data.policy`): ``"error"`` raises
+            :class:`~mmalign.data.policy.BadInputError` naming the row id and field; ``"skip"`` leaves
+            the rows of such items out of the cache (recorded in the manifest, counted in ``report``).
+        report: Where skipped rows are counted at the merge (a throwaway one when None).
         on_shard: Called as ``on_shard(entry_name, k)`` after each shard is written (tests, logging).
 
     Returns:
         The merged manifest, or None when other ranks' shards are still missing.
+
+    Raises:
+        BadInputError: Under ``on_error="error"``, an item's features are not finite.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    check_choice("on_error", on_error, ON_ERROR)
     rank, world_size = resolve_rank(rank, world_size)
     split_dir = Path(split_dir)
     plans = plan_entries(rows, towers, shard_size, fingerprint)
@@ -224,12 +278,21 @@ def write_split(
         plan.encoder.to(device)
         entry_dir = split_dir / plan.name
         entry_dir.mkdir(parents=True, exist_ok=True)
+        remove_dead_tmp(entry_dir)  # temporary files of killed writers
         mine = [k for k in range(len(plan.shards)) if k % world_size == rank]
-        todo = [k for k in mine if _marker_ok(entry_dir, k, plan.shard_fingerprint(k, dtype)) is None]
+        todo = []
+        for k in mine:
+            marker = _marker_ok(entry_dir, k, plan.shard_fingerprint(k, dtype))
+            # Under "error", a shard that skipped items under "skip" is re-encoded so that it raises.
+            if marker is None or (on_error == "error" and marker.get("bad")):
+                todo.append(k)
         total = sum(plan.shards[k][1] for k in todo)
         bar = tqdm(total=total, desc=f"{split} {plan.name}", unit="item", disable=not progress or total == 0)
         for k in todo:
-            arrays = _encode_shard(plan, k, batch_size=batch_size, num_workers=num_workers, device=device, dtype=dtype, bar=bar)
+            arrays, bad = _encode_shard(
+                plan, k, batch_size=batch_size, num_workers=num_workers, device=device, dtype=dtype,
+                on_error=on_error, bar=bar,
+            )
             start, count = plan.shards[k]
             tok = arrays.get("tokens")
             marker = {
@@ -237,21 +300,41 @@ def write_split(
                 "dim": int(arrays["pooled"].shape[1]), "tokens": plan.tokens,
                 "token_len": None if tok is None else int(tok.shape[1]),
                 "token_dim": None if tok is None else int(tok.shape[2]),
+                "bad": {str(j): v for j, v in sorted(bad.items())},
             }
             _write_shard(entry_dir, k, arrays, marker)
             if on_shard is not None:
                 on_shard(plan.name, k)
         bar.close()
-    return merge_split(split_dir, plans, split=split, dtype=dtype, fingerprint=fingerprint, rows=rows)
+    return merge_split(split_dir, plans, split=split, dtype=dtype, fingerprint=fingerprint, rows=rows,
+                       on_error=on_error, report=report)
+
+
+def _skipped_rows(plan: EntryPlan, markers: list[dict[str, Any]], on_error: str) -> dict[str, str]:
+    """``{row id: "<field>: <detail>"}`` of the rows whose item in this entry has non-finite features."""
+    bad_items: dict[int, list[str]] = {}
+    for m in markers:
+        for j, why in (m.get("bad") or {}).items():
+            bad_items[m["start"] + int(j)] = why
+    if not bad_items:
+        return {}
+    if on_error == "error":
+        item = min(bad_items)
+        field, detail = bad_items[item]
+        raise BadInputError(plan.item_ids[item], field, NON_FINITE, f"{detail}; written under on_error=skip by another writer")
+    rows = np.nonzero(np.isin(plan.row_index, np.fromiter(bad_items, dtype=np.int64)))[0]
+    return {plan.row_ids[r]: "{}: {}".format(*bad_items[int(plan.row_index[r])]) for r in rows}
 
 
 def merge_split(
     split_dir: Path, plans: list[EntryPlan], *, split: str, dtype: str, fingerprint: str,
-    rows: Sequence[dict[str, Any]],
+    rows: Sequence[dict[str, Any]], on_error: str = "error", report: BadInputReport | None = None,
 ) -> dict[str, Any] | None:
     """Verify every shard's marker and write ``manifest.json``; None if some shard is still missing.
 
-    Entries of the same rows written earlier by other recipes (other encoders) are kept.
+    Entries of the same rows written earlier by other recipes (other encoders) are kept. Rows left
+    out under ``on_error="skip"`` (non-finite features) are listed per entry (``skipped_rows``) and
+    for the whole split, and counted in ``report``.
     """
     row_ids = [str(r["id"]) for r in rows]
     entries: dict[str, Any] = {}
@@ -264,6 +347,7 @@ def merge_split(
         token_dims = {m["token_dim"] for m in markers}
         if len(dims) != 1 or len(token_dims) != 1:
             raise CacheError(f"{entry_dir}: shards disagree on feature sizes {sorted(dims)} / {sorted(token_dims, key=str)}")
+        skipped = _skipped_rows(plan, markers, on_error)
         atomic_save_npy(entry_dir / "items.npy", plan.digests)
         atomic_save_npy(entry_dir / "rows.npy", plan.row_index)
         entries[plan.name] = {
@@ -277,6 +361,7 @@ def merge_split(
             "num_items": len(plan.items),
             "items_fingerprint": digest(plan.digests, plan.row_index),
             "towers": plan.towers,
+            "skipped_rows": skipped,
             "shards": [
                 {"name": shard_name(k), "start": m["start"], "count": m["count"], "token_len": m["token_len"]}
                 for k, m in enumerate(markers)
@@ -287,11 +372,22 @@ def merge_split(
         for name, entry in old.get("entries", {}).items():
             if name not in entries and (split_dir / name).is_dir():
                 entries[name] = entry
+    skipped_rows: dict[str, str] = {}
+    for entry in entries.values():
+        for rid, why in entry.get("skipped_rows", {}).items():
+            skipped_rows.setdefault(rid, why)
+    if skipped_rows and report is not None:  # each item was logged when it was encoded; count rows here
+        report.counts[NON_FINITE] += len(skipped_rows)
+        report.examples.setdefault(NON_FINITE, []).extend(list(skipped_rows)[: report.max_examples])
     manifest = {
         "format": FORMAT_VERSION,
         "split": split,
         "fingerprint_mode": fingerprint,
         "num_rows": len(row_ids),
+        "num_cached_rows": len(row_ids) - len(skipped_rows),
+        "on_error": on_error,
+        "skipped": {NON_FINITE: len(skipped_rows)} if skipped_rows else {},
+        "skipped_rows": skipped_rows,
         "rows_fingerprint": rows_fingerprint(row_ids),
         "dataset_fingerprint": digest(rows_fingerprint(row_ids), *sorted(e["items_fingerprint"] for e in entries.values())),
         "entries": entries,
