@@ -149,10 +149,21 @@ class WhisperSpeechEncoder(Encoder):
         waves = load_batch(items, self.sampling_rate, sampling_rate=sampling_rate)
         max_samples = int(round(self.max_seconds * self.sampling_rate))
         waves = [w[:max_samples] for w in waves]
-        feats = self.feature_extractor(
-            waves, sampling_rate=self.sampling_rate, return_tensors="pt", padding="max_length"
-        )["input_features"]  # [B, n_mels, 3000]
-        hop = self.feature_extractor.hop_length
+        fe = self.feature_extractor
+        hop = fe.hop_length
+        if self.pad_to_30s:
+            feats = fe(waves, sampling_rate=self.sampling_rate, return_tensors="pt", padding="max_length")["input_features"]
+        else:
+            # Log-mel of the real audio plus a margin of silence (covers the STFT window and the
+            # convolutions' edge) instead of 30 s: the frames encode() keeps are the same as with a
+            # 30 s window, and the rest is filled with the value silence takes after Whisper's clamp.
+            n = min(max(len(w) for w in waves) + fe.n_fft + 4 * hop, fe.n_samples)
+            short = fe(waves, sampling_rate=self.sampling_rate, return_tensors="pt", padding="max_length",
+                       max_length=n)["input_features"]  # [B, n_mels, n // hop]
+            floor = short.amin(dim=(1, 2), keepdim=True)  # [B, 1, 1]: (max - 8 + 4) / 4 on silent frames
+            feats = floor.expand(-1, short.shape[1], self.max_mel_frames).clone()
+            feats[..., : short.shape[-1]] = short
+        # [B, n_mels, 3000]
         lengths = [min(math.ceil(len(w) / hop), feats.shape[-1]) for w in waves]
         return {"input_features": feats.float(), "feature_lengths": torch.tensor(lengths, dtype=torch.long)}
 

@@ -95,6 +95,25 @@ def test_grad_cache_rejects_batch_norm_and_bad_sizes():
     assert sliced["x"].shape == (3, 2) and sliced["sr"] == 16000 and sliced["ids"] == ["d", "e", "f"]
 
 
+def test_cropped_whisper_features_equal_the_30s_window():
+    """pad_to_30s=False computes log-mels of the real audio only, yet gives the 30 s window's features."""
+    import numpy as np
+
+    from encoders.whisper import WhisperSpeechEncoder
+
+    rng = np.random.default_rng(0)
+    waves = [rng.standard_normal(n).astype(np.float32) * 0.1 for n in (8000, 20800, 33333)]
+    encoder = WhisperSpeechEncoder("tiny:whisper", pad_to_30s=False)
+    short = encoder.preprocess(waves, sampling_rate=16000)
+    encoder.pad_to_30s = True
+    full = encoder.preprocess(waves, sampling_rate=16000)
+    encoder.pad_to_30s = False
+    assert short["input_features"].shape == full["input_features"].shape == (3, 80, 3000)
+    assert torch.equal(short["feature_lengths"], full["feature_lengths"])
+    assert torch.allclose(short["input_features"], full["input_features"], atol=1e-5)
+    assert torch.allclose(encoder(short).pooled, encoder(full).pooled, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["ddp", "fsdp", "bf16"])
 def test_trainer_configs_compose_with_a_recipe(name):
     """configs/trainer/*.yaml hold trainer keys only and type-check when composed after a recipe."""
