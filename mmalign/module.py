@@ -160,7 +160,12 @@ class AlignmentModule(L.LightningModule):
         return out.loss, out.losses, out.embeds
 
     # -- Lightning hooks ---------------------------------------------------------------------
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        if not batch["meta"]["id"]:
+            # every item of the batch was skipped under on_error="skip" (counted by BadInputCallback);
+            # Lightning skips the step. Under DDP every rank must agree, so use skip with single-process runs
+            # or clean data first (``mmalign cache`` drops bad items once, before training).
+            return None
         if self.automatic_optimization:
             embeds = self(batch)
             losses = self.compute_losses(embeds)
@@ -182,6 +187,8 @@ class AlignmentModule(L.LightningModule):
         return loss
 
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+        if not batch["meta"]["id"]:  # every item skipped under on_error="skip"
+            return
         embeds = self(batch)
         losses = self.compute_losses(embeds)
         bs = len(batch["meta"]["id"])

@@ -63,3 +63,11 @@ def test_retrieval_rises_well_above_chance(synthetic_data, tmp_path):
     assert after["val/en/image->text/R@1"] >= 0.6, after
     assert after["val/en/text->image/R@1"] >= 0.6, after
     assert after["val/R@1"] > before["val/R@1"] + 0.3 and after["val/R@1"] > 10 * chance
+
+
+def test_all_skipped_batch_is_a_no_op():
+    module = make_module()
+    empty = {"meta": {"id": [], "concept": [], "lang": []}, "keys": {}, "inputs": {}, "skipped": {"corrupt image": 4}}
+    assert module.training_step(empty, 0) is None
+    module._eval_step(empty, "val")
+    assert not module._eval_store
