@@ -447,6 +447,13 @@ NOTES = """## What mattered (measured on the val split while tuning)
   pt and ru are languages the projector never heard. These speech figures stay well below issue 9's quoted
   reference (en 0.62, 60-way); that reference could not be reproduced on this data (the same 2-layer MSE head
   gives en 0.15 here, 80-way), so the comparison that holds is against the baselines re-measured on this split.
+  There the recipe wins on mean R@1 (12.9% vs 11.1% ridge, 10.2% reference head; en 27.5% vs 18.8%) but not in
+  every language (es, fr, pt are ties or losses within 1-3 of 80 queries), and its xsim is no better than
+  ridge's: speech is the weakest recipe here and the first place to improve (attention pooling over cached
+  Whisper tokens, a middle Whisper layer, more speech concepts).
+* **Cost.** With the feature store filled the whole command takes minutes (see wall time above). Filling it
+  the first time, on 2 CPU cores shared with other jobs, took about: Whisper base 1,430 clips 21 min,
+  EfficientNet-Lite0 1,377 images 7 min, USE-m ~7,000 names 4 min, MiniLM 1,400 names 1.5 min.
 * **LiT.** Both towers trainable (MLP heads) on en/es/de/zh names; the other 8 languages are zero-shot through
   USE-m. Duplicated concepts in a batch (one image, several languages) are false negatives of InfoNCE; a
   sampler with one language per concept per batch is a likely improvement not tried here.
