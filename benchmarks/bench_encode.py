@@ -58,7 +58,7 @@ def _text() -> Any:
 
 #: name -> (encoder factory, manifest field, number of unique items, batch size)
 CASES: dict[str, tuple[Callable[[], Any], str, int, int]] = {
-    "image": (_image, "image", 128, 32),
+    "image": (_image, "image", 128, 8),
     "speech_30s": (_speech(True), "audio", 16, 4),
     "speech_cropped": (_speech(False), "audio", 128, 16),
     "text": (_text, "text", 256, 32),

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICK: dict[str, list[str]] = {
     "bench_cache": ["--part", "speed", "--raw_steps", "6", "--cached_steps", "200"],
     "bench_encode": ["--repeats", "2"],
-    "bench_precision": ["--steps", "50"],
+    "bench_precision": ["--steps", "30"],
 }
 
 
@@ -47,6 +47,8 @@ def machine() -> str:
 
 
 def is_figure(line: str) -> bool:
+    if line.startswith("[mmalign"):  # progress lines of the tools themselves, not figures
+        return False
     return line.startswith("[") and "]" in line[:24] or line.startswith("cached / raw")
 
 
