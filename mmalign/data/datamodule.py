@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from mmalign.data.collate import TowerCollator, tower_fields
@@ -125,6 +126,8 @@ class AlignmentDataModule(L.LightningDataModule):
             num_workers=self.hparams.num_workers,
             collate_fn=collate,
             persistent_workers=self.hparams.num_workers > 0,
+            # page-locked host batches let Lightning's transfer to the GPU overlap with compute
+            pin_memory=torch.cuda.is_available(),
         )
 
     def train_dataloader(self) -> DataLoader:
