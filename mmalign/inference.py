@@ -30,6 +30,8 @@ from mmalign.towers import Tower
 
 #: Modality a manifest field holds, for picking a tower by field name when no tower reads it directly.
 _FIELD_MODALITY = {"image": "image", "audio": "speech", "speech": "speech"}
+#: The field a modality is read from in the data contract (``text_en`` etc. are specialisations).
+_GENERIC_FIELD = {"image": "image", "speech": "audio", "text": "text"}
 
 
 def _import(path: str) -> type:
@@ -199,6 +201,11 @@ class AlignedModel(nn.Module):
             if not by_field and modality is None and field in _FIELD_MODALITY:
                 by_field = [n for n in names if str(self.towers[n].encoder.modality) == _FIELD_MODALITY[field]]
             names = by_field
+        if field is None and len(names) > 1:
+            # several towers of one modality (e.g. a multilingual student on ``text`` and an English anchor on
+            # ``text_en``): the tower reading the modality's generic field is the default
+            generic = [n for n in names if self.towers[n].field == _GENERIC_FIELD.get(str(self.towers[n].encoder.modality))]
+            names = generic if len(generic) == 1 else names
         what = " ".join(x for x in (modality, f"field {field!r}" if field else None) if x) or "any"
         if not names:
             raise ValueError(f"this model has no tower for {what}; towers: {listing}")

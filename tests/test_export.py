@@ -294,3 +294,22 @@ def test_embed_cli(cli_run, synthetic_data, tmp_path, capsys):
     assert images.shape == (len(_rows(synthetic_data)), 32) and images.dtype == np.float32
     np.testing.assert_allclose(images[:6], model.embed_image([r["image"] for r in rows]).numpy(), atol=1e-6)
     assert "tower 'image'" in capsys.readouterr().out
+
+
+def test_student_on_the_generic_text_field_is_the_default_text_tower(tmp_path):
+    """uCLIP/M-CLIP exports have a multilingual student (field ``text``) and an English anchor (``text_en``)."""
+    from encoders import HFTextEncoder, OpenClipTextEncoder
+    from mmalign import AlignmentModule, MSELoss, Objective, Tower
+    from projectors import Linear
+
+    module = AlignmentModule(
+        {"student": Tower(HFTextEncoder("tiny:xlmr-text"), field="text", projector=Linear),
+         "teacher": Tower(OpenClipTextEncoder("tiny:open-clip"), field="text_en")},
+        [Objective(MSELoss(), ["student", "teacher"])],
+    )
+    model = AlignedModel.from_pretrained(export_module(module, tmp_path / "pivot"), device="cpu")
+    assert model.select_tower(modality="text") == "student"
+    assert model.select_tower(modality="text", field="text_en") == "teacher"
+    anchor = model.embed_text(["a red apple"], tower="teacher")
+    student = model.embed_text(["ein roter Apfel", "un coche"], lang="de")
+    assert model.similarity(anchor, student).shape == (1, 2)
