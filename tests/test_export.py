@@ -24,15 +24,6 @@ def _rows(data: Path, split: str = "val") -> list[dict]:
     return read_manifest(data / f"{split}.jsonl")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models: one intra-op thread is fastest, and far faster when the CPUs are shared.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def lit_module():
     """A tiny LiT-style module (image MLP, text Linear) with non-default weights and temperature."""

@@ -13,15 +13,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CAUSAL_LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["query_key_value", "dense_4h_to_h"]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on a shared CPU: more threads than free cores costs 10-50x in spin waits.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def image_encoder():
     import encoders
