@@ -386,7 +386,14 @@ def test_skipped_rows_never_reach_training(rows, poisoned, synthetic_data, tmp_p
     trainer.fit(model, datamodule=dm)
     assert not set(seen) & set(bad_ids) and len(seen) == (len(rows) - len(bad_ids)) // 8 * 8  # drop_last
     assert dm.datasets["train"].report.as_dict() == {"non-finite features": len(bad_ids)}
+    assert dm.skipped()["train"] == {"non-finite features": len(bad_ids)}
     assert callback.report.counts["non-finite features"] == 2 * len(bad_ids)  # train and val (the same manifest)
+
+    # the same cache under the default policy is refused: its skips were made under on_error="skip"
+    strict = AlignmentDataModule(train=manifest, val=manifest, batch_size=8, cache_dir=str(tmp_path / "c"))
+    strict.connect(model)
+    with pytest.raises(Exception, match="non-finite|skip"):
+        strict.setup("fit")
 
 
 def test_tampered_cache_refused(rows, module, tmp_path):

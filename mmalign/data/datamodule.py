@@ -104,10 +104,11 @@ class AlignmentDataModule(L.LightningDataModule):
             else:
                 from mmalign.cache.reader import CachedSplit
 
-                self.datasets[split] = CachedSplit(
-                    Path(self.hparams.cache_dir) / self.cache_split(split), rows.rows, self._module_towers, verify=self.hparams.verify_cache
-                )
-                self.datasets[split].report = getattr(rows, "report", None)  # manifest-level skips stay visible
+                cached = CachedSplit(Path(self.hparams.cache_dir) / self.cache_split(split), rows.rows, self._module_towers,
+                                     verify=self.hparams.verify_cache, on_error=self.hparams.on_error)
+                cached.report = getattr(rows, "report", None)  # merged with the rows the cache left out
+                self._skipped[split] = dict(cached.report.counts)
+                self.datasets[split] = cached
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
