@@ -71,6 +71,9 @@ model:
     objectives:
       - class_path: mmalign.Objective
         init_args: {towers: [image, text], loss: {class_path: mmalign.ClipLoss}}
+    optimizer:  # as in the shipped recipes
+      class_path: torch.optim.AdamW
+      init_args: {lr: 0.001, weight_decay: 0.01, fused: true}
 data:
   class_path: mmalign.data.AlignmentDataModule
   init_args: {batch_size: 32}
