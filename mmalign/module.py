@@ -106,11 +106,13 @@ class AlignmentModule(L.LightningModule):
         return embeds
 
     def compute_losses(self, embeds: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Weighted loss terms by name: ``clip_loss``..., prefixed ``a-b/`` when objectives span several tower pairs."""
+        prefix = len({tuple(o.towers) for o in self.objectives}) > 1
         losses: dict[str, Tensor] = {}
         for obj in self.objectives:
             if all(t in embeds for t in obj.towers):
                 for key, value in obj(embeds).items():
-                    key = f"{'-'.join(obj.towers)}/{key}" if key in losses or len(self.objectives) > 2 else key
+                    key = f"{'-'.join(obj.towers)}/{key}" if prefix else key
                     losses[key] = losses.get(key, 0) + value
         if not losses:
             raise ValueError(f"no objective could run: the batch fed towers {sorted(embeds)}")

@@ -71,3 +71,17 @@ def test_all_skipped_batch_is_a_no_op():
     assert module.training_step(empty, 0) is None
     module._eval_step(empty, "val")
     assert not module._eval_store
+
+
+def test_loss_names_are_prefixed_only_when_objectives_span_several_pairs():
+    import torch.nn.functional as F
+
+    module = make_module()
+    e = {"image": torch.randn(4, 32), "text": torch.randn(4, 32)}
+    assert set(module.compute_losses(e)) == {"clip_loss"}
+    module.objectives.append(Objective(MSELoss(), ["image", "text"], weight=2.0))
+    losses = module.compute_losses(e)
+    assert set(losses) == {"clip_loss", "mse_loss"}
+    torch.testing.assert_close(losses["mse_loss"], 2.0 * F.mse_loss(e["image"], e["text"]))
+    module.objectives.append(Objective(MSELoss(), ["text", "image"]))
+    assert set(module.compute_losses(e)) == {"image-text/clip_loss", "image-text/mse_loss", "text-image/mse_loss"}
