@@ -215,6 +215,9 @@ def test_short_fit_lowers_loss_and_captions_depend_on_image(image_encoder, synth
     dm = CaptionDataModule(train=str(synthetic_data / "train.jsonl"), val=str(synthetic_data / "train.jsonl"), batch_size=24)
     dm.connect(module)
     dm.setup()
+    # The shuffle must not depend on what earlier tests drew from the global RNG; shuffle seeds 0-4 all give
+    # 3-6 distinct captions for the 9 images below (checked when this seed was fixed).
+    torch.manual_seed(0)
     batches = list(dm.train_dataloader())
     for b in batches:  # the frozen encoder runs once
         b["features"] = {"image": module.image_features(b)}

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from mmalign.data.collate import TowerCollator, tower_fields
 from mmalign.data.manifest import ManifestDataset
@@ -119,7 +120,9 @@ class AlignmentDataModule(L.LightningDataModule):
             from mmalign.cache.reader import passthrough  # the cached dataset builds whole batches
 
             collate = passthrough
-        return DataLoader(
+        # torchdata's StatefulDataLoader checkpoints its sampler position and shuffle state: Lightning then
+        # resumes a killed fit mid-epoch on exactly the batches the uninterrupted run would have seen.
+        return StatefulDataLoader(
             ds,
             batch_size=self.hparams.batch_size,
             shuffle=shuffle,
