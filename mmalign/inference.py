@@ -326,7 +326,8 @@ class AlignedModel(nn.Module):
         unseen = sorted(set(langs) - set(seen) - self._warned_langs)
         if unseen:
             self._warned_langs.update(unseen)
-            warnings.warn(f"language(s) {unseen} were not seen in training (seen: {seen}); embeddings may be poor",
+            warnings.warn(f"language(s) {unseen} were not seen in training (seen: {seen}): their embeddings are "
+                          "zero-shot transfer (the point of pivot recipes; check docs/results.md for how well it holds)",
                           stacklevel=3)
 
 
