@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     # Frozen encoders stay in eval mode by design; Lightning warns about it on every fit.
     warnings.filterwarnings("ignore", message=r"Found .* module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # main() always hands LightningCLI an explicit argv (it is also called from Python and the tests)
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter")
     if argv and argv[0] == "eval":  # LightningCLI recipe options + report options
         from mmalign.evaluate import evaluate
 
