@@ -6,13 +6,13 @@ import contextlib
 from collections import defaultdict
 from typing import Any, Callable
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from encoders.base import EncoderOutput
 from mmalign.gradcache import check_per_sample, chunk_ranges, grad_cache_backward, slice_rows
+from mmalign.lightning_base import FrozenBackboneModule
 from mmalign.towers import Objective, Tower
 
 
@@ -22,7 +22,7 @@ def in_batch_r1(a: Tensor, b: Tensor) -> Tensor:
     return (a @ b.T).argmax(dim=1).eq(torch.arange(len(a), device=a.device)).float().mean()
 
 
-class AlignmentModule(L.LightningModule):
+class AlignmentModule(FrozenBackboneModule):
     """Frozen encoders -> trainable projectors (towers) and weighted objectives between towers.
 
     Args:
@@ -54,7 +54,7 @@ class AlignmentModule(L.LightningModule):
         retrieval: list[list[str]] | None = None,
         grad_cache_chunk: int | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(optimizer, scheduler)
         self.save_hyperparameters(ignore=["towers", "objectives", "optimizer", "scheduler"])
         self.towers = nn.ModuleDict(towers)
         self.objectives = nn.ModuleList(objectives)
@@ -65,8 +65,6 @@ class AlignmentModule(L.LightningModule):
                     raise ValueError(f"objective names tower {name!r}; towers are {sorted(self.towers)}")
         pairs = retrieval if retrieval is not None else [o.towers for o in self.objectives]
         self.retrieval_pairs = list(dict.fromkeys(tuple(p) for p in pairs))
-        self._optimizer = optimizer
-        self._scheduler = scheduler
         self._eval_store: dict[str, list[Any]] = defaultdict(list)
         if grad_cache_chunk is not None:
             chunk_ranges(1, grad_cache_chunk)  # validates the size
@@ -200,18 +198,6 @@ class AlignmentModule(L.LightningModule):
         self._eval_store["keys"].append(batch.get("keys", {}))
         self._eval_store["embeds"].append({k: v.detach().float().cpu() for k, v in embeds.items()})
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
-
     def collected_embeddings(self) -> dict[str, Any]:
         """Concatenate what the last evaluation epoch stored: embeds per tower, meta and keys."""
         store = self._eval_store
@@ -268,13 +254,3 @@ class AlignmentModule(L.LightningModule):
         if r1s:
             flat[f"{stage}/R@1"] = sum(r1s) / len(r1s)
         self.log_dict(flat, sync_dist=False)
-
-    # -- optimisation ------------------------------------------------------------------------
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def configure_optimizers(self) -> Any:
-        optimizer = self._optimizer(self.trainable_parameters())
-        if self._scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._scheduler(optimizer), "interval": "step"}}

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from encoders.base import Encoder, EncoderOutput
 from mmalign.data.langs import language_name
+from mmalign.lightning_base import FrozenBackboneModule
 from mmalign.lm import FrozenLM
 from projectors.base import Projector
 
@@ -178,7 +179,7 @@ def _import(class_path: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-class PrefixCaptioningModule(L.LightningModule):
+class PrefixCaptioningModule(FrozenBackboneModule):
     """Visual prefix captioning with a frozen image encoder and a frozen multilingual LM.
 
     Args:
@@ -219,7 +220,7 @@ class PrefixCaptioningModule(L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(optimizer, scheduler)
         self.save_hyperparameters(ignore=["image_encoder", "lm", "projector", "optimizer", "scheduler"])
         self.image_encoder = image_encoder
         self.lm = lm
@@ -233,7 +234,6 @@ class PrefixCaptioningModule(L.LightningModule):
         self.eval_generate, self.eval_max_new_tokens = eval_generate, eval_max_new_tokens
         self.predict_languages, self.predict_max_new_tokens = predict_languages, predict_max_new_tokens
         self.export_dir = export_dir
-        self._optimizer, self._scheduler = optimizer, scheduler
         self._eval_store: dict[str, dict[str, Any]] = {}
 
     # -- text -------------------------------------------------------------------------------
@@ -357,18 +357,6 @@ class PrefixCaptioningModule(L.LightningModule):
                 s["hyps"].append(hyps[i])
                 s["refs"].append(refs[i])
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
-
     def _eval_epoch_end(self, stage: str) -> None:
         store, self._eval_store = self._eval_store, {}
         if self.trainer.sanity_checking or not store:
@@ -408,14 +396,6 @@ class PrefixCaptioningModule(L.LightningModule):
                 raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
         return result
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def configure_optimizers(self) -> Any:
-        optimizer = self._optimizer(self.trainable_parameters())
-        if self._scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._scheduler(optimizer), "interval": "step"}}
 
     # -- export ------------------------------------------------------------------------------
     def export_config(self) -> dict[str, Any]:
