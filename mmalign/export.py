@@ -149,6 +149,7 @@ def objective_config(objective: nn.Module) -> dict[str, Any]:
             "class_path": class_path(loss),
             "logit_scale": float(scale().detach()) if callable(scale) else None,  # exp(log_scale), clamped
             "logit_bias": float(bias.detach()) if isinstance(bias, Tensor) else None,
+            "false_negatives": getattr(loss, "false_negatives", None),  # training-time only, recorded for provenance
         },
     }
 

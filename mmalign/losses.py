@@ -8,7 +8,9 @@ averaging reproduces the single-process gradient of the global batch.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -26,6 +28,46 @@ def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
     from torch.distributed.nn.functional import all_gather
 
     return torch.cat(all_gather(x), dim=0), dist.get_rank()
+
+
+def gather_groups(groups: Tensor) -> Tensor:
+    """All-gather group ids (``[B]`` int64, no gradient) in the same rank order as :func:`gather_with_grad`."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return groups
+    parts = [torch.empty_like(groups) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, groups.contiguous())
+    return torch.cat(parts)
+
+
+def group_ids(labels: Sequence[object], device: torch.device | str | None = None) -> Tensor:
+    """Stable int64 ids ``[B]`` for group labels (e.g. the manifest's ``concept``), equal across processes.
+
+    ``None`` labels get a unique negative id each, so unlabelled rows never share a group.
+    """
+    ids = []
+    for i, label in enumerate(labels):
+        if label is None:
+            ids.append(-1 - i)
+        else:
+            ids.append(int.from_bytes(hashlib.blake2b(str(label).encode(), digest_size=7).digest(), "little"))
+    return torch.tensor(ids, dtype=torch.int64, device=device)
+
+
+def same_group_mask(local: Tensor, columns: Tensor, offset: int) -> Tensor:
+    """``[B, W*B]`` True where row i and column j share a group but are not the pair (i, i + offset)."""
+    mask = local[:, None] == columns[None, :]
+    idx = torch.arange(local.shape[0], device=local.device)
+    mask[idx, idx + offset] = False
+    return mask
+
+
+FALSE_NEGATIVES = ("keep", "mask")
+
+
+def _check_false_negatives(value: str) -> str:
+    if value not in FALSE_NEGATIVES:
+        raise ValueError(f"false_negatives must be one of {FALSE_NEGATIVES}, got {value!r}")
+    return value
 
 
 class LogitScale(nn.Module):
@@ -52,15 +94,27 @@ class ClipLoss(nn.Module):
     Inputs: ``a_embeds [B, D]`` and ``b_embeds [B, D]``, row i of one paired with row i of the other.
     Embeddings are L2-normalised here. With ``gather=True`` (default) negatives come from all ranks.
 
+    Args:
+        false_negatives: What to do with other rows of the same group (``groups``: the manifest's
+            ``concept``, passed by :class:`~mmalign.module.AlignmentModule`): ``"keep"`` treats them as
+            negatives (plain CLIP), ``"mask"`` leaves them out of the softmax. Use ``"mask"`` when a batch
+            can hold one concept several times (the same picture captioned in several languages, one name
+            spoken in several languages): they are not negatives, and pushing them apart fights the
+            alignment.
+
     Returns: ``{"clip_loss": scalar}``.
     """
 
-    def __init__(self, logit_scale: float = 1 / 0.07, learnable_scale: bool = True, max_scale: float = 100.0, gather: bool = True) -> None:
+    def __init__(
+        self, logit_scale: float = 1 / 0.07, learnable_scale: bool = True, max_scale: float = 100.0, gather: bool = True,
+        false_negatives: str = "keep",
+    ) -> None:
         super().__init__()
         self.logit_scale = LogitScale(logit_scale, learnable_scale, max_scale)
         self.gather = gather
+        self.false_negatives = _check_false_negatives(false_negatives)
 
-    def forward(self, a_embeds: Tensor, b_embeds: Tensor) -> dict[str, Tensor]:
+    def forward(self, a_embeds: Tensor, b_embeds: Tensor, groups: Tensor | None = None) -> dict[str, Tensor]:
         a, b = F.normalize(a_embeds.float(), dim=-1), F.normalize(b_embeds.float(), dim=-1)
         scale = self.logit_scale()
         rank = 0
@@ -71,6 +125,11 @@ class ClipLoss(nn.Module):
         logits_per_a = scale * a @ all_b.T  # [B, W*B]
         logits_per_b = scale * b @ all_a.T  # [B, W*B]
         labels = torch.arange(a.shape[0], device=a.device) + rank * a.shape[0]  # offset by rank
+        if self.false_negatives == "mask" and groups is not None:
+            all_groups = gather_groups(groups) if self.gather else groups
+            same = same_group_mask(groups, all_groups, rank * a.shape[0])
+            logits_per_a = logits_per_a.masked_fill(same, float("-inf"))
+            logits_per_b = logits_per_b.masked_fill(same, float("-inf"))
         loss = (F.cross_entropy(logits_per_a, labels) + F.cross_entropy(logits_per_b, labels)) / 2
         return {"clip_loss": loss}
 
@@ -85,17 +144,23 @@ class SigLipLoss(nn.Module):
     Args:
         logit_scale: Initial scale ``t`` (paper: 10).
         logit_bias: Initial bias ``b`` (paper: -10).
+        false_negatives: ``"keep"`` (paper) or ``"mask"``: pairs of different rows of the same group
+            (``groups``, the manifest's ``concept``) are left out of the sum (see :class:`ClipLoss`).
 
     Returns: ``{"siglip_loss": scalar}``.
     """
 
-    def __init__(self, logit_scale: float = 10.0, logit_bias: float = -10.0, learnable: bool = True, gather: bool = True) -> None:
+    def __init__(
+        self, logit_scale: float = 10.0, logit_bias: float = -10.0, learnable: bool = True, gather: bool = True,
+        false_negatives: str = "keep",
+    ) -> None:
         super().__init__()
         self.logit_scale = LogitScale(logit_scale, learnable, max_scale=100.0)
         self.logit_bias = nn.Parameter(torch.tensor(float(logit_bias)), requires_grad=learnable)
         self.gather = gather
+        self.false_negatives = _check_false_negatives(false_negatives)
 
-    def forward(self, a_embeds: Tensor, b_embeds: Tensor) -> dict[str, Tensor]:
+    def forward(self, a_embeds: Tensor, b_embeds: Tensor, groups: Tensor | None = None) -> dict[str, Tensor]:
         a, b = F.normalize(a_embeds.float(), dim=-1), F.normalize(b_embeds.float(), dim=-1)
         rank, all_b = 0, b
         if self.gather:
@@ -104,7 +169,11 @@ class SigLipLoss(nn.Module):
         targets = -torch.ones_like(logits)
         idx = torch.arange(a.shape[0], device=a.device)
         targets[idx, idx + rank * a.shape[0]] = 1.0
-        loss = -F.logsigmoid(targets * logits).sum(dim=1).mean()
+        terms = -F.logsigmoid(targets * logits)  # [B, W*B]
+        if self.false_negatives == "mask" and groups is not None:
+            all_groups = gather_groups(groups) if self.gather else groups
+            terms = terms.masked_fill(same_group_mask(groups, all_groups, rank * a.shape[0]), 0.0)
+        loss = terms.sum(dim=1).mean()
         return {"siglip_loss": loss}
 
 

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from encoders.base import EncoderOutput
 from mmalign.gradcache import check_per_sample, chunk_ranges, grad_cache_backward, slice_rows
 from mmalign.lightning_base import FrozenBackboneModule
+from mmalign.losses import group_ids
 from mmalign.towers import Objective, Tower
 
 
@@ -103,18 +104,33 @@ class AlignmentModule(FrozenBackboneModule):
                 embeds[name] = tower.project(feats)
         return embeds
 
-    def compute_losses(self, embeds: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Weighted loss terms by name: ``clip_loss``..., prefixed ``a-b/`` when objectives span several tower pairs."""
+    def compute_losses(self, embeds: dict[str, Tensor], groups: Tensor | None = None) -> dict[str, Tensor]:
+        """Weighted loss terms by name: ``clip_loss``..., prefixed ``a-b/`` when objectives span several tower pairs.
+
+        Args:
+            embeds: ``{tower: [B, D]}``.
+            groups: ``[B]`` int64 group ids of the rows (:meth:`batch_groups`), for contrastive losses with
+                ``false_negatives="mask"``.
+        """
         prefix = len({tuple(o.towers) for o in self.objectives}) > 1
         losses: dict[str, Tensor] = {}
         for obj in self.objectives:
             if all(t in embeds for t in obj.towers):
-                for key, value in obj(embeds).items():
+                for key, value in obj(embeds, groups).items():
                     key = f"{'-'.join(obj.towers)}/{key}" if prefix else key
                     losses[key] = losses.get(key, 0) + value
         if not losses:
             raise ValueError(f"no objective could run: the batch fed towers {sorted(embeds)}")
         return losses
+
+    def batch_groups(self, batch: dict[str, Any]) -> Tensor | None:
+        """``[B]`` int64 ids of the rows' ``concept`` (rows of one concept are not each other's negatives).
+
+        None when no objective masks false negatives, so plain recipes pay nothing.
+        """
+        if not any(getattr(o.loss, "false_negatives", "keep") == "mask" for o in self.objectives):
+            return None
+        return group_ids(batch["meta"]["concept"], device=self.device)
 
     # -- large batches (GradCache) -------------------------------------------------------------
     def chunked_features(self, name: str, batch: dict[str, Any], ranges: list[tuple[int, int]]) -> list[EncoderOutput] | None:
@@ -156,7 +172,10 @@ class AlignmentModule(FrozenBackboneModule):
             block = getattr(self.trainer.strategy, "block_backward_sync", None) if attached else None
             return contextlib.nullcontext() if last or block is None else block()
 
-        out = grad_cache_backward(project, len(ranges), self.compute_losses, backward=backward, sync=sync)
+        groups = self.batch_groups(batch)
+        out = grad_cache_backward(
+            project, len(ranges), lambda embeds: self.compute_losses(embeds, groups), backward=backward, sync=sync
+        )
         return out.loss, out.losses, out.embeds
 
     # -- Lightning hooks ---------------------------------------------------------------------
@@ -168,7 +187,7 @@ class AlignmentModule(FrozenBackboneModule):
             return None
         if self.automatic_optimization:
             embeds = self(batch)
-            losses = self.compute_losses(embeds)
+            losses = self.compute_losses(embeds, self.batch_groups(batch))
             loss = torch.stack(list(losses.values())).sum()
         else:  # GradCache: the step does its own backward passes and the optimizer step
             optimizer = self.optimizers()
@@ -190,7 +209,7 @@ class AlignmentModule(FrozenBackboneModule):
         if not batch["meta"]["id"]:  # every item skipped under on_error="skip"
             return
         embeds = self(batch)
-        losses = self.compute_losses(embeds)
+        losses = self.compute_losses(embeds, self.batch_groups(batch))
         bs = len(batch["meta"]["id"])
         self.log_dict({f"{stage}/{k}": v for k, v in losses.items()}, batch_size=bs, sync_dist=True)
         self.log(f"{stage}/loss", torch.stack(list(losses.values())).sum(), batch_size=bs, sync_dist=True, prog_bar=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from typing import Callable
 
 import torch.nn.functional as F
@@ -73,7 +75,11 @@ class Objective(nn.Module):
         self.loss = loss
         self.towers = list(towers)
         self.weight = weight
+        # Contrastive losses take the rows' group ids (the manifest's concept) to mask false negatives.
+        self.takes_groups = "groups" in inspect.signature(loss.forward).parameters
 
-    def forward(self, embeds: dict[str, Tensor]) -> dict[str, Tensor]:
+    def forward(self, embeds: dict[str, Tensor], groups: Tensor | None = None) -> dict[str, Tensor]:
+        """Weighted loss terms; ``groups [B]`` (int64 group ids) reach losses that accept them."""
         a, b = self.towers
-        return {k: self.weight * v for k, v in self.loss(embeds[a], embeds[b]).items()}
+        extra = {"groups": groups} if self.takes_groups and groups is not None else {}
+        return {k: self.weight * v for k, v in self.loss(embeds[a], embeds[b], **extra).items()}

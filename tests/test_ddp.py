@@ -15,7 +15,14 @@ from torch import nn
 from mmalign.losses import ClipLoss, SigLipLoss
 
 WORLD, B, D_IN, D = 2, 6, 12, 8
-LOSSES = {"clip": ClipLoss, "siglip": SigLipLoss}
+LOSSES = {
+    "clip": ClipLoss,
+    "siglip": SigLipLoss,
+    # rows of one concept spread over both ranks: group ids are all-gathered beside the embeddings
+    "clip_mask": lambda: ClipLoss(false_negatives="mask"),
+    "siglip_mask": lambda: SigLipLoss(false_negatives="mask"),
+}
+GROUPS = torch.arange(WORLD * B) % 5  # concepts 0 and 1 appear on both ranks
 
 
 class _Pair(nn.Module):
@@ -28,8 +35,8 @@ class _Pair(nn.Module):
         self.b = nn.Linear(D_IN, D)
         self.loss = loss
 
-    def forward(self, xa: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
-        return next(iter(self.loss(self.a(xa), self.b(xb)).values()))
+    def forward(self, xa: torch.Tensor, xb: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        return next(iter(self.loss(self.a(xa), self.b(xb), groups).values()))
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +58,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         for name, loss_cls in LOSSES.items():
             model = nn.parallel.DistributedDataParallel(_Pair(loss_cls()))
             xa_l = xa[rows].clone().requires_grad_(True)
-            loss = model(xa_l, xb[rows])
+            loss = model(xa_l, xb[rows], GROUPS[rows])
             loss.backward()  # DDP averages parameter grads over ranks
             mean_loss = loss.detach().clone()
             dist.all_reduce(mean_loss)
@@ -73,7 +80,7 @@ def test_ddp_matches_single_process(ddp_results, name):
     xa, xb = _data()
     model = _Pair(LOSSES[name]())
     xa = xa.clone().requires_grad_(True)
-    loss = model(xa, xb)  # not distributed here: gather is a no-op, the batch is global
+    loss = model(xa, xb, GROUPS)  # not distributed here: gather is a no-op, the batch is global
     loss.backward()
     ref = _grads(model)
     for rank, res in enumerate(ddp_results):
@@ -94,5 +101,7 @@ def test_gather_matters(ddp_results):
     """Guard against a vacuous pass: without the gather, per-rank losses differ from the global one."""
     xa, xb = _data()
     model = _Pair(ClipLoss(gather=False))
-    local = torch.stack([model(xa[r * B:(r + 1) * B], xb[r * B:(r + 1) * B]) for r in range(WORLD)]).mean()
+    local = torch.stack([model(xa[r * B:(r + 1) * B], xb[r * B:(r + 1) * B], GROUPS[r * B:(r + 1) * B]) for r in range(WORLD)]).mean()
     assert not torch.allclose(local, ddp_results[0]["clip"]["loss"], atol=1e-4)
+    # and masking changes the loss here (some concepts repeat), so the masked cases test the group gather
+    assert not torch.allclose(ddp_results[0]["clip_mask"]["loss"], ddp_results[0]["clip"]["loss"], atol=1e-4)

@@ -85,3 +85,22 @@ def test_loss_names_are_prefixed_only_when_objectives_span_several_pairs():
     torch.testing.assert_close(losses["mse_loss"], 2.0 * F.mse_loss(e["image"], e["text"]))
     module.objectives.append(Objective(MSELoss(), ["text", "image"]))
     assert set(module.compute_losses(e)) == {"image-text/clip_loss", "image-text/mse_loss", "text-image/mse_loss"}
+
+
+def test_masked_false_negatives_use_the_batch_concepts():
+    """With ClipLoss(false_negatives="mask") the module groups rows by meta["concept"]; plain CLIP ignores it."""
+    torch.manual_seed(0)
+    image = Tower(encoders.TimmImageEncoder("tiny:timm-vit"), field="image", projector=projectors.Linear)
+    text = Tower(encoders.HFTextEncoder("tiny:xlmr-text", pooling="mean"), field="text", projector=projectors.Linear)
+    masked = AlignmentModule({"image": image, "text": text},
+                             [Objective(ClipLoss(false_negatives="mask"), ["image", "text"])], embed_dim=8)
+    embeds = {"image": torch.randn(4, 8), "text": torch.randn(4, 8)}
+    batch = {"meta": {"id": list("abcd"), "concept": ["cat", "cat", "dog", None], "lang": ["en", "de", "en", "en"]}}
+    groups = masked.batch_groups(batch)
+    assert groups[0] == groups[1] and len(set(groups.tolist())) == 3
+    got = masked.compute_losses(embeds, groups)["clip_loss"]
+    expected = ClipLoss(false_negatives="mask")(embeds["image"], embeds["text"], groups)["clip_loss"]
+    assert torch.allclose(got, expected)
+    assert not torch.allclose(got, ClipLoss()(embeds["image"], embeds["text"])["clip_loss"])
+    plain = make_module(embed_dim=8)
+    assert plain.batch_groups(batch) is None  # nothing to compute when no loss masks
