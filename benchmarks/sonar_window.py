@@ -38,6 +38,17 @@ def select_rows(root: Path, n_concepts: int) -> list[dict]:
     return [by_concept[c][lang] for c in chosen for lang in LANGS]
 
 
+def subset_split(root: Path, n_concepts: int, n_test: int) -> tuple[list[dict], np.ndarray]:
+    """:func:`select_rows` and a seeded concept split: ``(rows, is_test [N] bool)``."""
+    rows = select_rows(root, n_concepts)
+    concepts = list(dict.fromkeys(r["concept"] for r in rows))
+    perm = np.random.default_rng(0).permutation(len(concepts))
+    test_c = {concepts[k] for k in perm[:n_test]}
+    te = np.array([r["concept"] in test_c for r in rows])
+    print(f"{len(rows)} clips, {len(concepts) - len(test_c)} train / {len(test_c)} test concepts", flush=True)
+    return rows, te
+
+
 def encode_speech(rows: list[dict], root: Path, pad: bool, out: Path, batch: int) -> tuple[np.ndarray, float]:
     """Mean-pooled Whisper base features ``[N, 512]`` (cached at ``out``) and the seconds spent."""
     if out.exists():
@@ -158,12 +169,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     root, cache = Path(args.data), Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    rows = select_rows(root, args.concepts)
+    rows, te = subset_split(root, args.concepts, args.test_concepts)
     concepts = list(dict.fromkeys(r["concept"] for r in rows))
-    perm = np.random.default_rng(0).permutation(len(concepts))
-    test_c = {concepts[k] for k in perm[: args.test_concepts]}
-    te = np.array([r["concept"] in test_c for r in rows])
-    print(f"{len(rows)} clips, {len(concepts) - len(test_c)} train / {len(test_c)} test concepts", flush=True)
+    test_c = {r["concept"] for r, t in zip(rows, te) if t}
 
     tag = f"{args.concepts}c"
     y = encode_text(rows, cache / f"use_m_{tag}.npy")
