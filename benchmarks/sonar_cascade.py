@@ -17,7 +17,6 @@ Usage (repo root): ``python benchmarks/sonar_cascade.py`` (features cached as ``
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sonar_window import LANGS, encode_text, per_lang_r1, subset_split  # noqa: E402
+from sonar_window import LANGS, encode_text, per_lang_r1, subset_parser, subset_setup  # noqa: E402
 
 
 @torch.inference_mode()
@@ -97,19 +96,7 @@ def train_head(x: torch.Tensor, y: torch.Tensor, concepts: list[str], seed: int,
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default="data/emoji")
-    ap.add_argument("--concepts", type=int, default=200)
-    ap.add_argument("--test-concepts", type=int, default=60)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--cache", default="/tmp/sonar_window")
-    ap.add_argument("--json", default=None, help="write results here")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    root, cache = Path(args.data), Path(args.cache)
-    cache.mkdir(parents=True, exist_ok=True)
-    rows, te = subset_split(root, args.concepts, args.test_concepts)
+    args, root, cache, rows, te = subset_setup(subset_parser(__doc__.splitlines()[0]))
     test_rows = [r for r, t in zip(rows, te) if t]
 
     y = encode_text(rows, cache / f"use_m_{args.concepts}c.npy")

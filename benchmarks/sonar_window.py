@@ -38,6 +38,29 @@ def select_rows(root: Path, n_concepts: int) -> list[dict]:
     return [by_concept[c][lang] for c in chosen for lang in LANGS]
 
 
+def subset_parser(description: str) -> argparse.ArgumentParser:
+    """Arguments shared by the studies on this subset (data, subset size, seeds, threads, cache, json)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--data", default="data/emoji")
+    ap.add_argument("--concepts", type=int, default=200)
+    ap.add_argument("--test-concepts", type=int, default=60)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache", default="/tmp/sonar_window")
+    ap.add_argument("--json", default=None, help="write results here")
+    return ap
+
+
+def subset_setup(ap: argparse.ArgumentParser) -> tuple[argparse.Namespace, Path, Path, list[dict], np.ndarray]:
+    """Parse ``ap``, set torch threads, create the cache folder; ``(args, root, cache, rows, is_test)``."""
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    root, cache = Path(args.data), Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    rows, te = subset_split(root, args.concepts, args.test_concepts)
+    return args, root, cache, rows, te
+
+
 def subset_split(root: Path, n_concepts: int, n_test: int) -> tuple[list[dict], np.ndarray]:
     """:func:`select_rows` and a seeded concept split: ``(rows, is_test [N] bool)``."""
     rows = select_rows(root, n_concepts)
@@ -155,21 +178,10 @@ def per_lang_r1(pred: np.ndarray, y: np.ndarray, rows: list[dict]) -> dict[str, 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default="data/emoji")
-    ap.add_argument("--concepts", type=int, default=200)
-    ap.add_argument("--test-concepts", type=int, default=60)
+    ap = subset_parser(__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8, help="clips per Whisper batch")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--cache", default="/tmp/sonar_window")
-    ap.add_argument("--json", default=None, help="write results here")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    root, cache = Path(args.data), Path(args.cache)
-    cache.mkdir(parents=True, exist_ok=True)
-    rows, te = subset_split(root, args.concepts, args.test_concepts)
+    args, root, cache, rows, te = subset_setup(ap)
     concepts = list(dict.fromkeys(r["concept"] for r in rows))
     test_c = {r["concept"] for r, t in zip(rows, te) if t}
 
