@@ -130,7 +130,10 @@ class AlignmentModule(FrozenBackboneModule):
         """
         if not any(getattr(o.loss, "false_negatives", "keep") == "mask" for o in self.objectives):
             return None
-        return group_ids(batch["meta"]["concept"], device=self.device)
+        meta = batch["meta"]
+        # A row without a concept is its own group; its id keeps it distinct across DDP ranks too.
+        labels = [c if c is not None else f"\0row:{rid}" for c, rid in zip(meta["concept"], meta["id"])]
+        return group_ids(labels, device=self.device)
 
     # -- large batches (GradCache) -------------------------------------------------------------
     def chunked_features(self, name: str, batch: dict[str, Any], ranges: list[tuple[int, int]]) -> list[EncoderOutput] | None:

@@ -98,6 +98,9 @@ def test_masked_false_negatives_use_the_batch_concepts():
     batch = {"meta": {"id": list("abcd"), "concept": ["cat", "cat", "dog", None], "lang": ["en", "de", "en", "en"]}}
     groups = masked.batch_groups(batch)
     assert groups[0] == groups[1] and len(set(groups.tolist())) == 3
+    # a concept-less row is its own group, distinct from another rank's concept-less row at the same position
+    other_rank = {"meta": {"id": list("wxyz"), "concept": ["cow", "cat", "pig", None], "lang": ["en"] * 4}}
+    assert masked.batch_groups(other_rank)[3] != groups[3]
     got = masked.compute_losses(embeds, groups)["clip_loss"]
     expected = ClipLoss(false_negatives="mask")(embeds["image"], embeds["text"], groups)["clip_loss"]
     assert torch.allclose(got, expected)
