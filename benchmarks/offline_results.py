@@ -315,12 +315,11 @@ def build_recipe(config: dict[str, Any]) -> tuple[Any, Any]:
     return cli.model, cli.datamodule
 
 
-def product_cache(config: dict[str, Any], cache_dir: Path) -> float:
-    """Fill the product's feature cache for ``config`` (``mmalign cache``; finished shards are kept). Seconds spent."""
+def product_cache(model: Any, data: Any, cache_dir: Path) -> float:
+    """Fill the product's feature cache for a built recipe (``mmalign cache``; finished shards are kept). Seconds spent."""
     from mmalign.cache.command import cache
 
     start = time.time()
-    model, data = build_recipe(config)
     cache(model, data, output=str(cache_dir), shard_size=256, progress=True)
     return time.time() - start
 
@@ -429,13 +428,13 @@ def run_sonar(
     d = base["data"]["init_args"]
     for split in ("train", "val", "test"):
         d[split] = str(data.resolve() / f"{split}.jsonl")  # absolute: the cache fingerprints resolved item paths
-    m, dm = build_recipe(base)
+    m, dm = build_recipe(base)  # the cache writer reads the raw manifests
     cache_dir = cache_root / f"sonar_speech-{m.towers['speech'].encoder.cache_key}"
+    encode_s = product_cache(m, dm, cache_dir)
     d["cache_dir"] = str(cache_dir)
     train_langs, langs = d["train_languages"], d["eval_languages"]
-    encode_s = product_cache(base, cache_dir)
 
-    # Baselines on the frozen pooled features: a pooled-only module reads the same cache entries.
+    # Baselines on the frozen pooled features; the module stays untrained (the "untrained projector" row).
     m, dm = build_recipe(base)
     train_rows, f_train = cached_pooled(m, dm, "train")
     val_rows, f_val = cached_pooled(m, dm, "val")
@@ -456,8 +455,7 @@ def run_sonar(
     label = f"least squares (ridge, lambda={lam:g})"
     results[label] = sonar_scores(test_rows, ridge(f_test["speech"]), f_test["text"], langs)
     small[label] = subset_r1(test_rows, ridge(f_test["speech"]), f_test["text"], langs, subsets)
-    m0, dm0 = build_recipe(base)
-    rows0, e0 = cached_outputs(m0, dm0, "test")
+    rows0, e0 = cached_outputs(m, dm, "test")
     results["untrained projector"] = sonar_scores(rows0, e0["speech"], e0["text"], langs)
     small["untrained projector"] = subset_r1(rows0, e0["speech"], e0["text"], langs, subsets)
     val_table: dict[str, float] = {"least squares": val_score(ridge)}
