@@ -412,3 +412,37 @@ def test_tampered_cache_refused(rows, module, tmp_path):
     np.save(entry / "shard-00002.pooled.npy", np.zeros((3, 4), dtype=np.float16))  # wrong shape: always refused
     with pytest.raises(CacheError, match=r"shard-00002.pooled.npy: shape \(3, 4\)"):
         CachedSplit(path, rows, towers, verify=False)
+
+
+def test_appending_a_manifest_encodes_only_the_new_shards(rows, module, synthetic_data, tmp_path):
+    """``train: [a, b]`` after ``train: a``: the shards of a are kept (this is how extra vocabulary is added)."""
+    from mmalign.cache.command import cache
+    from mmalign.data import AlignmentDataModule
+
+    full = [json.loads(line) for line in (synthetic_data / "val.jsonl").read_text(encoding="utf-8").splitlines()]
+    for r in full:
+        r["image"] = str((synthetic_data / r["image"]).resolve())
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in full[:20]), encoding="utf-8")
+    b.write_text("".join(json.dumps(r) + "\n" for r in full[20:]), encoding="utf-8")
+
+    def run(train):
+        written: list[tuple[str, int]] = []
+        dm = AlignmentDataModule(train=train, val=str(a), batch_size=8, cache_dir=str(tmp_path / "c"))
+        from mmalign.cache import command
+
+        original = command.write_split
+        command.write_split = lambda *args, **kw: original(*args, **{**kw, "on_shard": lambda n, k: written.append((n, k))})
+        try:
+            cache(module, dm, shard_size=10, progress=False)
+        finally:
+            command.write_split = original
+        return dm, written
+
+    _, first = run(str(a))
+    assert sorted({k for _, k in first}) == [0, 1]
+    dm, second = run([str(a), str(b)])
+    assert second and all(k >= 2 for _, k in second), second  # shards 0-1 (rows of a) were not re-encoded
+    dm.connect(module)
+    dm.setup("fit")
+    assert [r["id"] for r in dm.datasets["train"].rows] == [r["id"] for r in full]

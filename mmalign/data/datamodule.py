@@ -25,9 +25,10 @@ class AlignmentDataModule(L.LightningDataModule):
     recipe's YAML never repeats them.
 
     Args:
-        train: Training manifest (``.jsonl``/``.csv``).
-        val: Validation manifest.
-        test: Test manifest (defaults to ``val``).
+        train: Training manifest (``.jsonl``/``.csv``), or a list of them concatenated in order (e.g.
+            the emoji names plus extra spoken vocabulary from ``mmalign data words``).
+        val: Validation manifest (or a list).
+        test: Test manifest or list (defaults to ``val``).
         batch_size: Samples per batch.
         num_workers: DataLoader worker processes (encoder preprocessing runs there).
         train_languages: Train only on rows in these languages (``["en"]``: English-pivot recipes).
@@ -43,9 +44,9 @@ class AlignmentDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        train: str | None = None,
-        val: str | None = None,
-        test: str | None = None,
+        train: str | list[str] | None = None,
+        val: str | list[str] | None = None,
+        test: str | list[str] | None = None,
         batch_size: int = 32,
         num_workers: int = 0,
         train_languages: list[str] | None = None,
@@ -67,7 +68,7 @@ class AlignmentDataModule(L.LightningDataModule):
         self._towers = tower_fields(module)
         self._module_towers = dict(module.towers.items())
 
-    def split_manifests(self) -> dict[str, tuple[str, list[str] | None]]:
+    def split_manifests(self) -> dict[str, tuple[str | list[str], list[str] | None]]:
         """``{split: (manifest path, languages)}`` of the configured splits (test defaults to val)."""
         hp = self.hparams
         splits = {"train": (hp.train, hp.train_languages), "val": (hp.val, hp.eval_languages),

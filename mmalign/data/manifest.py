@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from torch.utils.data import Dataset
 
@@ -113,10 +113,12 @@ def check_row(row: dict[str, Any], fields: Iterable[str], path: Path, check_file
 
 
 class ManifestDataset(Dataset):
-    """Rows of a manifest, optionally filtered by language and by the fields a recipe needs.
+    """Rows of one or more manifests, optionally filtered by language and by the fields a recipe needs.
 
     Args:
-        path: The ``.jsonl``/``.csv`` file.
+        path: The ``.jsonl``/``.csv`` file, or a list of them read in order and concatenated (mixing
+            datasets, e.g. ``[data/emoji/train.jsonl, data/words/train.jsonl]``). Ids must be unique
+            across the files: a repeat is a ``duplicate id`` naming both files.
         languages: Keep only rows whose ``lang`` is listed (e.g. ``["en"]`` for English-only pivot training).
         required_fields: Fields every row must have (the towers' input fields): present, non-blank text,
             existing media file.
@@ -127,27 +129,41 @@ class ManifestDataset(Dataset):
 
     def __init__(
         self,
-        path: str | Path,
+        path: str | Path | Sequence[str | Path],
         languages: Iterable[str] | None = None,
         required_fields: Iterable[str] = (),
         on_error: str = "error",
         check_files: bool = True,
     ) -> None:
         check_choice("on_error", on_error, ON_ERROR)
-        self.path = Path(path)
+        self.paths = [Path(p) for p in ([path] if isinstance(path, (str, Path)) else path)]
+        if not self.paths:
+            raise ManifestError("no manifest given (an empty list)")
+        self.path = self.paths[0] if len(self.paths) == 1 else Path("+".join(str(p) for p in self.paths))
         self.report = BadInputReport()
-        rows = read_manifest(self.path, on_error, self.report)
+        rows, source = [], []  # source[i]: the file row i came from (named in errors)
+        first_file: dict[str, Path] = {}
+        for file in self.paths:
+            for row in read_manifest(file, on_error, self.report):
+                if row["id"] in first_file:
+                    self.report.handle(ManifestRowError(file, None, row["id"], "id", "duplicate id",
+                                                        f"already in {first_file[row['id']]}"), on_error)
+                    continue
+                first_file[row["id"]] = file
+                rows.append(row)
+                source.append(file)
         if languages is not None:
             langs = set(languages)
             known = {r["lang"] for r in rows}
             if unknown := sorted(langs - known):
                 raise ManifestError(f"{self.path}: no rows in language(s) {unknown}; the manifest has {sorted(known)}")
-            rows = [r for r in rows if r["lang"] in langs]
+            keep = [i for i, r in enumerate(rows) if r["lang"] in langs]
+            rows, source = [rows[i] for i in keep], [source[i] for i in keep]
         fields = list(required_fields)
         kept = []
-        for row in rows:
+        for row, file in zip(rows, source):
             try:
-                check_row(row, fields, self.path, check_files)
+                check_row(row, fields, file, check_files)
             except ManifestRowError as e:
                 self.report.handle(e, on_error)
                 continue
