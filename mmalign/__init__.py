@@ -20,6 +20,7 @@ _LAZY = {
     "MSELoss": "mmalign.losses",
     "SigLipLoss": "mmalign.losses",
     "AlignedModel": "mmalign.inference",
+    "AlignedEnsemble": "mmalign.inference",
     "load": "mmalign.inference",
     "PrefixCaptioningModule": "mmalign.prefix",
 }

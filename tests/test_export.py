@@ -304,3 +304,51 @@ def test_student_on_the_generic_text_field_is_the_default_text_tower(tmp_path):
     anchor = model.embed_text(["a red apple"], tower="teacher")
     student = model.embed_text(["ein roter Apfel", "un coche"], lang="de")
     assert model.similarity(anchor, student).shape == (1, 2)
+
+
+def _second_seed(lit_module, tmp_path: Path, seed: int) -> Path:
+    import copy
+
+    other = copy.deepcopy(lit_module)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in other.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return export_module(other, tmp_path / f"seed{seed}", languages=["en", "de", "es"])
+
+
+def test_ensemble_averages_normalised_member_embeddings(lit_module, exported, aligned, synthetic_data, tmp_path):
+    from mmalign.inference import AlignedEnsemble, ensemble_embeddings
+
+    paths = [exported, _second_seed(lit_module, tmp_path, 7), _second_seed(lit_module, tmp_path, 8)]
+    ens = AlignedEnsemble.from_pretrained(paths, device="cpu")
+    assert len(ens) == 3
+    assert all(m.towers["image"].encoder is ens.members[0].towers["image"].encoder for m in ens.members)  # loaded once
+    rows = _rows(synthetic_data)[:5]
+    members = [AlignedModel.from_pretrained(p, device="cpu") for p in paths]
+    for embed, items in (("embed_image", [r["image"] for r in rows]), ("embed_text", [r["text"] for r in rows])):
+        got = getattr(ens, embed)(items)
+        parts = [getattr(m, embed)(items) for m in members]
+        want = torch.nn.functional.normalize(sum(torch.nn.functional.normalize(p, dim=-1) for p in parts), dim=-1)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(parts[0], parts[1])  # the members really differ
+    one = AlignedEnsemble([AlignedModel.from_pretrained(exported, device="cpu")])
+    texts = [r["text"] for r in rows]
+    torch.testing.assert_close(one.embed_text(texts), torch.nn.functional.normalize(aligned.embed_text(texts), dim=-1))
+    with pytest.raises(ValueError, match="different shapes"):
+        ensemble_embeddings([torch.zeros(2, 4), torch.zeros(3, 4)])
+
+
+def test_ensemble_refuses_members_with_other_encoders(exported, tmp_path):
+    from mmalign.inference import AlignedEnsemble
+
+    cfg = json.loads((exported / CONFIG_NAME).read_text())
+    target = tmp_path / "other"
+    shutil.copytree(exported, target)
+    cfg["towers"]["text"]["encoder"]["init_args"]["max_length"] = 17
+    cfg["towers"]["text"]["encoder"]["cache_key"] = None
+    (target / CONFIG_NAME).write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match="max_length"):
+        other = AlignedModel.from_pretrained(target, device="cpu", strict=False)
+    with pytest.raises(ExportError, match="tower 'text'.*members must share encoders"):
+        AlignedEnsemble([AlignedModel.from_pretrained(exported, device="cpu"), other])
