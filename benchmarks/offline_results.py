@@ -338,6 +338,10 @@ def run_sonar(
     settings (window, dtype, layer) never meets a stale cache. Besides the full held-out gallery, R@1 is also
     reported on ``subset``-concept galleries (``draws`` seeded draws of the test concepts, the same draws for
     every method): the gallery size of issue 9's reference figures.
+
+    Rows: baselines, the recipe's ablations (:func:`sonar_variants`), the recipe as an ``ensemble``-seed
+    :class:`~mmalign.inference.AlignedEnsemble`, and the final models: that ensemble trained on the train + val
+    concepts (``train: [train.jsonl, val.jsonl]``, in a cache seeded with hard links to this one).
     """
     base, cache_dir, encode_s = cached_recipe(config_name, data, cache_root, "speech")
     d = base["data"]["init_args"]
