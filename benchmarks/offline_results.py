@@ -35,7 +35,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable as a script from anywhere
@@ -129,6 +129,32 @@ def cached_recipe(name: str, data: Path, cache_root: Path, key_tower: str) -> tu
     return config, cache_dir, encode_s
 
 
+class Prepared(NamedTuple):
+    """A recipe with its feature cache filled: config (reading the cache), cache folder and encoding seconds,
+    train/eval languages, the untrained module (the "untrained projector" row), its datamodule, and every
+    split's rows and ``{tower: pooled frozen features}`` (the least-squares baseline's input)."""
+
+    config: dict[str, Any]
+    cache_dir: Path
+    encode_s: float
+    train_langs: list[str]
+    langs: list[str]
+    untrained: Any
+    datamodule: Any
+    rows: dict[str, list[dict]]
+    feats: dict[str, dict[str, Tensor]]
+
+
+def prepare(name: str, data: Path, cache_root: Path, key_tower: str) -> Prepared:
+    """:func:`cached_recipe`, then the untrained module and the frozen features of train/val/test."""
+    config, cache_dir, encode_s = cached_recipe(name, data, cache_root, key_tower)
+    d = config["data"]["init_args"]
+    m0, dm = build_recipe(config)
+    splits = {split: cached_pooled(m0, dm, split) for split in ("train", "val", "test")}
+    return Prepared(config, cache_dir, encode_s, d["train_languages"], d["eval_languages"], m0, dm,
+                    {k: v[0] for k, v in splits.items()}, {k: v[1] for k, v in splits.items()})
+
+
 def fit_variant(cfg: dict[str, Any], epochs: int | None, seed: int = 0) -> tuple[Any, Any]:
     """``mmalign fit --seed_everything <seed>`` of a cached recipe variant: the trained ``(model, datamodule)``."""
     model, dm = build_recipe(cfg, seed=seed)
@@ -164,30 +190,25 @@ def pivot_variants(base: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def run_pivot(data: Path, cache_root: Path, config_name: str = "uclip_pivot", epochs: int | None = None) -> dict[str, Any]:
     """uCLIP pivot on the product's feature cache: the student's text in L -> the teacher's English names."""
-    base, cache_dir, encode_s = cached_recipe(config_name, data, cache_root, "student")
-    d = base["data"]["init_args"]
-    train_langs, langs = d["train_languages"], d["eval_languages"]
-    m0, dm = build_recipe(base)  # stays untrained: the "untrained projector" row
-    train_rows, f_train = cached_pooled(m0, dm, "train")
-    val_rows, f_val = cached_pooled(m0, dm, "val")
-    test_rows, f_test = cached_pooled(m0, dm, "test")
-    n_test = len({r["concept"] for r in test_rows})
-    results: dict[str, dict[str, float]] = {"chance": {lang: 1.0 / n_test for lang in langs}}
+    p = prepare(config_name, data, cache_root, "student")
+    base = p.config
+    n_test = len({r["concept"] for r in p.rows["test"]})
+    results: dict[str, dict[str, float]] = {"chance": {lang: 1.0 / n_test for lang in p.langs}}
 
     def val_score(fn: Callable[[Tensor], Tensor]) -> float:  # English val names (the training language)
-        return pivot_scores(val_rows, fn(f_val["student"]), f_val["teacher"], ["en"])["en"]
+        return pivot_scores(p.rows["val"], fn(p.feats["val"]["student"]), p.feats["val"]["teacher"], ["en"])["en"]
 
-    ridge, lam = pick_ridge(f_train["student"], f_train["teacher"], val_score)
-    results[f"least squares (ridge, lambda={lam:g})"] = pivot_scores(test_rows, ridge(f_test["student"]), f_test["teacher"], langs)
-    rows0, e0 = cached_outputs(m0, dm, "test")
-    results["untrained projector"] = pivot_scores(rows0, e0["student"], e0["teacher"], langs)
+    ridge, lam = pick_ridge(p.feats["train"]["student"], p.feats["train"]["teacher"], val_score)
+    results[f"least squares (ridge, lambda={lam:g})"] = pivot_scores(p.rows["test"], ridge(p.feats["test"]["student"]), p.feats["test"]["teacher"], p.langs)
+    rows0, e0 = cached_outputs(p.untrained, p.datamodule, "test")
+    results["untrained projector"] = pivot_scores(rows0, e0["student"], e0["teacher"], p.langs)
     for label, cfg in pivot_variants(base).items():
         model, dm = fit_variant(cfg, epochs)
         rows, e = cached_outputs(model, dm, "test")
-        results[label] = pivot_scores(rows, e["student"], e["teacher"], langs)
+        results[label] = pivot_scores(rows, e["student"], e["teacher"], p.langs)
         print(f"  pivot {label}: " + " ".join(f"{k}={v:.2f}" for k, v in results[label].items()), flush=True)
-    return {"metric": "R@1 text(L) -> English teacher name", "gallery_size": n_test, "train_rows": len(train_rows),
-            "train_languages": train_langs, "results": results, "cache_seconds": round(encode_s, 1), "cache_dir": str(cache_dir)}
+    return {"metric": "R@1 text(L) -> English teacher name", "gallery_size": n_test, "train_rows": len(p.rows["train"]),
+            "train_languages": p.train_langs, "results": results, "cache_seconds": round(p.encode_s, 1), "cache_dir": str(p.cache_dir)}
 
 
 # -- recipe: SONAR speech teacher-student ---------------------------------------------------------
@@ -343,43 +364,38 @@ def run_sonar(
     :class:`~mmalign.inference.AlignedEnsemble`, and the final models: that ensemble trained on the train + val
     concepts (``train: [train.jsonl, val.jsonl]``, in a cache seeded with hard links to this one).
     """
-    base, cache_dir, encode_s = cached_recipe(config_name, data, cache_root, "speech")
-    d = base["data"]["init_args"]
-    train_langs, langs = d["train_languages"], d["eval_languages"]
+    p = prepare(config_name, data, cache_root, "speech")
+    base, encode_s = p.config, p.encode_s
 
     # Baselines on the frozen pooled features; the module stays untrained (the "untrained projector" row).
-    m, dm = build_recipe(base)
-    train_rows, f_train = cached_pooled(m, dm, "train")
-    val_rows, f_val = cached_pooled(m, dm, "val")
-    test_rows, f_test = cached_pooled(m, dm, "test")
-    test_concepts = sorted({r["concept"] for r in test_rows})
+    test_concepts = sorted({r["concept"] for r in p.rows["test"]})
     n_test = len(test_concepts)
     rng = random.Random(0)
     subsets = [set(rng.sample(test_concepts, subset)) for _ in range(draws)]
     results: dict[str, dict[str, dict[str, float]]] = {}
-    results["chance"] = {lang: {"R@1": 1.0 / n_test, "xsim": 1.0 - 1.0 / n_test} for lang in langs}
-    small: dict[str, dict[str, float]] = {"chance": {lang: 1.0 / subset for lang in langs}}
+    results["chance"] = {lang: {"R@1": 1.0 / n_test, "xsim": 1.0 - 1.0 / n_test} for lang in p.langs}
+    small: dict[str, dict[str, float]] = {"chance": {lang: 1.0 / subset for lang in p.langs}}
 
     def val_score(fn: Callable[[Tensor], Tensor]) -> float:
-        scores = sonar_scores(val_rows, fn(f_val["speech"]), f_val["text"], train_langs)
+        scores = sonar_scores(p.rows["val"], fn(p.feats["val"]["speech"]), p.feats["val"]["text"], p.train_langs)
         return sum(s["R@1"] for s in scores.values()) / len(scores)
 
-    ridge, lam = pick_ridge(f_train["speech"], f_train["text"], val_score)
+    ridge, lam = pick_ridge(p.feats["train"]["speech"], p.feats["train"]["text"], val_score)
     label = f"least squares (ridge, lambda={lam:g})"
-    results[label] = sonar_scores(test_rows, ridge(f_test["speech"]), f_test["text"], langs)
-    small[label] = subset_r1(test_rows, ridge(f_test["speech"]), f_test["text"], langs, subsets)
-    rows0, e0 = cached_outputs(m, dm, "test")
-    results["untrained projector"] = sonar_scores(rows0, e0["speech"], e0["text"], langs)
-    small["untrained projector"] = subset_r1(rows0, e0["speech"], e0["text"], langs, subsets)
+    results[label] = sonar_scores(p.rows["test"], ridge(p.feats["test"]["speech"]), p.feats["test"]["text"], p.langs)
+    small[label] = subset_r1(p.rows["test"], ridge(p.feats["test"]["speech"]), p.feats["test"]["text"], p.langs, subsets)
+    rows0, e0 = cached_outputs(p.untrained, p.datamodule, "test")
+    results["untrained projector"] = sonar_scores(rows0, e0["speech"], e0["text"], p.langs)
+    small["untrained projector"] = subset_r1(rows0, e0["speech"], e0["text"], p.langs, subsets)
     val_table: dict[str, float] = {"least squares": val_score(ridge)}
     for label, cfg in sonar_variants(base).items():
         t0 = time.time()
         model, dm = fit_variant(cfg, epochs)
         vr, ve = cached_outputs(model, dm, "val")
-        val_table[label] = sum(s["R@1"] for s in sonar_scores(vr, ve["speech"], ve["text"], train_langs).values()) / len(train_langs)
+        val_table[label] = sum(s["R@1"] for s in sonar_scores(vr, ve["speech"], ve["text"], p.train_langs).values()) / len(p.train_langs)
         tr_, te = cached_outputs(model, dm, "test")
-        results[label] = sonar_scores(tr_, te["speech"], te["text"], langs)
-        small[label] = subset_r1(tr_, te["speech"], te["text"], langs, subsets)
+        results[label] = sonar_scores(tr_, te["speech"], te["text"], p.langs)
+        small[label] = subset_r1(tr_, te["speech"], te["text"], p.langs, subsets)
         print(f"  sonar {label} ({time.time() - t0:.0f}s, val {val_table[label]:.3f}): "
               + " ".join(f"{k}={v['R@1']:.2f}" for k, v in results[label].items())
               + f" | {subset}-way: " + " ".join(f"{k}={v:.2f}" for k, v in small[label].items()), flush=True)
@@ -395,12 +411,12 @@ def run_sonar(
             speech_members.append(e["speech"])
             text_members.append(e["text"])  # the frozen teacher (Identity tower): the same every seed
         speech_ens, text_ens = ensemble_embeddings(speech_members), ensemble_embeddings(text_members)
-        results[label] = sonar_scores(test_rows, speech_ens, text_ens, langs)
-        small[label] = subset_r1(test_rows, speech_ens, text_ens, langs, subsets)
+        results[label] = sonar_scores(p.rows["test"], speech_ens, text_ens, p.langs)
+        small[label] = subset_r1(p.rows["test"], speech_ens, text_ens, p.langs, subsets)
         print(f"  sonar {label} ({time.time() - t0:.0f}s): " + " ".join(f"{k}={v['R@1']:.2f}" for k, v in results[label].items())
               + f" | {subset}-way: " + " ".join(f"{k}={v:.2f}" for k, v in small[label].items()), flush=True)
 
-    assert [r["id"] for r in tr_] == [r["id"] for r in test_rows]
+    assert [r["id"] for r in tr_] == [r["id"] for r in p.rows["test"]]
     seeds(base, f"recipe, {ensemble}-seed ensemble (AlignedEnsemble)", first=te)  # seed 0: the recipe row (last variant)
     # The final models: the recipe's settings trained on the train + val concepts (val is not used for anything
     # else in this benchmark: fixed epochs, no checkpoint selection); the test concepts stay unheard. Its cache starts
@@ -408,19 +424,19 @@ def run_sonar(
     final = copy.deepcopy(base)
     fd = final["data"]["init_args"]
     fd["train"] = [str(data.resolve() / "train.jsonl"), str(data.resolve() / "val.jsonl")]
-    final_cache = cache_dir.with_name(cache_dir.name + "-trainval")
+    final_cache = p.cache_dir.with_name(p.cache_dir.name + "-trainval")
     if not final_cache.exists():
-        shutil.copytree(cache_dir, final_cache, copy_function=os.link)
+        shutil.copytree(p.cache_dir, final_cache, copy_function=os.link)
     fd.pop("cache_dir")
     m, dm = build_recipe(final)
     encode_s += product_cache(m, dm, final_cache)
     fd["cache_dir"] = str(final_cache)
     seeds(final, f"recipe trained on train + val concepts, {ensemble}-seed ensemble")
-    reference = {lang: SONAR_REFERENCE_60WAY.get(lang) for lang in langs} if subset == 60 else None
+    reference = {lang: SONAR_REFERENCE_60WAY.get(lang) for lang in p.langs} if subset == 60 else None
     return {"metric": "speech(L) -> text(L) R@1; xsim error (margin ratio, k=4)", "gallery_size": n_test,
-            "train_rows": len(train_rows), "train_languages": train_langs, "results": results,
+            "train_rows": len(p.rows["train"]), "train_languages": p.train_langs, "results": results,
             "subset": {"size": subset, "draws": draws, "results": small, "quoted_reference": reference},
-            "val_mean_R@1_train_languages": val_table, "cache_seconds": round(encode_s, 1), "cache_dir": str(cache_dir)}
+            "val_mean_R@1_train_languages": val_table, "cache_seconds": round(encode_s, 1), "cache_dir": str(p.cache_dir)}
 
 
 # -- recipe: LiT contrastive image <-> text -------------------------------------------------------
@@ -436,33 +452,28 @@ def lit_scores(rows: Sequence[dict], image: Tensor, text: Tensor, langs: Sequenc
 
 def run_lit(data: Path, cache_root: Path, config_name: str = "lit_contrastive", epochs: int | None = None) -> dict[str, Any]:
     """LiT on the product's feature cache: image <-> text(L) R@1 per language on held-out concepts."""
-    base, cache_dir, encode_s = cached_recipe(config_name, data, cache_root, "image")
-    d = base["data"]["init_args"]
-    train_langs, langs = d["train_languages"], d["eval_languages"]
-    m0, dm = build_recipe(base)
-    train_rows, f_train = cached_pooled(m0, dm, "train")
-    val_rows, f_val = cached_pooled(m0, dm, "val")
-    test_rows, f_test = cached_pooled(m0, dm, "test")
-    n_test = len({r["concept"] for r in test_rows})
+    p = prepare(config_name, data, cache_root, "image")
+    base = p.config
+    n_test = len({r["concept"] for r in p.rows["test"]})
     results: dict[str, dict[str, dict[str, float]]] = {}
-    results["chance"] = {lang: {"image->text R@1": 1.0 / n_test, "text->image R@1": 1.0 / n_test} for lang in langs}
+    results["chance"] = {lang: {"image->text R@1": 1.0 / n_test, "text->image R@1": 1.0 / n_test} for lang in p.langs}
 
     def val_score(fn: Callable[[Tensor], Tensor]) -> float:
-        scores = lit_scores(val_rows, fn(f_val["image"]), f_val["text"], langs)
+        scores = lit_scores(p.rows["val"], fn(p.feats["val"]["image"]), p.feats["val"]["text"], p.langs)
         return sum(s["image->text R@1"] for s in scores.values()) / len(scores)
 
-    ridge, lam = pick_ridge(f_train["image"], f_train["text"], val_score)
-    results[f"least squares image->text (ridge, lambda={lam:g})"] = lit_scores(test_rows, ridge(f_test["image"]), f_test["text"], langs)
-    rows0, e0 = cached_outputs(m0, dm, "test")
-    results["untrained projectors"] = lit_scores(rows0, e0["image"], e0["text"], langs)
+    ridge, lam = pick_ridge(p.feats["train"]["image"], p.feats["train"]["text"], val_score)
+    results[f"least squares image->text (ridge, lambda={lam:g})"] = lit_scores(p.rows["test"], ridge(p.feats["test"]["image"]), p.feats["test"]["text"], p.langs)
+    rows0, e0 = cached_outputs(p.untrained, p.datamodule, "test")
+    results["untrained projectors"] = lit_scores(rows0, e0["image"], e0["text"], p.langs)
     for label, cfg in {"recipe without false-negative masking": without_masking(base),
                        "recipe (configs/offline/lit_contrastive.yaml)": base}.items():
         model, dm = fit_variant(cfg, epochs)
         rows, e = cached_outputs(model, dm, "test")
-        results[label] = lit_scores(rows, e["image"], e["text"], langs)
+        results[label] = lit_scores(rows, e["image"], e["text"], p.langs)
         print(f"  lit {label}: " + " ".join(f"{k}={v['image->text R@1']:.2f}" for k, v in results[label].items()), flush=True)
-    return {"metric": "image <-> text(L) R@1", "gallery_size": n_test, "train_rows": len(train_rows),
-            "train_languages": train_langs, "results": results, "cache_seconds": round(encode_s, 1), "cache_dir": str(cache_dir)}
+    return {"metric": "image <-> text(L) R@1", "gallery_size": n_test, "train_rows": len(p.rows["train"]),
+            "train_languages": p.train_langs, "results": results, "cache_seconds": round(p.encode_s, 1), "cache_dir": str(p.cache_dir)}
 
 
 # -- report -------------------------------------------------------------------------------------

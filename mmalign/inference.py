@@ -71,7 +71,26 @@ def _items_list(items: Any, modality: str) -> list[Any]:
     return list(items)
 
 
-class AlignedModel(nn.Module):
+class _ModalityShortcuts:
+    """``embed_text`` / ``embed_image`` / ``embed_speech``: :meth:`embed` with the tower picked by modality."""
+
+    def embed(self, items: Sequence[Any], tower: str | None = None, **kwargs: Any) -> Tensor:
+        raise NotImplementedError
+
+    def embed_text(self, texts: Sequence[str], lang: str | Sequence[str] | None = None, tower: str | None = None, **kwargs: Any) -> Tensor:
+        """Embed strings with the text tower: ``[N, D]`` (see :meth:`embed` for the keyword arguments)."""
+        return self.embed(texts, tower, modality="text", lang=lang, **kwargs)
+
+    def embed_image(self, images: Sequence[Any], tower: str | None = None, **kwargs: Any) -> Tensor:
+        """Embed images (paths, PIL images or uint8 arrays) with the image tower: ``[N, D]``."""
+        return self.embed(images, tower, modality="image", **kwargs)
+
+    def embed_speech(self, waveforms: Sequence[Any], sampling_rate: int | None = None, tower: str | None = None, **kwargs: Any) -> Tensor:
+        """Embed speech (audio paths or 1-D waveforms at ``sampling_rate``) with the speech tower: ``[N, D]``."""
+        return self.embed(waveforms, tower, modality="speech", sampling_rate=sampling_rate, **kwargs)
+
+
+class AlignedModel(_ModalityShortcuts, nn.Module):
     """Frozen encoders + trained projectors loaded from an export directory (see :mod:`mmalign.export`).
 
     Build it with :meth:`from_pretrained`. Every ``embed_*`` method returns CPU ``float32`` tensors
@@ -283,18 +302,6 @@ class AlignedModel(nn.Module):
                 out.append(project(t.encoder(inputs), name))
         return torch.cat(out)  # [N, D]
 
-    def embed_text(self, texts: Sequence[str], lang: str | Sequence[str] | None = None, tower: str | None = None, **kwargs: Any) -> Tensor:
-        """Embed strings with the text tower: ``[N, D]`` (see :meth:`embed` for the keyword arguments)."""
-        return self.embed(texts, tower, modality="text", lang=lang, **kwargs)
-
-    def embed_image(self, images: Sequence[Any], tower: str | None = None, **kwargs: Any) -> Tensor:
-        """Embed images (paths, PIL images or uint8 arrays) with the image tower: ``[N, D]``."""
-        return self.embed(images, tower, modality="image", **kwargs)
-
-    def embed_speech(self, waveforms: Sequence[Any], sampling_rate: int | None = None, tower: str | None = None, **kwargs: Any) -> Tensor:
-        """Embed speech (audio paths or 1-D waveforms at ``sampling_rate``) with the speech tower: ``[N, D]``."""
-        return self.embed(waveforms, tower, modality="speech", sampling_rate=sampling_rate, **kwargs)
-
     @staticmethod
     def similarity(a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> Tensor:
         """Cosine similarity matrix ``[N_a, N_b]`` between two sets of embeddings (1-D inputs count as one row)."""
@@ -350,7 +357,7 @@ def ensemble_embeddings(members: Sequence[Tensor]) -> Tensor:
     return F.normalize(torch.stack([F.normalize(m.float(), dim=-1) for m in members]).mean(0), dim=-1)
 
 
-class AlignedEnsemble:
+class AlignedEnsemble(_ModalityShortcuts):
     """Several exports of one recipe trained with different seeds, used as one model.
 
     Each tower's embedding is :func:`ensemble_embeddings` of the members' embeddings. The frozen encoders
@@ -404,15 +411,6 @@ class AlignedEnsemble:
         first = self.members[0]
         name = first.select_tower(modality=modality, field=field, tower=tower)
         return first._embed_items(items, name, self.embed_features, lang, batch_size, progress, sampling_rate)
-
-    def embed_text(self, texts: Sequence[str], lang: str | Sequence[str] | None = None, tower: str | None = None, **kwargs: Any) -> Tensor:
-        return self.embed(texts, tower, modality="text", lang=lang, **kwargs)
-
-    def embed_image(self, images: Sequence[Any], tower: str | None = None, **kwargs: Any) -> Tensor:
-        return self.embed(images, tower, modality="image", **kwargs)
-
-    def embed_speech(self, waveforms: Sequence[Any], sampling_rate: int | None = None, tower: str | None = None, **kwargs: Any) -> Tensor:
-        return self.embed(waveforms, tower, modality="speech", sampling_rate=sampling_rate, **kwargs)
 
     similarity = staticmethod(AlignedModel.similarity)
 
