@@ -400,6 +400,10 @@ class AlignedEnsemble(_ModalityShortcuts):
     def towers(self) -> Any:
         return self.members[0].towers
 
+    def select_tower(self, modality: str | None = None, field: str | None = None, tower: str | None = None) -> str:
+        """As :meth:`AlignedModel.select_tower` (members have the same towers)."""
+        return self.members[0].select_tower(modality=modality, field=field, tower=tower)
+
     def embed_features(self, features: EncoderOutput, tower: str) -> Tensor:
         """Project precomputed encoder outputs with every member and combine them: ``[B, D]``."""
         return ensemble_embeddings([m.embed_features(features, tower) for m in self.members])
@@ -408,9 +412,8 @@ class AlignedEnsemble(_ModalityShortcuts):
               lang: str | Sequence[str] | None = None, batch_size: int = 32, progress: bool | None = None,
               sampling_rate: int | None = None) -> Tensor:
         """As :meth:`AlignedModel.embed`; the encoder runs once, every member's projector on its output."""
-        first = self.members[0]
-        name = first.select_tower(modality=modality, field=field, tower=tower)
-        return first._embed_items(items, name, self.embed_features, lang, batch_size, progress, sampling_rate)
+        name = self.select_tower(modality=modality, field=field, tower=tower)
+        return self.members[0]._embed_items(items, name, self.embed_features, lang, batch_size, progress, sampling_rate)
 
     similarity = staticmethod(AlignedModel.similarity)
 
@@ -535,7 +538,7 @@ def _read_input(path: Path, field: str) -> tuple[list[Any], list[str] | None]:
 
 
 def embed(
-    model: str,
+    model: str | list[str],
     input: str,
     output: str,
     field: str = "text",
@@ -548,7 +551,8 @@ def embed(
     """Embed a file of items with an exported model and save the ``[N, D]`` float32 matrix as ``.npy``.
 
     Args:
-        model: Export directory (``mmalign export`` output).
+        model: Export directory (``mmalign export`` output), or a list of them (seeds of one recipe,
+            e.g. ``--model '[exports/s0, exports/s1]'``): embedded as one :class:`AlignedEnsemble`.
         input: ``.txt`` (one item per line: texts, or image/audio paths relative to the file) or a
             ``.jsonl``/``.csv`` manifest (the ``field`` column is embedded; rows keep their order).
         output: ``.npy`` file to write.
@@ -560,7 +564,9 @@ def embed(
         dtype: Projector dtype (default: as exported).
         progress: Show a progress bar.
     """
-    aligned = AlignedModel.from_pretrained(model, device=device, dtype=dtype)
+    paths = [model] if isinstance(model, str) else list(model)
+    aligned: Any = AlignedModel.from_pretrained(paths[0], device=device, dtype=dtype) if len(paths) == 1 else \
+        AlignedEnsemble.from_pretrained(paths, device=device, dtype=dtype)
     items, langs = _read_input(Path(input), field)
     name = aligned.select_tower(field=None if tower else field, tower=tower)
     emb = aligned.embed(items, name, lang=langs if str(aligned.towers[name].encoder.modality) == "text" else None,
@@ -568,7 +574,8 @@ def embed(
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, emb.numpy())
-    print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings (tower {name!r}) to {out}")
+    what = f"tower {name!r}" + (f", ensemble of {len(paths)}" if len(paths) > 1 else "")
+    print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings ({what}) to {out}")
 
 
 def load(path: str | os.PathLike, **kwargs: Any) -> Any:

@@ -285,6 +285,16 @@ def test_embed_cli(cli_run, synthetic_data, tmp_path, capsys):
     assert images.shape == (len(_rows(synthetic_data)), 32) and images.dtype == np.float32
     np.testing.assert_allclose(images[:6], model.embed_image([r["image"] for r in rows]).numpy(), atol=1e-6)
     assert "tower 'image'" in capsys.readouterr().out
+    from mmalign.inference import AlignedEnsemble
+
+    paths = [str(cli_run / "fit_export")] * 2  # the ensemble arithmetic is tested above; here the CLI path
+    main(["embed", "--model", f"[{paths[0]}, {paths[1]}]", "--input", str(tmp_path / "texts.txt"), "--output",
+          str(tmp_path / "e.npy"), "--progress", "false"])
+    want = AlignedEnsemble.from_pretrained(paths, device="cpu").embed_text([r["text"] for r in rows])
+    np.testing.assert_allclose(np.load(tmp_path / "e.npy"), want.numpy(), atol=1e-6)
+    single = torch.nn.functional.normalize(model.embed_text([r["text"] for r in rows]), dim=-1)
+    np.testing.assert_allclose(np.load(tmp_path / "e.npy"), single.numpy(), atol=1e-5)
+    assert "ensemble of 2" in capsys.readouterr().out
 
 
 def test_student_on_the_generic_text_field_is_the_default_text_tower(tmp_path):
