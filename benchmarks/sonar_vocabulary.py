@@ -51,7 +51,7 @@ def score(cfg: dict[str, Any], seed: int, subsets: dict[str, list[set[str]]], ke
         keep = set(concepts[: round(keep_fraction * len(concepts))])
         dm.datasets["train"] = Subset(ds, [i for i, r in enumerate(ds.rows) if r["concept"] in keep])
     bench.fit_cached(model, dm, cfg["trainer"]["max_epochs"], seed=seed)
-    out = {}
+    out: dict[str, Any] = {"train_clips": len(dm.datasets["train"])}
     for split in ("val", "test"):
         rows, e = bench.cached_outputs(model, dm, split)
         out[split] = bench.subset_r1(rows, e["speech"], e["text"], LANGS, subsets[split])
@@ -60,6 +60,40 @@ def score(cfg: dict[str, Any], seed: int, subsets: dict[str, list[set[str]]], ke
 
 def mean_rows(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
     return {s: {lang: sum(r[s][lang] for r in runs) / len(runs) for lang in LANGS} for s in runs[0]}
+
+
+def plot(files: list[Path], path: Path) -> None:
+    """Test mean R@1 (60-way, en/de/es) against training clips: the emoji-names curve and the words points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    emoji: dict[int, float] = {}
+    for f in files:
+        saved = json.loads(Path(f).read_text())
+        clips = saved["meta"]["train_clips"]
+        for label, r in saved["results"].items():
+            mean = 100 * sum(r["test"].values()) / len(r["test"])
+            if label.startswith("emoji names +"):
+                ax.scatter([clips[label]], [mean], color="C1", zorder=3)
+                ax.annotate(f"+{saved['meta']['words_per_language']} words/lang", (clips[label], mean),
+                            textcoords="offset points", xytext=(-30, -14), fontsize=8)
+            else:
+                emoji[clips[label]] = mean
+    xs = sorted(emoji)
+    ax.plot(xs, [emoji[x] for x in xs], "o-", color="C0", label="more emoji names (25/50/100% of train)")
+    ax.scatter([], [], color="C1", label="emoji names + frequent words")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("training clips (en + de + es)")
+    ax.set_ylabel("test R@1, 60-way, mean en/de/es (%)")
+    ax.set_title("SONAR student: held-out R@1 vs training vocabulary")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -71,7 +105,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", default=str(bench.DEFAULT_CACHE))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None, help="PNG of R@1 against training clips (from --json and --plot-with)")
+    ap.add_argument("--plot-with", nargs="*", default=[], help="earlier --json files drawn on the same plot")
+    ap.add_argument("--plot-only", action="store_true", help="only redraw --plot from --plot-with")
     args = ap.parse_args()
+    if args.plot_only:
+        plot([Path(f) for f in args.plot_with], Path(args.plot))
+        return
     torch.set_num_threads(args.threads)
     data = Path(args.data).resolve()
     start = time.time()
@@ -105,10 +145,14 @@ def main() -> None:
     plan = [(f"emoji names, {int(100 * f)}% of the training concepts", base, f) for f in (0.25, 0.5)]
     plan += [("emoji names (the recipe)", base, 1.0),
              (f"emoji names + {args.words} frequent words per language", with_words, 1.0)]
-    results = {}
+    results, clips = {}, {}
     for label, cfg, fraction in plan:
         t0 = time.time()
-        results[label] = mean_rows([score(cfg, seed, subsets, fraction) for seed in range(args.seeds)])
+        runs = []
+        for seed in range(args.seeds):
+            runs.append(score(cfg, seed, subsets, fraction))
+            clips[label] = runs[-1].pop("train_clips")
+        results[label] = mean_rows(runs)
         t = results[label]["test"]
         print(f"{label} ({time.time() - t0:.0f}s): val mean {100 * sum(results[label]['val'].values()) / 3:.1f} | test "
               + " ".join(f"{k} {100 * v:.1f}" for k, v in t.items()) + f" mean {100 * sum(t.values()) / 3:.1f}", flush=True)
@@ -118,11 +162,13 @@ def main() -> None:
         print(f"| {label} | {100 * sum(r['val'].values()) / 3:.1f} | "
               + " | ".join(f"{100 * r['test'][lang]:.1f}" for lang in LANGS) + f" | {100 * sum(r['test'].values()) / 3:.1f} |")
     meta = {"command": "python benchmarks/sonar_vocabulary.py " + " ".join(sys.argv[1:]), "seeds": args.seeds,
-            "words_per_language": args.words, "words_skipped": words.skipped, "encode_seconds": round(encode_s, 1),
+            "words_per_language": args.words, "words_skipped": words.skipped, "train_clips": clips, "encode_seconds": round(encode_s, 1),
             "wall_seconds": round(time.time() - start, 1), "torch": torch.__version__}
     print(json.dumps(meta))
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        if args.plot:
+            plot([*map(Path, args.plot_with), Path(args.json)], Path(args.plot))
 
 
 if __name__ == "__main__":
