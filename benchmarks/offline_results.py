@@ -129,6 +129,25 @@ def cached_recipe(name: str, data: Path, cache_root: Path, key_tower: str) -> tu
     return config, cache_dir, encode_s
 
 
+def score_variants(
+    variants: dict[str, dict[str, Any]], epochs: int | None, score: Callable[[list[dict], dict[str, Tensor]], Any],
+    tag: str, show: Callable[[Any], float],
+) -> dict[str, Any]:
+    """Fit each cached recipe variant (seed 0) and ``score(test rows, test tower outputs)``; one line printed each."""
+    results = {}
+    for label, cfg in variants.items():
+        model, dm = fit_variant(cfg, epochs)
+        results[label] = score(*cached_outputs(model, dm, "test"))
+        print(f"  {tag} {label}: " + " ".join(f"{k}={show(v):.2f}" for k, v in results[label].items()), flush=True)
+    return results
+
+
+def summary(p: "Prepared", metric: str, n_test: int, results: dict[str, Any]) -> dict[str, Any]:
+    """The JSON record of one recipe's results."""
+    return {"metric": metric, "gallery_size": n_test, "train_rows": len(p.rows["train"]), "train_languages": p.train_langs,
+            "results": results, "cache_seconds": round(p.encode_s, 1), "cache_dir": str(p.cache_dir)}
+
+
 class Prepared(NamedTuple):
     """A recipe with its feature cache filled: config (reading the cache), cache folder and encoding seconds,
     train/eval languages, the untrained module (the "untrained projector" row), its datamodule, and every
@@ -202,13 +221,9 @@ def run_pivot(data: Path, cache_root: Path, config_name: str = "uclip_pivot", ep
     results[f"least squares (ridge, lambda={lam:g})"] = pivot_scores(p.rows["test"], ridge(p.feats["test"]["student"]), p.feats["test"]["teacher"], p.langs)
     rows0, e0 = cached_outputs(p.untrained, p.datamodule, "test")
     results["untrained projector"] = pivot_scores(rows0, e0["student"], e0["teacher"], p.langs)
-    for label, cfg in pivot_variants(base).items():
-        model, dm = fit_variant(cfg, epochs)
-        rows, e = cached_outputs(model, dm, "test")
-        results[label] = pivot_scores(rows, e["student"], e["teacher"], p.langs)
-        print(f"  pivot {label}: " + " ".join(f"{k}={v:.2f}" for k, v in results[label].items()), flush=True)
-    return {"metric": "R@1 text(L) -> English teacher name", "gallery_size": n_test, "train_rows": len(p.rows["train"]),
-            "train_languages": p.train_langs, "results": results, "cache_seconds": round(p.encode_s, 1), "cache_dir": str(p.cache_dir)}
+    results.update(score_variants(pivot_variants(base), epochs, lambda rows, e: pivot_scores(rows, e["student"], e["teacher"], p.langs),
+                                  "pivot", show=float))
+    return summary(p, "R@1 text(L) -> English teacher name", n_test, results)
 
 
 # -- recipe: SONAR speech teacher-student ---------------------------------------------------------
@@ -433,10 +448,10 @@ def run_sonar(
     fd["cache_dir"] = str(final_cache)
     seeds(final, f"recipe trained on train + val concepts, {ensemble}-seed ensemble")
     reference = {lang: SONAR_REFERENCE_60WAY.get(lang) for lang in p.langs} if subset == 60 else None
-    return {"metric": "speech(L) -> text(L) R@1; xsim error (margin ratio, k=4)", "gallery_size": n_test,
-            "train_rows": len(p.rows["train"]), "train_languages": p.train_langs, "results": results,
-            "subset": {"size": subset, "draws": draws, "results": small, "quoted_reference": reference},
-            "val_mean_R@1_train_languages": val_table, "cache_seconds": round(encode_s, 1), "cache_dir": str(p.cache_dir)}
+    out = summary(p, "speech(L) -> text(L) R@1; xsim error (margin ratio, k=4)", n_test, results)
+    out.update({"subset": {"size": subset, "draws": draws, "results": small, "quoted_reference": reference},
+                "val_mean_R@1_train_languages": val_table, "cache_seconds": round(encode_s, 1)})
+    return out
 
 
 # -- recipe: LiT contrastive image <-> text -------------------------------------------------------
@@ -466,14 +481,10 @@ def run_lit(data: Path, cache_root: Path, config_name: str = "lit_contrastive", 
     results[f"least squares image->text (ridge, lambda={lam:g})"] = lit_scores(p.rows["test"], ridge(p.feats["test"]["image"]), p.feats["test"]["text"], p.langs)
     rows0, e0 = cached_outputs(p.untrained, p.datamodule, "test")
     results["untrained projectors"] = lit_scores(rows0, e0["image"], e0["text"], p.langs)
-    for label, cfg in {"recipe without false-negative masking": without_masking(base),
-                       "recipe (configs/offline/lit_contrastive.yaml)": base}.items():
-        model, dm = fit_variant(cfg, epochs)
-        rows, e = cached_outputs(model, dm, "test")
-        results[label] = lit_scores(rows, e["image"], e["text"], p.langs)
-        print(f"  lit {label}: " + " ".join(f"{k}={v['image->text R@1']:.2f}" for k, v in results[label].items()), flush=True)
-    return {"metric": "image <-> text(L) R@1", "gallery_size": n_test, "train_rows": len(p.rows["train"]),
-            "train_languages": p.train_langs, "results": results, "cache_seconds": round(p.encode_s, 1), "cache_dir": str(p.cache_dir)}
+    variants = {"recipe without false-negative masking": without_masking(base), "recipe (configs/offline/lit_contrastive.yaml)": base}
+    results.update(score_variants(variants, epochs, lambda rows, e: lit_scores(rows, e["image"], e["text"], p.langs),
+                                  "lit", show=lambda v: v["image->text R@1"]))
+    return summary(p, "image <-> text(L) R@1", n_test, results)
 
 
 # -- report -------------------------------------------------------------------------------------
