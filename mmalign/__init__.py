@@ -10,19 +10,23 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+from mmalign import compat as _compat  # noqa: E402
+
+_compat.install()  # class paths of earlier versions (mmalign.module.AlignmentModule, ...) keep loading
+
 _LAZY = {
-    "AlignmentModule": "mmalign.module",
-    "Objective": "mmalign.towers",
-    "Tower": "mmalign.towers",
-    "ClipLoss": "mmalign.losses",
-    "CosineLoss": "mmalign.losses",
-    "LogitScale": "mmalign.losses",
-    "MSELoss": "mmalign.losses",
-    "SigLipLoss": "mmalign.losses",
-    "AlignedModel": "mmalign.inference",
-    "AlignedEnsemble": "mmalign.inference",
-    "load": "mmalign.inference",
-    "PrefixCaptioningModule": "mmalign.prefix",
+    "AlignmentModule": "mmalign.training.module",
+    "Objective": "mmalign.training.towers",
+    "Tower": "mmalign.training.towers",
+    "ClipLoss": "mmalign.training.losses",
+    "CosineLoss": "mmalign.training.losses",
+    "LogitScale": "mmalign.training.losses",
+    "MSELoss": "mmalign.training.losses",
+    "SigLipLoss": "mmalign.training.losses",
+    "AlignedModel": "mmalign.export.model",
+    "AlignedEnsemble": "mmalign.export.ensemble",
+    "load": "mmalign.export.load",
+    "PrefixCaptioningModule": "mmalign.captioning",
 }
 __all__ = sorted(_LAZY)
 

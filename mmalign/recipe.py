@@ -1,41 +1,67 @@
-"""The LightningCLI of mmalign, shared by ``mmalign fit|validate|test|predict``, ``eval``, ``cache``, the
-quickstart, benchmarks and tests, so a recipe YAML means the same thing everywhere."""
+"""Recipes: the shipped YAML files (package data) and the one way to build a recipe into objects.
+
+    from mmalign import recipe
+    recipe.list_recipes()                                   # ['clasp_speech_text', 'lit_contrastive', ...]
+    model, data = recipe.build(recipe.load_config("offline/uclip_pivot"), seed=0)
+
+``build`` instantiates exactly as ``mmalign fit --config X.yaml --seed_everything <seed>`` would (LightningCLI),
+so a recipe means the same thing in the CLI, the quickstart, the benchmarks and the tests.
+"""
 
 from __future__ import annotations
 
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
-import lightning as L
-from lightning.pytorch.cli import LightningCLI
+import yaml
 
-from mmalign.data.policy import BadInputCallback
+from mmalign.cli.lightning import MMAlignCLI, load_recipe
+
+__all__ = ["MMAlignCLI", "build", "list_recipes", "load_config", "load_recipe", "recipe_path"]
 
 
-class MMAlignCLI(LightningCLI):
-    """LightningCLI over any LightningModule/LightningDataModule given by ``class_path``.
+def _root() -> Path:
+    # Package data: ``mmalign/recipes`` (in the repository a link to the top-level ``configs/``; in a wheel a copy).
+    return Path(str(resources.files("mmalign") / "recipes"))
 
-    A :class:`~mmalign.data.policy.BadInputCallback` is always attached (``--bad_inputs.*``), so inputs skipped
-    under ``on_error: skip`` are summed over DataLoader workers, logged and reported at the end of every run.
+
+def list_recipes(include_variants: bool = True) -> list[str]:
+    """Names of the shipped recipes (``uclip_pivot``; with variants also ``offline/uclip_pivot``, ``tiny/...``)."""
+    root = _root()
+    names = [p.stem for p in root.glob("*.yaml")]
+    if include_variants:
+        names += [f"{p.parent.name}/{p.stem}" for p in root.glob("*/*.yaml") if p.parent.name != "trainer"]
+    return sorted(names)
+
+
+def recipe_path(name: str | Path) -> Path:
+    """The YAML file of a shipped recipe name (``offline/uclip_pivot``), or ``name`` itself when it is a file."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    candidate = _root() / f"{str(name).removesuffix('.yaml')}.yaml"
+    if candidate.is_file():
+        return candidate
+    raise FileNotFoundError(f"no recipe {str(name)!r}: not a file, and not one of {', '.join(list_recipes())}")
+
+
+def load_config(name: str | Path) -> dict[str, Any]:
+    """A recipe as a plain dict (``yaml.safe_load``), by shipped name or path."""
+    return yaml.safe_load(recipe_path(name).read_text(encoding="utf-8"))
+
+
+def build(config: dict[str, Any], seed: int = 0, trainer: dict[str, Any] | None = None) -> tuple[Any, Any]:
+    """``(model, datamodule)`` of a recipe config dict, instantiated as ``mmalign fit --seed_everything <seed>``
+    would (LightningCLI; the seed is set before the projectors are initialised).
+
+    Args:
+        config: A recipe (``{"model": ..., "data": ..., ...}``), e.g. from :func:`load_config`.
+        seed: ``seed_everything``.
+        trainer: Trainer options (default: no logger); the trainer itself is not returned.
     """
-
-    def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        super().__init__(
-            L.LightningModule,
-            L.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            auto_configure_optimizers=False,
-            args=args,
-            run=run,
-            **kwargs,
-        )
-
-    def add_arguments_to_parser(self, parser: Any) -> None:
-        parser.add_lightning_class_args(BadInputCallback, "bad_inputs")
-
-
-def load_recipe(args: list[str], **kwargs: Any) -> MMAlignCLI:
-    """Parse and instantiate a recipe (model, data, trainer) without running a subcommand."""
-    kwargs.setdefault("save_config_callback", None)
-    return MMAlignCLI(args=args, run=False, **kwargs)
+    cli = load_recipe(args={
+        "seed_everything": seed, "model": config["model"], "data": config["data"],
+        "trainer": {"logger": False, **(trainer or {})},
+    })
+    return cli.model, cli.datamodule

@@ -1,11 +1,9 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 # Tiny models gain nothing from intra-op threads, and oversubscribed threads on a busy 2-core CI
 # machine slow PyTorch down by an order of magnitude; subprocesses (CLI tests) inherit this.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -17,7 +15,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory) -> Path:
-    from mmalign.data.synthetic import build_synthetic_dataset
+    from mmalign.datasets.synthetic import build_synthetic_dataset
 
     return build_synthetic_dataset(tmp_path_factory.mktemp("synthetic"))
 

@@ -1,9 +1,8 @@
-"""Distributed correctness: 2-process CPU DDP (gloo) through ``mmalign.losses`` equals one process on the
+"""Distributed correctness: 2-process CPU DDP (gloo) through ``mmalign.training.losses`` equals one process on the
 concatenated batch, for the loss and for the gradients of a small projector and of the temperature."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from mmalign.losses import ClipLoss, SigLipLoss
+from mmalign.training.losses import ClipLoss, SigLipLoss
 
 WORLD, B, D_IN, D = 2, 6, 12, 8
 LOSSES = {

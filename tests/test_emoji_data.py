@@ -13,8 +13,9 @@ pytest.importorskip("emoji")
 sf = pytest.importorskip("soundfile")
 from PIL import Image
 
-from mmalign.data import emoji as emoji_data
-from mmalign.data.emoji import SPLITS, EmojiRenderer, build_emoji_dataset, find_emoji_font
+from mmalign.datasets.emoji import build as emoji_data
+from mmalign.datasets.emoji import render as emoji_render
+from mmalign.datasets.emoji import SPLITS, EmojiRenderer, build_emoji_dataset, find_emoji_font
 
 try:
     FONT = find_emoji_font()
@@ -178,8 +179,8 @@ def test_interrupted_build_resumes_and_keeps_valid_files(built, tmp_path, monkey
 
 
 def test_missing_font_says_how_to_install(tmp_path, monkeypatch):
-    monkeypatch.delenv(emoji_data.FONT_ENV, raising=False)
-    monkeypatch.setattr(emoji_data, "FONT_CANDIDATES", (str(tmp_path / "nope.ttf"),))
+    monkeypatch.delenv(emoji_render.FONT_ENV, raising=False)
+    monkeypatch.setattr(emoji_render, "FONT_CANDIDATES", (str(tmp_path / "nope.ttf"),))
     with pytest.raises(FileNotFoundError, match="apt-get install fonts-noto-color-emoji"):
         build_emoji_dataset(tmp_path / "ds", **{**KWARGS, "speech": False})
     with pytest.raises(FileNotFoundError, match="apt-get install fonts-noto-color-emoji"):
@@ -189,7 +190,7 @@ def test_missing_font_says_how_to_install(tmp_path, monkeypatch):
 
 @needs_font
 def test_missing_espeak_only_matters_for_speech(tmp_path, monkeypatch):
-    monkeypatch.setattr(emoji_data.shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(FileNotFoundError, match="apt-get install espeak-ng.*speech=False"):
         build_emoji_dataset(tmp_path / "a", **KWARGS)
     info = build_emoji_dataset(tmp_path / "b", **{**KWARGS, "max_concepts": 4, "speech": False})

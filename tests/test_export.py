@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from mmalign.export import CONFIG_NAME, WEIGHTS_NAME, ExportError, export_module
-from mmalign.inference import AlignedModel
+from mmalign.export import AlignedModel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -243,7 +243,7 @@ def cli_run(synthetic_data, tmp_path_factory) -> Path:
         logger=False, default_root_dir=str(run),
         callbacks=[
             {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}},
-            {"class_path": "mmalign.callbacks.ExportOnFitEnd", "init_args": {"output": str(run / "fit_export")}},
+            {"class_path": "mmalign.training.callbacks.ExportOnFitEnd", "init_args": {"output": str(run / "fit_export")}},
         ],
     )
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
@@ -285,7 +285,7 @@ def test_embed_cli(cli_run, synthetic_data, tmp_path, capsys):
     assert images.shape == (len(_rows(synthetic_data)), 32) and images.dtype == np.float32
     np.testing.assert_allclose(images[:6], model.embed_image([r["image"] for r in rows]).numpy(), atol=1e-6)
     assert "tower 'image'" in capsys.readouterr().out
-    from mmalign.inference import AlignedEnsemble
+    from mmalign.export import AlignedEnsemble
 
     paths = [str(cli_run / "fit_export")] * 2  # the ensemble arithmetic is tested above; here the CLI path
     main(["embed", "--model", f"[{paths[0]}, {paths[1]}]", "--input", str(tmp_path / "texts.txt"), "--output",
@@ -328,7 +328,7 @@ def _second_seed(lit_module, tmp_path: Path, seed: int) -> Path:
 
 
 def test_ensemble_averages_normalised_member_embeddings(lit_module, exported, aligned, synthetic_data, tmp_path):
-    from mmalign.inference import AlignedEnsemble, ensemble_embeddings
+    from mmalign.export import AlignedEnsemble, ensemble_embeddings
 
     paths = [exported, _second_seed(lit_module, tmp_path, 7), _second_seed(lit_module, tmp_path, 8)]
     ens = AlignedEnsemble.from_pretrained(paths, device="cpu")
@@ -350,7 +350,7 @@ def test_ensemble_averages_normalised_member_embeddings(lit_module, exported, al
 
 
 def test_ensemble_refuses_members_with_other_encoders(exported, tmp_path):
-    from mmalign.inference import AlignedEnsemble
+    from mmalign.export import AlignedEnsemble
 
     cfg = json.loads((exported / CONFIG_NAME).read_text())
     target = tmp_path / "other"

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mmalign.losses as losses
-from mmalign.losses import ClipLoss, CosineLoss, LogitScale, MSELoss, SigLipLoss
+import mmalign.training.losses as losses
+from mmalign.training.losses import ClipLoss, CosineLoss, LogitScale, MSELoss, SigLipLoss
 
 
 def naive_clip(a, b, scale):

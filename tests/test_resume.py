@@ -103,7 +103,6 @@ def test_kill_and_resume_matches_uninterrupted(runs):
 
 def test_mismatched_checkpoint_is_refused(runs, tmp_path):
     """A checkpoint whose projector tensors do not have the model's shapes is refused, naming the tensor."""
-    import lightning as L
     from mmalign.recipe import load_recipe
 
     ckpt = torch.load(runs["full"] / "ckpt/last.ckpt", weights_only=True)

@@ -15,7 +15,7 @@ import encoders
 import projectors
 from mmalign import AlignmentModule, ClipLoss, Objective, SigLipLoss, Tower
 from mmalign.data import AlignmentDataModule
-from mmalign.gradcache import chunk_ranges, slice_rows
+from mmalign.training.gradcache import chunk_ranges, slice_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ pytest.importorskip("wordfreq")
 sf = pytest.importorskip("soundfile")
 
 from mmalign.data.manifest import ManifestDataset, ManifestError, ManifestRowError
-from mmalign.data.words import build_words_dataset, normalize, select_words
+from mmalign.datasets.words import build_words_dataset, normalize, select_words
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
 KWARGS = dict(languages=("en", "de"), words_per_language=6, skip_top=100, progress=False)

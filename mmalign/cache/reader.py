@@ -174,7 +174,7 @@ class CachedSplit(torch.utils.data.Dataset):
     ``__getitems__`` (used by :class:`~torch.utils.data.DataLoader` for whole batches) returns a ready
     batch ``{"meta": {id, concept, lang}, "keys": {field: [str]}, "features": {tower: {"pooled", "tokens",
     "mask"}}}``; pair it with :func:`passthrough` as ``collate_fn``. Features keep the stored dtype
-    (float16 by default); :class:`~mmalign.module.AlignmentModule` casts them to float.
+    (float16 by default); :class:`~mmalign.training.module.AlignmentModule` casts them to float.
 
     Rows that ``mmalign cache`` left out under ``on_error="skip"`` (NaN/Inf features of an item this
     recipe's towers read) are not served: ``len()`` and the indices count kept rows only, and they are

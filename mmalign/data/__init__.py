@@ -11,8 +11,8 @@ _LAZY = {
     "ManifestDataset": "mmalign.data.manifest",
     "ManifestError": "mmalign.data.manifest",
     "read_manifest": "mmalign.data.manifest",
-    "build_synthetic_dataset": "mmalign.data.synthetic",
-    "build_emoji_dataset": "mmalign.data.emoji",
+    "build_synthetic_dataset": "mmalign.datasets.synthetic",
+    "build_emoji_dataset": "mmalign.datasets.emoji",
 }
 __all__ = sorted(_LAZY)
 

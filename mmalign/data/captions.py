@@ -1,4 +1,4 @@
-"""Image-caption batches for visual-prefix recipes (:class:`mmalign.prefix.PrefixCaptioningModule`).
+"""Image-caption batches for visual-prefix recipes (:class:`mmalign.captioning.PrefixCaptioningModule`).
 
 The manifests are the usual ones (``image``, ``text`` = caption in ``lang``); the batch is the usual raw
 batch too: ``{"meta": {"id", "concept", "lang"}, "keys": {"image": [...], "text": [captions]},

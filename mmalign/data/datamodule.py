@@ -19,7 +19,7 @@ _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",
 
 
 class AlignmentDataModule(L.LightningDataModule):
-    """Train/val/test manifests -> raw batches for an :class:`~mmalign.module.AlignmentModule`.
+    """Train/val/test manifests -> raw batches for an :class:`~mmalign.training.module.AlignmentModule`.
 
     The towers (and so the fields and preprocessing) are taken from the model the trainer fits, so a
     recipe's YAML never repeats them.

@@ -1,0 +1,5 @@
+"""``python -m mmalign ...`` is ``mmalign ...``."""
+
+from mmalign.cli.main import main
+
+main()

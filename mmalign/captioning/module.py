@@ -1,0 +1,412 @@
+"""mBLIP-style visual prefix captioning: frozen image encoder -> projector -> K prefix embeddings of a frozen LM.
+
+mBLIP (Geigle et al., 2023, "mBLIP: Efficient Bootstrapping of Multilingual Vision-LLMs") re-aligns an image
+encoder to a multilingual LLM by training only a Q-Former/projection (plus optional LoRA) with a captioning
+loss over many languages. Here the image tokens of a frozen :class:`~encoders.base.Encoder` pass through a
+projector (:class:`projectors.Resampler` with ``pool=False``, or :class:`projectors.TokenMLP`) into ``K`` prefix
+embeddings of a frozen :class:`~mmalign.captioning.lm.FrozenLM`:
+
+* decoder-only LM: ``[prefix K][prompt][caption </s>]``; labels are ``-100`` on prefix, prompt and padding;
+* seq2seq LM: ``[prefix K][prompt]`` into the encoder, ``caption </s>`` as decoder labels.
+
+The language is given in the prompt (``"Caption in German:"``). The loss is next-token cross-entropy over the
+caption tokens only. Checkpoints and exports hold the projector (and LoRA) weights only.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from encoders.base import Encoder, EncoderOutput
+from mmalign.data.langs import language_name
+from mmalign.training.base import FrozenBackboneModule
+from mmalign.captioning.lm import FrozenLM
+from mmalign.captioning.metrics import caption_metrics, merge_eval_stores
+from projectors.base import Projector
+
+ProjectorFactory = Callable[[int, int], Projector]
+EXPORT_FORMAT = "mmalign-prefix-captioner"
+IGNORE = -100
+
+
+@dataclass
+class LMInputs:
+    """What the frozen LM receives.
+
+    Attributes:
+        inputs_embeds: ``[B, L, H]`` (causal: whole sequence; seq2seq: encoder input).
+        attention_mask: ``[B, L]`` long, 1 on real positions.
+        labels: Causal: ``[B, L]`` aligned with ``inputs_embeds`` (``-100`` on prefix, prompt and padding);
+            seq2seq: ``[B, C]`` decoder targets; ``None`` when building generation inputs.
+    """
+
+    inputs_embeds: Tensor
+    attention_mask: Tensor
+    labels: Tensor | None = None
+
+
+@dataclass
+class CaptionLoss:
+    """Per-sample caption cross-entropy: ``loss_sum [B]`` (nats, summed over caption tokens), ``count [B]``."""
+
+    loss_sum: Tensor
+    count: Tensor
+
+    @property
+    def loss(self) -> Tensor:
+        """Mean over every caption token of the batch."""
+        return self.loss_sum.sum() / self.count.sum().clamp_min(1)
+
+
+def build_lm_inputs(
+    embed: Callable[[Tensor], Tensor],
+    pad_id: int,
+    prefix: Tensor,
+    prefix_mask: Tensor,
+    prompt_ids: Sequence[Sequence[int]],
+    caption_ids: Sequence[Sequence[int]] | None,
+    seq2seq: bool,
+) -> LMInputs:
+    """Concatenate prefix, prompt (and caption) embeddings and build masks and labels.
+
+    Training sequences are right-padded; causal generation inputs (``caption_ids=None``) are left-padded so
+    every row ends at its last prompt token. Positions that the LM derives from the attention mask are the
+    same in both layouts.
+
+    Args:
+        embed: The LM's token embedding (``ids [B, T] -> [B, T, H]``).
+        pad_id: Padding token id.
+        prefix: ``[B, K, H]`` visual prefix.
+        prefix_mask: ``[B, K]`` bool, True on real prefix tokens.
+        prompt_ids: Token ids of each row's prompt.
+        caption_ids: Token ids of each row's caption (ending with eos), or ``None`` for generation.
+        seq2seq: Build encoder inputs + decoder labels instead of one decoder-only sequence.
+    """
+    B, K, _ = prefix.shape
+    device = prefix.device
+    joint = caption_ids is not None and not seq2seq
+    texts = [list(p) + list(c) for p, c in zip(prompt_ids, caption_ids)] if joint else [list(p) for p in prompt_ids]
+    T = max(len(t) for t in texts)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    text_labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    for i, t in enumerate(texts):
+        ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        if joint:
+            start = len(prompt_ids[i])
+            text_labels[i, start : len(t)] = torch.tensor(caption_ids[i], dtype=torch.long)
+    ids, text_labels = ids.to(device), text_labels.to(device)
+    text_mask = torch.arange(T, device=device)[None] < torch.tensor([len(t) for t in texts], device=device)[:, None]
+    embeds = torch.cat([prefix, embed(ids).to(prefix.dtype)], dim=1)  # [B, K+T, H]
+    mask = torch.cat([prefix_mask.bool(), text_mask], dim=1).long()  # [B, K+T]
+    if joint:
+        labels = torch.cat([torch.full((B, K), IGNORE, dtype=torch.long, device=device), text_labels], dim=1)
+        return LMInputs(embeds, mask, labels)
+    if seq2seq:
+        labels = None
+        if caption_ids is not None:
+            C = max(len(c) for c in caption_ids)
+            labels = torch.full((B, C), IGNORE, dtype=torch.long)
+            for i, c in enumerate(caption_ids):
+                labels[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+            labels = labels.to(device)
+        return LMInputs(embeds, mask, labels)
+    # Causal generation: roll each row right by its padding so the padding comes first.
+    shift = (T - text_mask.sum(1))[:, None]  # [B, 1]
+    index = (torch.arange(K + T, device=device)[None] - shift) % (K + T)  # [B, K+T]
+    embeds = embeds.gather(1, index[..., None].expand_as(embeds))
+    return LMInputs(embeds, mask.gather(1, index))
+
+
+def caption_token_losses(logits: Tensor, labels: Tensor, shift: bool) -> CaptionLoss:
+    """Cross-entropy summed per row over positions whose label is not ``-100``.
+
+    Args:
+        logits: ``[B, L, V]``.
+        labels: ``[B, L]``.
+        shift: Causal LM: logits at position ``t`` predict the label at ``t + 1``.
+    """
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    ce = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")  # [B, L]
+    valid = labels.ne(IGNORE)
+    return CaptionLoss(loss_sum=(ce * valid).sum(1), count=valid.sum(1))
+
+
+def _import(class_path: str) -> Any:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+class PrefixCaptioningModule(FrozenBackboneModule):
+    """Visual prefix captioning with a frozen image encoder and a frozen multilingual LM.
+
+    Args:
+        image_encoder: Frozen image encoder; its tokens (or pooled vector) feed the projector.
+        lm: Frozen LM (optionally with LoRA adapters, which train).
+        projector: Factory ``(in_dim, lm_hidden) -> Projector`` returning ``[B, K, lm_hidden]`` prefix
+            tokens (``Resampler(pool=False)``, :class:`projectors.TokenMLP`) or ``[B, lm_hidden]`` (a 1-token prefix).
+            ``in_dim`` is the encoder's ``token_dim`` (``output_dim`` when it has none) for token projectors.
+        prompt: Prompt template; ``{language}`` is the English language name, ``{lang}`` the code.
+        prompts: Per-language prompts overriding ``prompt`` (e.g. prompts written in each language).
+        image_field: Manifest field of the image.
+        caption_field: Manifest field of the caption.
+        max_caption_tokens: Captions are truncated to this many tokens (before eos).
+        eval_generate: Generate greedy captions in validation/test and score them with chrF.
+        eval_max_new_tokens: Generation length in evaluation.
+        predict_languages: ``predict`` captions every image in each of these languages (default: the row's).
+        predict_max_new_tokens: Generation length in ``predict``.
+        export_dir: Write the export (:meth:`save_pretrained`) here when ``fit`` ends.
+        optimizer: Optimizer factory over the trainable parameters (projector, LoRA).
+        scheduler: Optional LR scheduler factory (stepped every optimizer step).
+    """
+
+    def __init__(
+        self,
+        image_encoder: Encoder,
+        lm: FrozenLM,
+        projector: ProjectorFactory,
+        prompt: str = "Caption in {language}:",
+        prompts: dict[str, str] | None = None,
+        image_field: str = "image",
+        caption_field: str = "text",
+        max_caption_tokens: int = 48,
+        eval_generate: bool = True,
+        eval_max_new_tokens: int = 24,
+        predict_languages: list[str] | None = None,
+        predict_max_new_tokens: int = 32,
+        export_dir: str | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__(optimizer, scheduler)
+        self.save_hyperparameters(ignore=["image_encoder", "lm", "projector", "optimizer", "scheduler"])
+        self.image_encoder = image_encoder
+        self.lm = lm
+        projector_in = image_encoder.output_dim
+        if getattr(image_encoder, "has_tokens", False):
+            projector_in = int(getattr(image_encoder, "token_dim", image_encoder.output_dim))
+        self.projector = projector(projector_in, lm.hidden_size)
+        self.prompt, self.prompts = prompt, dict(prompts or {})
+        self.image_field, self.caption_field = image_field, caption_field
+        self.max_caption_tokens = max_caption_tokens
+        self.eval_generate, self.eval_max_new_tokens = eval_generate, eval_max_new_tokens
+        self.predict_languages, self.predict_max_new_tokens = predict_languages, predict_max_new_tokens
+        self.export_dir = export_dir
+        self._eval_store: dict[str, dict[str, Any]] = {}
+
+    # -- text -------------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        return self.lm.tokenizer
+
+    def prompt_text(self, lang: str) -> str:
+        """The prompt for captions in ``lang``."""
+        return self.prompts.get(lang, self.prompt).format(language=language_name(lang), lang=lang)
+
+    def prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+        # Seq2seq encoders read "prompt </s>" as in their pretraining; decoder-only LMs read the bare prompt.
+        enc = self.tokenizer(list(prompts), add_special_tokens=self.lm.is_seq2seq)
+        return [list(ids) for ids in enc["input_ids"]]
+
+    def caption_ids(self, captions: Sequence[str]) -> list[list[int]]:
+        # Decoder-only: the caption continues the prompt after a space (word-initial tokens, as in pretraining).
+        texts = [c.strip() if self.lm.is_seq2seq else " " + c.strip() for c in captions]
+        enc = self.tokenizer(texts, add_special_tokens=False)
+        eos = self.tokenizer.eos_token_id
+        return [list(ids)[: self.max_caption_tokens] + [eos] for ids in enc["input_ids"]]
+
+    # -- forward ----------------------------------------------------------------------------
+    def image_features(self, batch: dict[str, Any]) -> EncoderOutput:
+        """Encoder output from cached features (``batch["features"]["image"]``) or raw inputs."""
+        cached = batch.get("features", {}).get("image")
+        if cached is not None:
+            return (EncoderOutput(**cached) if isinstance(cached, dict) else cached).float()
+        if "image" not in batch.get("inputs", {}):
+            raise KeyError("batch has neither inputs['image'] nor features['image']")
+        return self.image_encoder(batch["inputs"]["image"])
+
+    def prefix_embeds(self, features: EncoderOutput) -> tuple[Tensor, Tensor]:
+        """``(prefix [B, K, H] in the LM's dtype, prefix_mask [B, K] bool)``."""
+        prefix = self.projector(features)
+        if prefix.dim() == 2:  # a pooled projector gives a one-token prefix
+            prefix = prefix.unsqueeze(1)
+        B, K, _ = prefix.shape
+        if getattr(self.projector, "per_token", False) and features.mask is not None:
+            mask = features.mask.bool().to(prefix.device)
+        else:
+            mask = torch.ones(B, K, dtype=torch.bool, device=prefix.device)
+        return prefix.to(self.lm.dtype), mask
+
+    def lm_inputs(self, features: EncoderOutput, langs: Sequence[str], captions: Sequence[str] | None,
+                  prompts: Sequence[str] | None = None) -> LMInputs:
+        prefix, mask = self.prefix_embeds(features)
+        prompts = list(prompts) if prompts is not None else [self.prompt_text(lang) for lang in langs]
+        return build_lm_inputs(
+            self.lm.embed, self.tokenizer.pad_token_id, prefix, mask, self.prompt_ids(prompts),
+            None if captions is None else self.caption_ids(captions), seq2seq=self.lm.is_seq2seq,
+        )
+
+    def caption_loss(self, batch: dict[str, Any], features: EncoderOutput | None = None) -> CaptionLoss:
+        """Next-token cross-entropy over the caption tokens of each row."""
+        features = self.image_features(batch) if features is None else features
+        inputs = self.lm_inputs(features, batch["meta"]["lang"], batch["keys"][self.caption_field])
+        if self.lm.is_seq2seq:
+            decoder_ids = self.lm.model.prepare_decoder_input_ids_from_labels(labels=inputs.labels)
+            out = self.lm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask, decoder_input_ids=decoder_ids)
+            return caption_token_losses(out.logits, inputs.labels, shift=False)
+        out = self.lm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask)
+        return caption_token_losses(out.logits, inputs.labels, shift=True)
+
+    forward = caption_loss
+
+    # -- generation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_from_features(self, features: EncoderOutput, langs: Sequence[str], prompts: Sequence[str] | None = None,
+                               max_new_tokens: int = 32, **generate_kwargs: Any) -> list[str]:
+        """Captions for encoder outputs; ``langs`` and ``prompts`` give one entry per image."""
+        inputs = self.lm_inputs(features, langs, None, prompts)
+        tok = self.tokenizer
+        generate_kwargs = {"do_sample": False, "num_beams": 1, **generate_kwargs}
+        out = self.lm.model.generate(
+            inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask, max_new_tokens=max_new_tokens,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **generate_kwargs,
+        )
+        # Decoder-only generate with inputs_embeds returns only the new tokens.
+        return [s.strip() for s in tok.batch_decode(out, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def generate(self, images: Sequence[Any], lang: str | Sequence[str] = "en", prompt: str | None = None,
+                 max_new_tokens: int = 32, **generate_kwargs: Any) -> list[str]:
+        """Caption raw images (paths, PIL images, uint8 arrays); greedy unless ``generate_kwargs`` say otherwise.
+
+        Args:
+            images: Raw images, preprocessed by the image encoder.
+            lang: Caption language, one for all or one per image.
+            prompt: Prompt text overriding the language template.
+            max_new_tokens: Longest caption in tokens.
+            generate_kwargs: Passed to transformers ``generate`` (``num_beams``, ``do_sample``...).
+        """
+        images = list(images)
+        langs = [lang] * len(images) if isinstance(lang, str) else list(lang)
+        if len(langs) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(langs)} languages")
+        prompts = None if prompt is None else [prompt] * len(images)
+        inputs = {k: v.to(self.device) for k, v in self.image_encoder.preprocess(images).items()}
+        features = self.image_encoder(inputs)
+        return self.generate_from_features(features, langs, prompts, max_new_tokens, **generate_kwargs)
+
+    # -- Lightning hooks ---------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss = self.caption_loss(batch).loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["meta"]["id"]))
+        return loss
+
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+        features = self.image_features(batch)
+        out = self.caption_loss(batch, features)
+        langs, refs = batch["meta"]["lang"], batch["keys"][self.caption_field]
+        self.log(f"{stage}/loss", out.loss, batch_size=len(langs), sync_dist=True, prog_bar=True)
+        hyps = self.generate_from_features(features, langs, max_new_tokens=self.eval_max_new_tokens) if self.eval_generate else None
+        for i, lang in enumerate(langs):
+            s = self._eval_store.setdefault(lang, {"loss_sum": 0.0, "count": 0, "hyps": [], "refs": []})
+            s["loss_sum"] += float(out.loss_sum[i])
+            s["count"] += int(out.count[i])
+            if hyps is not None:
+                s["hyps"].append(hyps[i])
+                s["refs"].append(refs[i])
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        store, self._eval_store = self._eval_store, {}
+        if self.trainer.sanity_checking or not store:
+            return
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, store)
+            store = merge_eval_stores(gathered)
+        metrics = caption_metrics(store, stage)
+        self.last_eval = {"stage": stage, "metrics": metrics, "samples": store}
+        self.log_dict(metrics, sync_dist=False)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        features = self.image_features(batch)
+        meta, n = batch["meta"], len(batch["meta"]["id"])
+        refs = batch.get("keys", {}).get(self.caption_field, [None] * n)
+        rows = []
+        for lang_set in ([[lang] * n for lang in self.predict_languages] if self.predict_languages else [meta["lang"]]):
+            caps = self.generate_from_features(features, lang_set, max_new_tokens=self.predict_max_new_tokens)
+            for i in range(n):
+                same_lang = lang_set[i] == meta["lang"][i]
+                rows.append({"id": meta["id"][i], "lang": lang_set[i], "caption": caps[i],
+                             "reference": refs[i] if same_lang else None, "prompt": self.prompt_text(lang_set[i])})
+        return rows
+
+    def on_fit_end(self) -> None:
+        if self.export_dir and self.trainer.is_global_zero:
+            self.save_pretrained(self.export_dir)
+
+    # -- weights -----------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
+        """Load trainable weights; frozen encoder/LM weights are never expected in a checkpoint."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        if strict:
+            missing = sorted(set(self.state_dict()) - set(state_dict))
+            if missing or result.unexpected_keys:
+                raise RuntimeError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+        return result
+
+
+    # -- export ------------------------------------------------------------------------------
+    def export_config(self) -> dict[str, Any]:
+        enc = self.image_encoder
+        module_args = {k: v for k, v in self.hparams.items() if k not in ("export_dir",)}
+        return {
+            "format": EXPORT_FORMAT,
+            "version": 1,
+            "image_encoder": {"class_path": f"{type(enc).__module__}.{type(enc).__qualname__}", "init_args": enc.init_args(),
+                              "cache_key": enc.cache_key, "spec": enc.spec()},
+            "projector": self.projector.config(),
+            "lm": {"class_path": f"{type(self.lm).__module__}.{type(self.lm).__qualname__}", "init_args": self.lm.init_args(),
+                   "hidden_size": self.lm.hidden_size, "kind": self.lm.kind},
+            "module": module_args,
+            "trainable_parameters": sum(p.numel() for p in self.trainable_parameters()),
+        }
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (projector and LoRA weights only)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        (directory / "config.json").write_text(json.dumps(self.export_config(), indent=2, default=str) + "\n")
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "PrefixCaptioningModule":
+        """Rebuild encoder, projector and LM from an export and load its weights (strictly)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not (directory / "config.json").is_file() or not (directory / "model.safetensors").is_file():
+            raise FileNotFoundError(f"{directory} is not a prefix captioner export (config.json + model.safetensors)")
+        cfg = json.loads((directory / "config.json").read_text())
+        if cfg.get("format") != EXPORT_FORMAT:
+            raise ValueError(f"{directory}/config.json has format {cfg.get('format')!r}, expected {EXPORT_FORMAT!r}")
+        encoder = _import(cfg["image_encoder"]["class_path"])(**cfg["image_encoder"]["init_args"])
+        proj_args = {k: v for k, v in cfg["projector"]["init_args"].items() if k not in ("in_dim", "out_dim")}
+        projector = functools.partial(_import(cfg["projector"]["class_path"]), **proj_args)
+        lm = _import(cfg["lm"]["class_path"])(**cfg["lm"]["init_args"])
+        module = cls(image_encoder=encoder, lm=lm, projector=projector, **cfg["module"])
+        module.load_state_dict(load_file(str(directory / "model.safetensors"), device=str(map_location)), strict=True)
+        return module.to(map_location).eval()

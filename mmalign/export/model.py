@@ -1,0 +1,442 @@
+"""Use an exported model: rebuild the frozen encoders and trained projectors, embed anything.
+
+    from mmalign import AlignedModel
+    model = AlignedModel.from_pretrained("exports/lit")
+    texts = model.embed_text(["a red apple", "ein roter Apfel"], lang=["en", "de"])   # [2, D]
+    images = model.embed_image(["apple.png", "dog.jpg"])                             # [2, D]
+    model.similarity(texts, images)                                                   # [2, 2] cosine
+
+Command line: ``mmalign embed --model exports/lit --input captions.txt --output emb.npy``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from encoders.base import Encoder, EncoderOutput
+from mmalign.export.writer import CONFIG_NAME, FORMAT, FORMAT_VERSION, ExportError, sha256_file
+from mmalign.training.towers import Tower
+
+#: Modality a manifest field holds, for picking a tower by field name when no tower reads it directly.
+_FIELD_MODALITY = {"image": "image", "audio": "speech", "speech": "speech"}
+#: The field a modality is read from in the data contract (``text_en`` etc. are specialisations).
+_GENERIC_FIELD = {"image": "image", "speech": "audio", "text": "text"}
+
+
+def _import(path: str) -> type:
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ExportError(f"cannot import {path!r} recorded in the export: {err}") from err
+
+
+def _spec_diff(recorded: Mapping[str, Any], rebuilt: Mapping[str, Any]) -> list[str]:
+    rebuilt = json.loads(json.dumps(rebuilt, default=str, sort_keys=True))
+    keys = sorted(set(recorded) | set(rebuilt))
+    return [
+        f"{k}: recorded {recorded.get(k, '<absent>')!r}, rebuilt {rebuilt.get(k, '<absent>')!r}"
+        for k in keys if recorded.get(k, "<absent>") != rebuilt.get(k, "<absent>")
+    ]
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r} (use e.g. 'float32', 'bfloat16', 'float16')")
+    return value
+
+
+def _items_list(items: Any, modality: str) -> list[Any]:
+    """A list of items; a lone string/path, one waveform or one image array is refused (a common slip)."""
+    if isinstance(items, (str, os.PathLike)):
+        raise TypeError(f"expected a sequence of {modality} items, got a single {type(items).__name__}; wrap it in a list")
+    if isinstance(items, (np.ndarray, Tensor)):
+        single = {"speech": (1,), "image": (2, 3)}.get(modality, (0,))
+        if items.ndim in single:
+            raise TypeError(f"expected a sequence of {modality} items, got one {items.ndim}-D array; wrap it in a list")
+    return list(items)
+
+
+class _ModalityShortcuts:
+    """``embed_text`` / ``embed_image`` / ``embed_speech``: :meth:`embed` with the tower picked by modality."""
+
+    def embed(self, items: Sequence[Any], tower: str | None = None, **kwargs: Any) -> Tensor:
+        raise NotImplementedError
+
+    def embed_text(self, texts: Sequence[str], lang: str | Sequence[str] | None = None, tower: str | None = None, **kwargs: Any) -> Tensor:
+        """Embed strings with the text tower: ``[N, D]`` (see :meth:`embed` for the keyword arguments)."""
+        return self.embed(texts, tower, modality="text", lang=lang, **kwargs)
+
+    def embed_image(self, images: Sequence[Any], tower: str | None = None, **kwargs: Any) -> Tensor:
+        """Embed images (paths, PIL images or uint8 arrays) with the image tower: ``[N, D]``."""
+        return self.embed(images, tower, modality="image", **kwargs)
+
+    def embed_speech(self, waveforms: Sequence[Any], sampling_rate: int | None = None, tower: str | None = None, **kwargs: Any) -> Tensor:
+        """Embed speech (audio paths or 1-D waveforms at ``sampling_rate``) with the speech tower: ``[N, D]``."""
+        return self.embed(waveforms, tower, modality="speech", sampling_rate=sampling_rate, **kwargs)
+
+
+class AlignedModel(_ModalityShortcuts, nn.Module):
+    """Frozen encoders + trained projectors loaded from an export directory (see :mod:`mmalign.export`).
+
+    Build it with :meth:`from_pretrained`. Every ``embed_*`` method returns CPU ``float32`` tensors
+    ``[N, D]`` in the shared space (L2-normalised if the tower normalised in training).
+
+    Attributes:
+        towers: ``{name: Tower}`` (frozen encoder + projector).
+        config: The export's ``config.json``.
+        logit_scales: ``{"a|b": scale}`` learned temperatures of the training objectives.
+    """
+
+    def __init__(self, towers: Mapping[str, Tower], config: Mapping[str, Any], logit_scales: Mapping[str, float]) -> None:
+        super().__init__()
+        self.towers = nn.ModuleDict(dict(towers))
+        self.config = dict(config)
+        self.logit_scales = dict(logit_scales)
+        self._dtype: torch.dtype | None = None
+        self._warned_langs: set[str] = set()
+
+    # -- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        towers: Sequence[str] | None = None,
+        encoder_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+        strict: bool = True,
+    ) -> "AlignedModel":
+        """Rebuild an exported model and check it is the one that was trained.
+
+        Args:
+            path: Export directory (``config.json`` + ``model.safetensors``).
+            device: Where to run (default: ``cuda`` if available, else ``cpu``).
+            dtype: Projector dtype (e.g. ``"bfloat16"`` on GPU); encoder features are cast to it. Encoders
+                keep the dtype recorded in their ``init_args`` (it is part of their identity); change it
+                with ``encoder_overrides`` and ``strict=False``.
+            towers: Load only these towers (skips building the other encoders). Default: all.
+            encoder_overrides: ``{tower: {init_arg: value}}`` replacing recorded encoder arguments, e.g. a
+                local path to the same checkpoint.
+            strict: Refuse encoders whose ``cache_key`` differs from the recorded one (a warning if
+                False). A different ``output_dim`` is always refused: the projector cannot take it.
+
+        Raises:
+            ExportError: The directory is not an export, an encoder differs from the recorded one, or
+                the weights file does not match the rebuilt projectors (keys, shapes or checksum).
+        """
+        root = Path(path)
+        config = _read_config(root)
+        recorded = config["towers"]
+        names = list(recorded) if towers is None else list(towers)
+        for name in names:
+            if name not in recorded:
+                raise ExportError(f"{root} has no tower {name!r}; towers: {sorted(recorded)}")
+        overrides = dict(encoder_overrides or {})
+        for name in overrides:
+            if name not in names:
+                raise ExportError(f"encoder_overrides names tower {name!r}, which is not loaded ({names})")
+        built = {name: _build_tower(name, recorded[name], overrides.get(name), strict) for name in names}
+        tensors = _load_weights(root, config, built)
+        logit_scales = {
+            "|".join(o["towers"]): o["loss"]["logit_scale"]
+            for o in config.get("objectives", []) if o.get("loss", {}).get("logit_scale") is not None
+        }
+        model = cls(built, config, logit_scales)
+        for name, tower in built.items():
+            prefix = f"towers.{name}.projector."
+            tower.projector.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        model.eval()
+        return model.to_device(device, dtype)
+
+    def to_device(self, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None) -> "AlignedModel":
+        """Move encoders to ``device`` and projectors to ``device``/``dtype`` (``None``: best device, keep dtype)."""
+        device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = _as_dtype(dtype)
+        for tower in self.towers.values():
+            tower.encoder.to(device)
+            tower.projector.to(device=device, dtype=dtype)
+        self._dtype = dtype
+        return self
+
+    # -- properties ------------------------------------------------------------------------------
+    @property
+    def embed_dim(self) -> int:
+        return int(self.config["embed_dim"])
+
+    @property
+    def languages(self) -> list[str] | None:
+        """Languages seen in training (``None`` if not recorded)."""
+        return self.config.get("languages")
+
+    @property
+    def logit_scale(self) -> float | None:
+        """The first objective's learned temperature (``1 / tau``), if it has one."""
+        return next(iter(self.logit_scales.values()), None)
+
+    def describe(self) -> str:
+        """One line per tower: name, modality, field, encoder class and dims."""
+        lines = []
+        for name, tower in self.towers.items():
+            enc = self.config["towers"][name]["encoder"]
+            lines.append(
+                f"{name}: {tower.encoder.modality} from field {tower.field!r}, {enc['class_path']} "
+                f"({enc['output_dim']}-d) -> {type(tower.projector).__name__} -> {tower.out_dim}-d"
+            )
+        return "\n".join(lines)
+
+    # -- choosing a tower ------------------------------------------------------------------------
+    def select_tower(self, modality: str | None = None, field: str | None = None, tower: str | None = None) -> str:
+        """Name of the tower to use: ``tower`` if given, else the only one with ``modality``/``field``.
+
+        Raises:
+            ValueError: The tower is unknown or of another modality, or no / several towers match.
+        """
+        listing = ", ".join(f"{n} ({t.encoder.modality}, field {t.field!r})" for n, t in self.towers.items())
+        if tower is not None:
+            if tower not in self.towers:
+                raise ValueError(f"no tower {tower!r}; towers: {listing}")
+            got = str(self.towers[tower].encoder.modality)
+            if modality is not None and got != modality:
+                raise ValueError(f"tower {tower!r} embeds {got}, not {modality}; towers: {listing}")
+            return tower
+        names = [n for n, t in self.towers.items() if modality is None or str(t.encoder.modality) == modality]
+        if field is not None:
+            by_field = [n for n in names if self.towers[n].field == field]
+            if not by_field and modality is None and field in _FIELD_MODALITY:
+                by_field = [n for n in names if str(self.towers[n].encoder.modality) == _FIELD_MODALITY[field]]
+            names = by_field
+        if field is None and len(names) > 1:
+            # several towers of one modality (e.g. a multilingual student on ``text`` and an English anchor on
+            # ``text_en``): the tower reading the modality's generic field is the default
+            generic = [n for n in names if self.towers[n].field == _GENERIC_FIELD.get(str(self.towers[n].encoder.modality))]
+            names = generic if len(generic) == 1 else names
+        what = " ".join(x for x in (modality, f"field {field!r}" if field else None) if x) or "any"
+        if not names:
+            raise ValueError(f"this model has no tower for {what}; towers: {listing}")
+        if len(names) > 1:
+            raise ValueError(f"several towers match {what}: {names}; pass tower=... (towers: {listing})")
+        return names[0]
+
+    # -- embedding -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def embed_features(self, features: EncoderOutput, tower: str) -> Tensor:
+        """Project precomputed encoder outputs of ``tower`` (e.g. from the feature cache): ``[B, D]``."""
+        t = self.towers[self.select_tower(tower=tower)]
+        param = next(iter(t.projector.parameters()), None)
+        device = param.device if param is not None else t.encoder.device
+        features = features.to(device=device, dtype=self._dtype or (param.dtype if param is not None else None))
+        return t.project(features).float().cpu()
+
+    def embed(
+        self,
+        items: Sequence[Any],
+        tower: str | None = None,
+        *,
+        modality: str | None = None,
+        field: str | None = None,
+        lang: str | Sequence[str] | None = None,
+        batch_size: int = 32,
+        progress: bool | None = None,
+        sampling_rate: int | None = None,
+    ) -> Tensor:
+        """Embed raw items (strings, image paths/arrays, waveforms/audio paths) with one tower.
+
+        Args:
+            items: Raw items of the tower's modality (what its encoder's ``preprocess`` takes).
+            tower: Tower name; default: the only tower matching ``modality``/``field``.
+            modality: ``"text"``, ``"image"`` or ``"speech"`` (used to pick the tower).
+            field: Manifest field (``"text"``, ``"text_en"``...; used to pick the tower).
+            lang: Language code of all items, or one per item. Checked against the training languages
+                (a warning for unseen ones); the projectors of this format do not condition on it.
+            batch_size: Items per encoder call.
+            progress: Show a tqdm bar (default: when there are more than 10 batches).
+            sampling_rate: Sampling rate of waveform items (speech towers).
+
+        Returns:
+            ``[N, D]`` float32 CPU tensor, rows in the order of ``items``.
+        """
+        name = self.select_tower(modality=modality, field=field, tower=tower)
+        return self._embed_items(items, name, self.embed_features, lang, batch_size, progress, sampling_rate)
+
+    def _embed_items(
+        self, items: Sequence[Any], name: str, project: Any, lang: str | Sequence[str] | None, batch_size: int,
+        progress: bool | None, sampling_rate: int | None,
+    ) -> Tensor:
+        """Preprocess + encode ``items`` with tower ``name``'s encoder, batch by batch; ``project(features, name)``."""
+        t = self.towers[name]
+        items = _items_list(items, str(t.encoder.modality))
+        self._check_langs(lang, len(items))
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        kwargs: dict[str, Any] = {}
+        if sampling_rate is not None:
+            if "sampling_rate" not in inspect.signature(t.encoder.preprocess).parameters:
+                raise TypeError(f"tower {name!r} ({type(t.encoder).__name__}) takes no sampling_rate")
+            kwargs["sampling_rate"] = sampling_rate
+        if not items:
+            return torch.zeros(0, t.out_dim)
+        from tqdm.auto import tqdm
+
+        starts = range(0, len(items), batch_size)
+        show = progress if progress is not None else len(starts) > 10
+        out = []
+        for start in tqdm(starts, desc=f"embed {name}", unit="batch", disable=not show):
+            batch = items[start : start + batch_size]
+            inputs = self._preprocess(t.encoder, batch, start, name, kwargs)
+            with torch.inference_mode():
+                out.append(project(t.encoder(inputs), name))
+        return torch.cat(out)  # [N, D]
+
+    @staticmethod
+    def similarity(a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> Tensor:
+        """Cosine similarity matrix ``[N_a, N_b]`` between two sets of embeddings (1-D inputs count as one row)."""
+        a, b = torch.as_tensor(a).float(), torch.as_tensor(b).float()
+        a, b = a.unsqueeze(0) if a.ndim == 1 else a, b.unsqueeze(0) if b.ndim == 1 else b
+        if a.shape[-1] != b.shape[-1]:
+            raise ValueError(f"embeddings of different sizes: {tuple(a.shape)} vs {tuple(b.shape)}")
+        return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
+
+    # -- helpers ---------------------------------------------------------------------------------
+    @staticmethod
+    def _preprocess(encoder: Encoder, batch: list[Any], start: int, name: str, kwargs: dict[str, Any]) -> dict[str, Tensor]:
+        try:
+            return encoder.preprocess(batch, **kwargs)
+        except Exception as err:  # noqa: BLE001 - find and name the offending item
+            for i, item in enumerate(batch):
+                try:
+                    encoder.preprocess([item], **kwargs)
+                except Exception as item_err:  # noqa: BLE001
+                    msg = f"tower {name!r}: item {start + i} ({item!r:.60}) could not be preprocessed: {item_err}"
+                    try:
+                        exc = type(item_err)(msg)
+                    except Exception:  # noqa: BLE001 - exception types with other constructors
+                        exc = ValueError(msg)
+                    raise exc from item_err
+            raise
+
+    def _check_langs(self, lang: str | Sequence[str] | None, n: int) -> None:
+        if lang is None:
+            return
+        langs = [lang] * n if isinstance(lang, str) else list(lang)
+        if len(langs) != n:
+            raise ValueError(f"lang has {len(langs)} entries for {n} items")
+        seen = self.languages
+        if seen is None:
+            return
+        unseen = sorted(set(langs) - set(seen) - self._warned_langs)
+        if unseen:
+            self._warned_langs.update(unseen)
+            warnings.warn(f"language(s) {unseen} were not seen in training (seen: {seen}): their embeddings are "
+                          "zero-shot transfer (the point of pivot recipes; check docs/results.md for how well it holds)",
+                          stacklevel=3)
+
+
+def _read_config(root: Path) -> dict[str, Any]:
+    path = root / CONFIG_NAME
+    if not path.is_file():
+        raise ExportError(f"{root} is not an mmalign export: no {CONFIG_NAME}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ExportError(f"{path} is not valid JSON: {err}") from err
+    if config.get("format") == "mmalign-prefix-captioner":
+        raise ExportError(f"{root} is a visual-prefix captioner export: load it with mmalign.load({str(root)!r}) or "
+                          "mmalign.captioning.PrefixCaptioningModule.from_pretrained, then call .generate(images, lang=...)")
+    if config.get("format") != FORMAT:
+        raise ExportError(f"{path} is not an mmalign export (format {config.get('format')!r}, expected {FORMAT!r})")
+    if int(config.get("format_version", -1)) > FORMAT_VERSION:
+        raise ExportError(f"{path} has format_version {config['format_version']}; this mmalign reads <= {FORMAT_VERSION}")
+    return config
+
+
+def _build_tower(name: str, cfg: Mapping[str, Any], override: Mapping[str, Any] | None, strict: bool) -> Tower:
+    enc_cfg = cfg["encoder"]
+    init_args = {**enc_cfg["init_args"], **dict(override or {})}
+    encoder = _import(enc_cfg["class_path"])(**init_args)
+    problems = []
+    if encoder.cache_key != enc_cfg["cache_key"]:
+        problems.append(f"cache_key {encoder.cache_key} != recorded {enc_cfg['cache_key']}")
+        problems += [f"  {d}" for d in _spec_diff(enc_cfg.get("spec", {}), encoder.spec())]
+    if int(encoder.output_dim) != int(enc_cfg["output_dim"]):
+        raise ExportError(
+            f"tower {name!r}: the rebuilt encoder {enc_cfg['class_path']} gives {encoder.output_dim}-d features but the "
+            f"projector was trained on {enc_cfg['output_dim']}-d ones\n" + "\n".join(problems)
+        )
+    if problems:
+        msg = (f"tower {name!r}: the encoder rebuilt from config.json ({enc_cfg['class_path']}) is not the one the "
+               "projector was trained on:\n" + "\n".join(problems))
+        if strict:
+            raise ExportError(msg + "\n(pass strict=False to load it anyway)")
+        warnings.warn(msg, stacklevel=3)
+    proj_cfg = cfg["projector"]
+    projector = _import(proj_cfg["class_path"])(**proj_cfg["init_args"])
+    if projector.in_dim != encoder.output_dim:
+        raise ExportError(f"tower {name!r}: projector in_dim {projector.in_dim} != encoder output_dim {encoder.output_dim}")
+    tower = Tower(encoder, cfg["field"], projector=lambda i, o: projector, normalize=bool(cfg["normalize"]))
+    tower.build(projector.out_dim)
+    return tower
+
+
+def _load_weights(root: Path, config: Mapping[str, Any], towers: Mapping[str, Tower]) -> dict[str, Tensor]:
+    """Read ``model.safetensors`` after checking it against the rebuilt projectors and config.json."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    info = config.get("weights", {})
+    path = root / info.get("file", "model.safetensors")
+    if not path.is_file():
+        raise ExportError(f"{root}: weights file {path.name} is missing")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ExportError(f"{path} is not a readable safetensors file: {err}") from err
+    problems = []
+    for name, tower in towers.items():
+        prefix = f"towers.{name}.projector."
+        expected = {prefix + k: tuple(v.shape) for k, v in tower.projector.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in tensors.items() if k.startswith(prefix)}
+        problems += [f"tower {name!r}: missing tensor {k} {s}" for k, s in expected.items() if k not in found]
+        problems += [f"tower {name!r}: unexpected tensor {k} {s}" for k, s in found.items() if k not in expected]
+        problems += [
+            f"tower {name!r}: tensor {k} has shape {found[k]}, the rebuilt projector needs {s}"
+            for k, s in expected.items() if k in found and found[k] != s
+        ]
+    # Tensors outside the loaded projectors (temperatures) are checked against config.json's list.
+    loaded = tuple(f"towers.{n}.projector." for n in towers)
+    recorded = info.get("tensors", {})
+    for k, meta in recorded.items():
+        if k.startswith("towers."):
+            continue
+        if k not in tensors:
+            problems.append(f"tensor {k} listed in config.json is missing")
+        elif list(tensors[k].shape) != list(meta["shape"]):
+            problems.append(f"tensor {k} has shape {tuple(tensors[k].shape)}, config.json records {tuple(meta['shape'])}")
+    problems += [f"unexpected tensor {k}" for k in tensors if not k.startswith("towers.") and k not in recorded]
+    problems += [f"unexpected tensor {k}" for k in tensors if k.startswith("towers.") and k not in recorded
+                 and not k.startswith(loaded)]
+    if problems:
+        raise ExportError(f"{path} does not match the model described by config.json:\n  " + "\n  ".join(problems))
+    if info.get("sha256") and sha256_file(path) != info["sha256"]:
+        raise ExportError(
+            f"{path} has the expected tensors but its sha256 differs from the one recorded at export: the weights "
+            "were modified after export"
+        )
+    return tensors
+
+
+# -- command line ------------------------------------------------------------------------------

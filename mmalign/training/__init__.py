@@ -1,0 +1,1 @@
+"""Training: towers and objectives, losses, the AlignmentModule, GradCache and callbacks."""

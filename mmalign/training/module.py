@@ -1,0 +1,278 @@
+"""The LightningModule shared by every embedding recipe: towers + objectives, set from YAML."""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from typing import Any, Callable
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from encoders.base import EncoderOutput
+from mmalign.training.gradcache import check_per_sample, chunk_ranges, grad_cache_backward, slice_rows
+from mmalign.training.base import FrozenBackboneModule
+from mmalign.training.losses import group_ids
+from mmalign.training.towers import Objective, Tower
+
+
+def in_batch_r1(a: Tensor, b: Tensor) -> Tensor:
+    """Fraction of rows of ``a`` whose most similar row of ``b`` (cosine) is the paired one."""
+    a, b = nn.functional.normalize(a.float(), dim=-1), nn.functional.normalize(b.float(), dim=-1)
+    return (a @ b.T).argmax(dim=1).eq(torch.arange(len(a), device=a.device)).float().mean()
+
+
+class AlignmentModule(FrozenBackboneModule):
+    """Frozen encoders -> trainable projectors (towers) and weighted objectives between towers.
+
+    Args:
+        towers: Named towers, e.g. ``{"student": ..., "teacher": ...}`` or ``{"image": ..., "text": ...}``.
+        objectives: Losses between pairs of towers.
+        embed_dim: Shared space size given to projector factories. ``None``: taken from a tower
+            without projector (a frozen teacher defines the space).
+        optimizer: Optimizer factory over the trainable parameters (projectors, temperatures).
+        scheduler: Optional LR scheduler factory (stepped every optimizer step).
+        retrieval: Tower pairs evaluated in validation/test (both directions, per language). Default:
+            the pairs of the objectives.
+        grad_cache_chunk: Rows per chunk for GradCache (Gao et al., 2021; :mod:`mmalign.training.gradcache`):
+            the training step projects the whole batch without a graph, takes the gradient of the
+            full-batch loss w.r.t. the embeddings, then re-projects ``grad_cache_chunk`` rows at a time
+            with a graph. Gradients equal the plain step's, so the contrastive batch (and its
+            negatives) can exceed what the projector graph fits in memory. Switches the module to
+            Lightning manual optimization (``trainer.gradient_clip_val`` and
+            ``trainer.accumulate_grad_batches`` are then unavailable: grow ``batch_size`` instead).
+            ``None`` (default): plain step, automatic optimization.
+    """
+
+    def __init__(
+        self,
+        towers: dict[str, Tower],
+        objectives: list[Objective],
+        embed_dim: int | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        retrieval: list[list[str]] | None = None,
+        grad_cache_chunk: int | None = None,
+    ) -> None:
+        super().__init__(optimizer, scheduler)
+        self.save_hyperparameters(ignore=["towers", "objectives", "optimizer", "scheduler"])
+        self.towers = nn.ModuleDict(towers)
+        self.objectives = nn.ModuleList(objectives)
+        self.embed_dim = self._build_towers(embed_dim)
+        for obj in self.objectives:
+            for name in obj.towers:
+                if name not in self.towers:
+                    raise ValueError(f"objective names tower {name!r}; towers are {sorted(self.towers)}")
+        pairs = retrieval if retrieval is not None else [o.towers for o in self.objectives]
+        self.retrieval_pairs = list(dict.fromkeys(tuple(p) for p in pairs))
+        self._eval_store: dict[str, list[Any]] = defaultdict(list)
+        if grad_cache_chunk is not None:
+            chunk_ranges(1, grad_cache_chunk)  # validates the size
+            check_per_sample({name: tower.projector for name, tower in self.towers.items()})
+            self.automatic_optimization = False
+
+    def _build_towers(self, embed_dim: int | None) -> int:
+        if embed_dim is None:
+            teachers = [t for t in self.towers.values() if t._projector_factory is None]
+            if not teachers:
+                raise ValueError("set embed_dim: every tower has a projector, so the shared size is not implied")
+            embed_dim = teachers[0].encoder.output_dim
+        for name, tower in self.towers.items():
+            out = tower.build(embed_dim)
+            if out != embed_dim:
+                raise ValueError(f"tower {name!r} outputs {out}-d vectors but the shared space is {embed_dim}-d")
+        return embed_dim
+
+    # -- forward ----------------------------------------------------------------------------
+    def tower_features(self, name: str, batch: dict[str, Any]) -> EncoderOutput | None:
+        """Encoder output of tower ``name``: from cached features if the batch has them, else encoded."""
+        cached = batch.get("features", {}).get(name)
+        if cached is not None:
+            return EncoderOutput(**cached).float() if isinstance(cached, dict) else cached
+        inputs = batch.get("inputs", {}).get(name)
+        if inputs is None:
+            return None
+        return self.towers[name].encoder(inputs)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """``{tower_name: embeds [B, D]}`` for every tower the batch has inputs or features for."""
+        embeds = {}
+        for name, tower in self.towers.items():
+            feats = self.tower_features(name, batch)
+            if feats is not None:
+                embeds[name] = tower.project(feats)
+        return embeds
+
+    def compute_losses(self, embeds: dict[str, Tensor], groups: Tensor | None = None) -> dict[str, Tensor]:
+        """Weighted loss terms by name: ``clip_loss``..., prefixed ``a-b/`` when objectives span several tower pairs.
+
+        Args:
+            embeds: ``{tower: [B, D]}``.
+            groups: ``[B]`` int64 group ids of the rows (:meth:`batch_groups`), for contrastive losses with
+                ``false_negatives="mask"``.
+        """
+        prefix = len({tuple(o.towers) for o in self.objectives}) > 1
+        losses: dict[str, Tensor] = {}
+        for obj in self.objectives:
+            if all(t in embeds for t in obj.towers):
+                for key, value in obj(embeds, groups).items():
+                    key = f"{'-'.join(obj.towers)}/{key}" if prefix else key
+                    losses[key] = losses.get(key, 0) + value
+        if not losses:
+            raise ValueError(f"no objective could run: the batch fed towers {sorted(embeds)}")
+        return losses
+
+    def batch_groups(self, batch: dict[str, Any]) -> Tensor | None:
+        """``[B]`` int64 ids of the rows' ``concept`` (rows of one concept are not each other's negatives).
+
+        None when no objective masks false negatives, so plain recipes pay nothing.
+        """
+        if not any(getattr(o.loss, "false_negatives", "keep") == "mask" for o in self.objectives):
+            return None
+        meta = batch["meta"]
+        # A row without a concept is its own group; its id keeps it distinct across DDP ranks too.
+        labels = [c if c is not None else f"\0row:{rid}" for c, rid in zip(meta["concept"], meta["id"])]
+        return group_ids(labels, device=self.device)
+
+    # -- large batches (GradCache) -------------------------------------------------------------
+    def chunked_features(self, name: str, batch: dict[str, Any], ranges: list[tuple[int, int]]) -> list[EncoderOutput] | None:
+        """Encoder outputs of tower ``name`` per row range: cached features sliced, or encoded chunk by chunk.
+
+        Frozen encoders run once per chunk (no graph); both GradCache passes reuse these features.
+        """
+        batch_size = len(batch["meta"]["id"])
+        cached = batch.get("features", {}).get(name)
+        if cached is not None:
+            feats = EncoderOutput(**cached).float() if isinstance(cached, dict) else cached
+            return [feats[s:e] for s, e in ranges]
+        inputs = batch.get("inputs", {}).get(name)
+        if inputs is None:
+            return None
+        return [self.towers[name].encoder(slice_rows(inputs, s, e, batch_size)) for s, e in ranges]
+
+    def grad_cache_step(
+        self, batch: dict[str, Any], backward: Callable[[Tensor], None] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """Accumulate the full-batch gradient into ``.grad`` with GradCache; returns (loss, losses, embeds), detached.
+
+        Args:
+            batch: A training batch (raw inputs or cached features).
+            backward: Backpropagates a scalar; default ``self.manual_backward`` when attached to a
+                trainer (precision plugin, DDP), else ``Tensor.backward``.
+        """
+        chunk = self.hparams.get("grad_cache_chunk") or len(batch["meta"]["id"])
+        ranges = chunk_ranges(len(batch["meta"]["id"]), chunk)
+        feats = {name: f for name in self.towers if (f := self.chunked_features(name, batch, ranges)) is not None}
+        attached = self._trainer is not None
+        if backward is None:
+            backward = self.manual_backward if attached else Tensor.backward
+
+        def project(i: int) -> dict[str, Tensor]:
+            return {name: self.towers[name].project(f[i]) for name, f in feats.items()}
+
+        def sync(last: bool) -> Any:
+            block = getattr(self.trainer.strategy, "block_backward_sync", None) if attached else None
+            return contextlib.nullcontext() if last or block is None else block()
+
+        groups = self.batch_groups(batch)
+        out = grad_cache_backward(
+            project, len(ranges), lambda embeds: self.compute_losses(embeds, groups), backward=backward, sync=sync
+        )
+        return out.loss, out.losses, out.embeds
+
+    # -- Lightning hooks ---------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        if not batch["meta"]["id"]:
+            # every item of the batch was skipped under on_error="skip" (counted by BadInputCallback);
+            # Lightning skips the step. Under DDP every rank must agree, so use skip with single-process runs
+            # or clean data first (``mmalign cache`` drops bad items once, before training).
+            return None
+        if self.automatic_optimization:
+            embeds = self(batch)
+            losses = self.compute_losses(embeds, self.batch_groups(batch))
+            loss = torch.stack(list(losses.values())).sum()
+        else:  # GradCache: the step does its own backward passes and the optimizer step
+            optimizer = self.optimizers()
+            optimizer.zero_grad()
+            loss, losses, embeds = self.grad_cache_step(batch)
+            optimizer.step()
+            scheduler = self.lr_schedulers()
+            if scheduler is not None:
+                scheduler.step()
+        bs = len(batch["meta"]["id"])
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=bs)
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        for a, b in self.retrieval_pairs:
+            if a in embeds and b in embeds:
+                self.log(f"train/{a}->{b}/inbatch_R@1", in_batch_r1(embeds[a], embeds[b]), batch_size=bs)
+        return loss
+
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+        if not batch["meta"]["id"]:  # every item skipped under on_error="skip"
+            return
+        embeds = self(batch)
+        losses = self.compute_losses(embeds, self.batch_groups(batch))
+        bs = len(batch["meta"]["id"])
+        self.log_dict({f"{stage}/{k}": v for k, v in losses.items()}, batch_size=bs, sync_dist=True)
+        self.log(f"{stage}/loss", torch.stack(list(losses.values())).sum(), batch_size=bs, sync_dist=True, prog_bar=True)
+        self._eval_store["meta"].append(batch["meta"])
+        self._eval_store["keys"].append(batch.get("keys", {}))
+        self._eval_store["embeds"].append({k: v.detach().float().cpu() for k, v in embeds.items()})
+
+    def collected_embeddings(self) -> dict[str, Any]:
+        """Concatenate what the last evaluation epoch stored: embeds per tower, meta and keys."""
+        store = self._eval_store
+        embeds = {k: torch.cat([e[k] for e in store["embeds"]]) for k in (store["embeds"][0] if store["embeds"] else {})}
+        meta = {k: sum((m[k] for m in store["meta"]), []) for k in (store["meta"][0] if store["meta"] else {})}
+        keys = {k: sum((m[k] for m in store["keys"]), []) for k in (store["keys"][0] if store["keys"] else {})}
+        return {"embeds": embeds, "meta": meta, "keys": keys}
+
+    def evaluate_collected(self, collected: dict[str, Any]) -> dict[str, Any]:
+        """Per-language retrieval in both directions for every configured tower pair."""
+        from mmalign.evaluation import per_language_retrieval
+
+        embeds, meta, keys = collected["embeds"], collected["meta"], collected["keys"]
+        results: dict[str, Any] = {}
+        for a, b in self.retrieval_pairs:
+            if a not in embeds or b not in embeds:
+                continue
+            kwargs = dict(
+                labels=meta["concept"], a_keys=keys.get(self.towers[a].field), b_keys=keys.get(self.towers[b].field),
+                a_name=a, b_name=b,
+            )
+            per_lang = per_language_retrieval(embeds[a], embeds[b], langs=meta["lang"], **kwargs)
+            if len(per_lang) > 1:  # every language together, deduplicated across languages too
+                for side, name in (("a_keys", a), ("b_keys", b)):
+                    if kwargs[side] is not None and self.towers[name].field == "text":
+                        # the same string may name different concepts in two languages ("crayon" en/fr)
+                        kwargs[side] = [f"{lang}:{k}" for lang, k in zip(meta["lang"], kwargs[side])]
+                per_lang["all"] = per_language_retrieval(embeds[a], embeds[b], langs=["all"] * len(embeds[a]), **kwargs)["all"]
+            else:
+                per_lang["all"] = next(iter(per_lang.values()))
+            results[f"{a}|{b}"] = per_lang
+        return results
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        if self.trainer.sanity_checking:
+            self._eval_store.clear()
+            return
+        collected = self.collected_embeddings()
+        self._eval_store.clear()
+        if not collected["embeds"]:
+            return
+        results = self.evaluate_collected(collected)
+        self.last_eval = {"stage": stage, "results": results, "collected": collected}
+        flat: dict[str, float] = {}
+        r1s = []
+        for pair, per_lang in results.items():
+            for lang, directions in per_lang.items():
+                for direction, metrics in directions.items():
+                    for metric, value in metrics.items():
+                        if metric in ("R@1", "R@5", "MRR"):
+                            flat[f"{stage}/{lang}/{direction}/{metric}"] = float(value)
+                    if lang == "all":
+                        r1s.append(float(metrics["R@1"]))
+        if r1s:
+            flat[f"{stage}/R@1"] = sum(r1s) / len(r1s)
+        self.log_dict(flat, sync_dist=False)
