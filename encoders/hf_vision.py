@@ -10,7 +10,8 @@ from torch import Tensor
 
 from encoders.base import Encoder, EncoderOutput, Modality
 from encoders.image_io import load_images
-from encoders.tiny import register_tiny, resolve_model_path
+from encoders.tiny import resolve_model_path
+from encoders.utils import quiet_transformers, torch_dtype
 
 _POOLINGS = ("pooler", "cls", "mean")
 
@@ -42,7 +43,7 @@ class HFVisionEncoder(Encoder):
             the attention-pooling head); ``"cls"`` = CLS state of the last layer (CLIP only);
             ``"mean"`` = mean of the last layer's patch states.
         revision: Hub revision (branch, tag or commit).
-        dtype: Weight/compute dtype name.
+        dtype: Weight/compute dtype (``"float32"``, ``"bfloat16"``, ``"float16"``).
 
     Outputs: ``pooled [B, D]``; ``tokens`` = last-layer patch states ``[B, P, hidden]`` (CLS dropped),
     all unmasked; ``token_dim`` = hidden size.
@@ -63,12 +64,13 @@ class HFVisionEncoder(Encoder):
 
         if pooling not in _POOLINGS:
             raise ValueError(f"pooling must be one of {_POOLINGS}, got {pooling!r}")
-        self._init_args = dict(model_name_or_path=model_name_or_path, pooling=pooling, revision=revision, dtype=dtype)
-        self.model_name_or_path, self.pooling, self.dtype_name = model_name_or_path, pooling, dtype
+        self.model_name_or_path, self.pooling = model_name_or_path, pooling
+        self.dtype_name = self._init_args["dtype"]  # as given (a torch.dtype by name): part of the cache_key
         path = resolve_model_path(model_name_or_path)
         config = AutoConfig.from_pretrained(path, revision=revision)
         cls = _vision_class(config.model_type)
-        self.model = cls.from_pretrained(path, revision=revision, dtype=getattr(torch, dtype))
+        with quiet_transformers():  # a full CLIP/SigLIP checkpoint: the text half is left out on purpose
+            self.model = cls.from_pretrained(path, revision=revision, dtype=torch_dtype(dtype))
         self.processor = AutoImageProcessor.from_pretrained(path, revision=revision)
         self.model_type = config.model_type
         self.revision = revision or getattr(self.model.config, "_commit_hash", None)
@@ -102,7 +104,7 @@ class HFVisionEncoder(Encoder):
         return {"pixel_values": batch["pixel_values"]}
 
     def encode(self, inputs: dict[str, Tensor]) -> EncoderOutput:
-        x = inputs["pixel_values"].to(self.device, getattr(torch, self.dtype_name))
+        x = inputs["pixel_values"].to(self.device, torch_dtype(self.dtype_name))
         out = self.model(pixel_values=x)
         hidden = out.last_hidden_state  # [B, 1 + P, H] for CLIP, [B, P, H] for SigLIP
         tokens = hidden if self.is_siglip else hidden[:, 1:]
@@ -124,8 +126,7 @@ _TINY_TEXT = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidd
                   num_attention_heads=2, max_position_embeddings=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
-@register_tiny("clip-vision")
-def _build_tiny_clip(directory: Path) -> None:
+def build_tiny_clip(directory: Path) -> None:
     """A full tiny ``CLIPModel`` (as ``openai/clip-vit-*`` on the hub) + its image processor."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
@@ -137,8 +138,7 @@ def _build_tiny_clip(directory: Path) -> None:
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(directory)
 
 
-@register_tiny("siglip-vision")
-def _build_tiny_siglip(directory: Path) -> None:
+def build_tiny_siglip(directory: Path) -> None:
     """A full tiny ``SiglipModel`` (as ``google/siglip-*`` on the hub) + its image processor."""
     from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
 

@@ -14,10 +14,10 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from encoders.base import Encoder, EncoderOutput, Modality
+from encoders.base import Encoder, EncoderOutput, Modality, check_texts
 from encoders.image_io import load_images
-from encoders.base import check_texts
-from encoders.tiny import register_tiny, resolve_model_path
+from encoders.tiny import resolve_model_path
+from encoders.utils import torch_dtype
 
 LOCAL_DIR_PREFIX = "local-dir:"
 
@@ -35,17 +35,16 @@ def _create(model_name: str, pretrained: str | None, dtype: str) -> tuple[nn.Mod
 
     source = _open_clip_source(model_name)
     model, _, preprocess = open_clip.create_model_and_transforms(source, pretrained=pretrained)
-    model.to(getattr(torch, dtype))
+    model.to(torch_dtype(dtype))
     return model, preprocess
 
 
 class _OpenClipBase(Encoder):
     def __init__(self, model_name: str, pretrained: str | None, dtype: str) -> None:
         super().__init__()
-        self._init_args = dict(model_name=model_name, pretrained=pretrained, dtype=dtype)
         self.model_name = model_name
         self.pretrained = pretrained
-        self.dtype_name = dtype
+        self.dtype_name = self._init_args["dtype"]  # as given (a torch.dtype by name): part of the cache_key
 
     def spec(self) -> dict[str, Any]:
         return {
@@ -98,7 +97,7 @@ class OpenClipImageEncoder(_OpenClipBase):
         return {"pixel_values": torch.stack([self.transform(img) for img in load_images(items)])}
 
     def encode(self, inputs: dict[str, Tensor]) -> EncoderOutput:
-        x = inputs["pixel_values"].to(self.device, getattr(torch, self.dtype_name))
+        x = inputs["pixel_values"].to(self.device, torch_dtype(self.dtype_name))
         if not self.has_tokens:
             return EncoderOutput(pooled=self.visual(x))
         pooled, tokens = self.visual(x)  # [B, E], [B, P, W]
@@ -189,8 +188,7 @@ TINY_OPEN_CLIP_CFG = {
 }
 
 
-@register_tiny("open-clip")
-def _build_tiny_open_clip(directory: Path) -> None:
+def build_tiny_open_clip(directory: Path) -> None:
     """open_clip's own local-dir format: ``open_clip_config.json`` + ``open_clip_model.safetensors``."""
     import open_clip
     from safetensors.torch import save_file

@@ -109,13 +109,12 @@ class UniversalSentenceEncoderM(_PackagedTextEncoder):
 
     def __init__(self, threads: int | None = None) -> None:
         super().__init__()
-        self._init_args = {"threads": threads} if threads is not None else {}
         self.threads = threads or min(4, os.cpu_count() or 1)
         self.freeze()
 
     def spec(self) -> dict[str, Any]:
         spec = super().spec()
-        spec.pop("threads", None)  # threads do not change the outputs
+        spec.pop("threads", None)  # threads do not change the outputs (nor the cache_key)
         return spec
 
     def _load_engine(self) -> Any:
@@ -162,7 +161,6 @@ class MultilingualE5Small(_PackagedTextEncoder):
         super().__init__()
         if mode not in ("query", "passage"):
             raise ValueError(f"mode must be 'query' or 'passage', got {mode!r}")
-        self._init_args = {"mode": mode, **({"num_threads": num_threads} if num_threads else {})}
         self.mode, self.num_threads = mode, num_threads
         self.freeze()
 

@@ -16,7 +16,8 @@ from torch import Tensor
 
 from encoders.base import Encoder, EncoderOutput, Modality
 from encoders.image_io import load_images
-from encoders.tiny import build_once, packaged_root, register_packaged, register_tiny, resolve_model_path
+from encoders.tiny import build_once, packaged_root, resolve_model_path
+from encoders.utils import torch_dtype
 
 LOCAL_DIR_PREFIX = "local-dir:"
 _POOLS = ("head", "avg", "cls")
@@ -60,12 +61,9 @@ class TimmImageEncoder(Encoder):
         import timm
         from timm.data import create_transform, resolve_data_config
 
-        self._init_args = dict(
-            model_name=model_name, pretrained=pretrained, checkpoint_path=checkpoint_path, pool=pool, dtype=dtype
-        )
         self.model_name = model_name
         self.pool = pool
-        self.dtype_name = dtype
+        self.dtype_name = self._init_args["dtype"]  # as given (a torch.dtype by name): part of the cache_key
         source, from_dir = _timm_source(model_name)
         if pool not in _POOLS:
             raise ValueError(f"pool must be one of {_POOLS}, got {pool!r}")
@@ -75,7 +73,7 @@ class TimmImageEncoder(Encoder):
                 raise FileNotFoundError(f"checkpoint_path {checkpoint_path!r} does not exist")
             kwargs["checkpoint_path"] = checkpoint_path
         self.model = timm.create_model(source, pretrained=pretrained or from_dir, **kwargs)
-        self.model.to(getattr(torch, dtype))
+        self.model.to(torch_dtype(dtype))
         # Pretrained metadata (mean/std/size) comes from pretrained_cfg, apart from the architecture.
         self.data_config = resolve_data_config({}, model=self.model)
         self.transform = create_transform(**self.data_config, is_training=False)
@@ -109,7 +107,7 @@ class TimmImageEncoder(Encoder):
         return {"pixel_values": torch.stack([self.transform(img) for img in images])}
 
     def encode(self, inputs: dict[str, Tensor]) -> EncoderOutput:
-        x = inputs["pixel_values"].to(self.device, getattr(torch, self.dtype_name))
+        x = inputs["pixel_values"].to(self.device, torch_dtype(self.dtype_name))
         feats = self.model.forward_features(x)
         if feats.ndim == 4:  # CNN map -> [B, H*W, C]
             if str(getattr(self.model, "output_fmt", "NCHW")).endswith("NHWC"):
@@ -224,9 +222,6 @@ def convert_efficientnet_lite0(out_dir: str | os.PathLike, weights_path: str | N
     return out
 
 
-
-
-@register_packaged("efficientnet-lite0")
 def packaged_efficientnet_lite0() -> Path:
     """The packaged EfficientNet-Lite0 as a timm directory (converted once, cached under ``packaged_root()``)."""
     return build_once(packaged_root() / "efficientnet-lite0", convert_efficientnet_lite0)
@@ -244,11 +239,9 @@ def _save_tiny_timm(directory: Path, arch: str, size: int, **model_kwargs: Any) 
     save_for_hf(model, directory)
 
 
-@register_tiny("timm-vit")
-def _build_tiny_timm_vit(directory: Path) -> None:
+def build_tiny_timm_vit(directory: Path) -> None:
     _save_tiny_timm(directory, "test_vit", 32, img_size=32)
 
 
-@register_tiny("timm-efficientnet")
-def _build_tiny_timm_efficientnet(directory: Path) -> None:
+def build_tiny_timm_efficientnet(directory: Path) -> None:
     _save_tiny_timm(directory, "test_efficientnet", 64)

@@ -8,6 +8,7 @@
 
 Encoders then load the directory through exactly the code path real users take for a hub id or a local
 directory (``from_pretrained(path)``), so tests exercise the real loading code without a model hub.
+The names and their builders are listed in :mod:`encoders.registry` (``list_models()``).
 """
 
 from __future__ import annotations
@@ -18,33 +19,11 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-TINY_PREFIX = "tiny:"
-PACKAGED_PREFIX = "packaged:"
-_BUILDERS: dict[str, Callable[[Path], None]] = {}
-_PACKAGED: dict[str, Callable[[], str | Path]] = {}
-
-
-def register_tiny(name: str) -> Callable[[Callable[[Path], None]], Callable[[Path], None]]:
-    """Register ``builder(directory)`` that writes the tiny twin ``tiny:<name>`` into ``directory``."""
-
-    def wrap(builder: Callable[[Path], None]) -> Callable[[Path], None]:
-        _BUILDERS[name] = builder
-        return builder
-
-    return wrap
-
-
-def register_packaged(name: str) -> Callable[[Callable[[], str | Path]], Callable[[], str | Path]]:
-    """Register ``locate() -> directory`` for ``packaged:<name>`` (it may convert and cache on first call)."""
-
-    def wrap(locate: Callable[[], str | Path]) -> Callable[[], str | Path]:
-        _PACKAGED[name] = locate
-        return locate
-
-    return wrap
+from encoders.registry import PACKAGED_PREFIX, TINY_PREFIX, list_models, model_builder
 
 
 def tiny_root() -> Path:
+    """Where tiny twins are built (``$MMALIGN_TINY_DIR``, default ``~/.cache/mmalign/tiny``)."""
     return Path(os.environ.get("MMALIGN_TINY_DIR", Path.home() / ".cache" / "mmalign" / "tiny"))
 
 
@@ -74,28 +53,27 @@ def build_once(target: Path, builder: Callable[[Path], None]) -> Path:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """Return a loadable path/id: ``tiny:`` and ``packaged:`` references become local directories."""
-    for prefix, registry in ((TINY_PREFIX, _BUILDERS), (PACKAGED_PREFIX, _PACKAGED)):
-        if not name_or_path.startswith(prefix):
-            continue
-        name = name_or_path[len(prefix):]
-        import encoders  # noqa: F401  (importing the families registers their models)
+    """Return a loadable path/id: ``tiny:`` and ``packaged:`` references become local directories.
 
-        if name not in registry:
-            raise KeyError(f"unknown model {name_or_path!r}; known: {sorted(prefix + n for n in registry)}")
-        if prefix == TINY_PREFIX:
-            return str(build_once(tiny_root() / name, _BUILDERS[name]))
-        return str(_PACKAGED[name]())
+    A ``tiny:`` twin is built on first use into ``tiny_root()/<name>``; a ``packaged:`` model is
+    located (and converted once) by its package's function. Anything else is returned unchanged.
+
+    Raises:
+        KeyError: An unknown ``tiny:``/``packaged:`` name (the message lists the known ones).
+    """
+    if name_or_path.startswith(TINY_PREFIX):
+        builder = model_builder(name_or_path)
+        return str(build_once(tiny_root() / name_or_path[len(TINY_PREFIX):], builder))
+    if name_or_path.startswith(PACKAGED_PREFIX):
+        return str(model_builder(name_or_path)())
     return name_or_path
 
 
 def known_tiny_models() -> list[str]:
-    import encoders  # noqa: F401
-
-    return sorted(TINY_PREFIX + n for n in _BUILDERS)
+    """``list_models("tiny")`` (kept for callers of the earlier name)."""
+    return list_models("tiny")
 
 
 def known_packaged_models() -> list[str]:
-    import encoders  # noqa: F401
-
-    return sorted(PACKAGED_PREFIX + n for n in _PACKAGED)
+    """``list_models("packaged")`` (kept for callers of the earlier name)."""
+    return list_models("packaged")

@@ -24,10 +24,9 @@ from torch import Tensor
 
 from encoders.audio import load_batch
 from encoders.base import Encoder, EncoderOutput, Modality
-from encoders.tiny import register_tiny, resolve_model_path
-from encoders.whisper import pool_frames, quiet_transformers, torch_dtype
-
-_POOLINGS = ("mean", "max")
+from encoders.tiny import resolve_model_path
+from encoders.utils import POOLINGS as _POOLINGS
+from encoders.utils import pool_frames, quiet_transformers, torch_dtype
 
 
 class Wav2Vec2SpeechEncoder(Encoder):
@@ -64,10 +63,6 @@ class Wav2Vec2SpeechEncoder(Encoder):
             raise ValueError(f"unknown pooling {pooling!r}; choose from {_POOLINGS}")
         if max_seconds <= 0:
             raise ValueError(f"max_seconds must be positive, got {max_seconds}")
-        self._init_args = dict(
-            model_name_or_path=model_name_or_path, pooling=pooling, layer=layer, max_seconds=max_seconds,
-            dtype=str(dtype).removeprefix("torch."), revision=revision,
-        )
         self.pooling, self.layer, self.max_seconds = pooling, layer, max_seconds
         path = resolve_model_path(model_name_or_path)
         kwargs: dict[str, Any] = {"revision": revision} if revision else {}
@@ -78,12 +73,13 @@ class Wav2Vec2SpeechEncoder(Encoder):
         if not -(config.num_hidden_layers + 1) <= layer <= config.num_hidden_layers:
             raise ValueError(f"layer {layer} out of range for a {config.num_hidden_layers}-layer model")
         self.sampling_rate = int(self.feature_extractor.sampling_rate)
-        self.output_dim = int(config.hidden_size)
+        self.output_dim = self.token_dim = int(config.hidden_size)
         # Group-norm feature encoders see the padding: run them one clip at a time (see module doc).
         self.per_clip = getattr(config, "feat_extract_norm", "layer") == "group"
         self.freeze()
 
     def spec(self) -> dict[str, Any]:
+        # Every constructor argument changes the outputs, so the recorded arguments are the spec.
         return {**super().spec(), **self._init_args}
 
     def preprocess(self, items: Sequence[Any], sampling_rate: int | None = None) -> dict[str, Tensor]:
@@ -145,8 +141,7 @@ def _save_extractor(directory: Path, attention_mask: bool) -> None:
     ).save_pretrained(directory)
 
 
-@register_tiny("wav2vec2")
-def _build_tiny_wav2vec2(directory: Path) -> None:
+def build_tiny_wav2vec2(directory: Path) -> None:
     """XLS-R-like twin: layer-norm feature encoder, stable layer norm, attention mask."""
     from transformers import Wav2Vec2Config, Wav2Vec2Model
 
@@ -156,8 +151,7 @@ def _build_tiny_wav2vec2(directory: Path) -> None:
     _save_extractor(directory, attention_mask=True)
 
 
-@register_tiny("hubert")
-def _build_tiny_hubert(directory: Path) -> None:
+def build_tiny_hubert(directory: Path) -> None:
     """HuBERT-base-like twin: group-norm feature encoder, no attention mask."""
     from transformers import HubertConfig, HubertModel
 

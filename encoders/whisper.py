@@ -12,57 +12,18 @@ sub-modules itself; with ``pad_to_30s=True`` that computation equals ``WhisperEn
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from encoders.audio import load_batch
-from encoders.base import Encoder, EncoderOutput, Modality, masked_mean
-from encoders.convert_ct2 import packaged_whisper_base, packaged_whisper_tiny_en
-from encoders.tiny import register_packaged, register_tiny, resolve_model_path
-
-register_packaged("whisper-base")(packaged_whisper_base)
-register_packaged("whisper-tiny.en")(packaged_whisper_tiny_en)
-
-_POOLINGS = ("mean", "max")
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence ``transformers``' load report (we load encoder halves on purpose)."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-
-
-def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """``"float16"``/``"fp16"``/``torch.float16`` -> ``torch.float16`` (same for bf16/fp32)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
-    name = aliases.get(str(dtype), str(dtype)).removeprefix("torch.")
-    if name not in ("float32", "float16", "bfloat16"):
-        raise ValueError(f"unsupported dtype {dtype!r}; use float32, float16 or bfloat16")
-    return getattr(torch, name)
-
-
-def pool_frames(tokens: Tensor, mask: Tensor, pooling: str) -> Tensor:
-    """Pool ``tokens [B, T, D]`` over frames where ``mask [B, T]`` is True (computed in float32)."""
-    t = tokens.float()
-    if pooling == "mean":
-        return masked_mean(t, mask).to(tokens.dtype)
-    if pooling == "max":
-        return t.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=1).to(tokens.dtype)
-    raise ValueError(f"unknown pooling {pooling!r}; choose from {_POOLINGS}")
+from encoders.base import Encoder, EncoderOutput, Modality
+from encoders.tiny import resolve_model_path
+from encoders.utils import POOLINGS as _POOLINGS
+from encoders.utils import pool_frames, quiet_transformers, torch_dtype
 
 
 class WhisperSpeechEncoder(Encoder):
@@ -104,10 +65,6 @@ class WhisperSpeechEncoder(Encoder):
             raise ValueError(f"unknown pooling {pooling!r}; choose from {_POOLINGS}")
         if not 0 < max_seconds <= 30.0:
             raise ValueError(f"max_seconds must be in (0, 30] (one Whisper window), got {max_seconds}")
-        self._init_args = dict(
-            model_name_or_path=model_name_or_path, pooling=pooling, pad_to_30s=pad_to_30s,
-            max_seconds=max_seconds, layer=layer, dtype=str(dtype).removeprefix("torch."), revision=revision,
-        )
         self.model_name_or_path = model_name_or_path
         self.pooling, self.pad_to_30s, self.max_seconds, self.revision = pooling, pad_to_30s, max_seconds, revision
         path = resolve_model_path(model_name_or_path)
@@ -124,7 +81,7 @@ class WhisperSpeechEncoder(Encoder):
         if not -(n_layers + 1) <= layer <= n_layers:
             raise ValueError(f"layer {layer} out of range for a {n_layers}-layer encoder")
         self.layer = layer % (n_layers + 1)  # index into [embeddings, layer 1, ..., final]
-        self.output_dim = int(config.d_model)
+        self.output_dim = self.token_dim = int(config.d_model)
         # Mel frames per encoder frame (conv1 stride x conv2 stride = 2).
         self.mel_per_frame = int(self.encoder.conv1.stride[0] * self.encoder.conv2.stride[0])
         self.max_mel_frames = int(config.max_source_positions * self.mel_per_frame)
@@ -136,6 +93,7 @@ class WhisperSpeechEncoder(Encoder):
         self.freeze()
 
     def spec(self) -> dict[str, Any]:
+        # Every constructor argument changes the outputs, so the recorded arguments are the spec.
         return {**super().spec(), **self._init_args}
 
     # -- data -----------------------------------------------------------------------------
@@ -204,8 +162,7 @@ class WhisperSpeechEncoder(Encoder):
         return EncoderOutput(pooled=pool_frames(x, mask, self.pooling), tokens=x, mask=mask)
 
 
-@register_tiny("whisper")
-def _build_tiny_whisper(directory: Path) -> None:
+def build_tiny_whisper(directory: Path) -> None:
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
     torch.manual_seed(0)
@@ -227,4 +184,4 @@ def whisper_reference_forward(encoder: WhisperSpeechEncoder, inputs: dict[str, T
         return encoder.encoder(feats).last_hidden_state
 
 
-__all__ = ["WhisperSpeechEncoder", "pool_frames", "quiet_transformers", "torch_dtype", "whisper_reference_forward"]
+__all__ = ["WhisperSpeechEncoder", "build_tiny_whisper", "whisper_reference_forward"]

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 from typing import Any
 
 from torch import Tensor, nn
 
 from encoders.base import EncoderOutput
+from encoders.utils import RecordsInitArgs
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
@@ -16,30 +15,15 @@ def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-class Projector(nn.Module):
+class Projector(RecordsInitArgs, nn.Module):
     """Base class: ``(in_dim, out_dim)`` constructor, ``forward(EncoderOutput) -> [B, out_dim]``.
 
-    ``uses_tokens`` tells the feature cache whether token sequences must be stored.
+    ``uses_tokens`` tells the feature cache whether token sequences must be stored. Constructor
+    arguments are recorded automatically (:class:`encoders.utils.RecordsInitArgs`, as for encoders),
+    so :meth:`config` rebuilds any projector without per-class code.
     """
 
     uses_tokens: bool = False
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        # Record every projector's constructor arguments (sentence-transformers' get_config_dict idea)
-        # so exports can rebuild it: ``{"class_path": ..., "init_args": {...}}``.
-        super().__init_subclass__(**kwargs)
-        init = cls.__init__
-
-        @functools.wraps(init)
-        def recording_init(self, *args: Any, **kw: Any) -> None:
-            init(self, *args, **kw)
-            if type(self) is cls:
-                bound = inspect.signature(init).bind(self, *args, **kw)
-                bound.apply_defaults()
-                init_args = {k: v for k, v in bound.arguments.items() if k != "self"}
-                self._config = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
-
-        cls.__init__ = recording_init  # type: ignore[method-assign]
 
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
@@ -48,7 +32,8 @@ class Projector(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """``{"class_path", "init_args"}`` that rebuild this projector (weights aside)."""
-        return dict(self._config)
+        cls = type(self)
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": self.init_args()}
 
     @property
     def num_parameters(self) -> int:

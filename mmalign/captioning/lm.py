@@ -2,11 +2,11 @@
 
 :class:`FrozenLM` loads any ``AutoModelForCausalLM`` (BLOOMZ, Qwen, Llama...) or
 ``AutoModelForSeq2SeqLM`` (mT5, mT0...) with its tokenizer, from a hub id, a local directory or a
-tiny twin (``tiny:tiny-causal-lm``, ``tiny:tiny-mt5``). Frozen means what it means for encoders
-(:class:`encoders.base.Encoder`): no base weight requires grad, the model stays in eval mode, and
-base weights are left out of ``state_dict()``. Gradients still flow *through* the LM to the prefix
-embeddings (it is not run under ``inference_mode``). Optional LoRA adapters (peft) are the only LM
-weights that train and the only ones saved.
+tiny twin (``tiny:tiny-causal-lm``, ``tiny:tiny-mt5``, listed in :mod:`encoders.registry`). Frozen means
+what it means for encoders, with the same implementation (:class:`encoders.frozen.FrozenModule`): no base
+weight requires grad, the model stays in eval mode, and base weights are left out of ``state_dict()``.
+Gradients still flow *through* the LM to the prefix embeddings (it is not run under ``inference_mode``).
+Optional LoRA adapters (peft) are the only LM weights that train and the only ones saved.
 """
 
 from __future__ import annotations
@@ -15,14 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from encoders.tiny import register_tiny, resolve_model_path
+from encoders.frozen import FrozenModule
+from encoders.tiny import resolve_model_path
+from encoders.utils import RecordsInitArgs, torch_dtype
 
 _KINDS = ("auto", "causal", "seq2seq")
 
 
-class FrozenLM(nn.Module):
+class FrozenLM(RecordsInitArgs, FrozenModule):
     """A frozen causal or seq2seq LM with its tokenizer, optionally with trainable LoRA adapters.
 
     Args:
@@ -50,25 +52,24 @@ class FrozenLM(nn.Module):
 
         if kind not in _KINDS:
             raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
-        self._init_args = dict(
-            model_name=model_name, kind=kind, revision=revision, dtype=dtype, lora=lora, tokenizer_name=tokenizer_name
-        )
         path = resolve_model_path(model_name)
         config = AutoConfig.from_pretrained(path, revision=revision)
         if kind == "auto":
             kind = "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
         self.kind = kind
         auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
-        self.model = auto.from_pretrained(path, revision=revision, dtype=getattr(torch, dtype))
+        self.model = auto.from_pretrained(path, revision=revision, dtype=torch_dtype(dtype))
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer_name or model_name), revision=revision)
         if self.tokenizer.pad_token_id is None:  # e.g. Llama/GPT-2 style tokenizers
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.tokenizer.eos_token_id is None:
             raise ValueError(f"tokenizer of {model_name!r} has no eos token: captions could never end")
-        self.model.requires_grad_(False)
         if lora:
             self._add_lora(lora)
-        nn.Module.train(self, False)
+        # LoRA weights (injected as ``lora_A``/``lora_B`` modules) are the only ones that train.
+        self.freeze(trainable=lambda name: bool(lora) and "lora_" in name)
+        if lora and not self.trainable_names():
+            raise ValueError(f"LoRA config {lora} matched no module of {model_name!r} (check target_modules)")
 
     def _add_lora(self, lora: dict[str, Any]) -> None:
         try:
@@ -77,15 +78,6 @@ class FrozenLM(nn.Module):
             raise ImportError("LoRA needs peft: pip install 'mmalign[generate]'") from e
         # Injected in place (no PeftModel wrapper): the LM keeps its own class, forward and generate.
         inject_adapter_in_model(LoraConfig(**lora), self.model)
-        for name, p in self.model.named_parameters():
-            p.requires_grad_("lora_" in name)
-        if not any(p.requires_grad for p in self.model.parameters()):
-            raise ValueError(f"LoRA config {lora} matched no module of {self._init_args['model_name']!r} (check target_modules)")
-
-    # -- identity -------------------------------------------------------------------------
-    def init_args(self) -> dict[str, Any]:
-        """Keyword arguments that rebuild this wrapper (exports store them)."""
-        return dict(self._init_args)
 
     @property
     def is_seq2seq(self) -> bool:
@@ -103,23 +95,9 @@ class FrozenLM(nn.Module):
         """Token embeddings ``[B, T, H]`` of ``input_ids [B, T]``."""
         return self.model.get_input_embeddings()(input_ids)
 
-    # -- freezing -------------------------------------------------------------------------
-    def train(self, mode: bool = True) -> "FrozenLM":
-        # The LM stays in eval mode (dropout off) also while the prefix and LoRA train.
-        return nn.Module.train(self, False)
-
     def trainable_names(self) -> set[str]:
+        """Names of the LoRA weights (empty without LoRA): all that ``state_dict()`` holds."""
         return {n for n, p in self.named_parameters() if p.requires_grad}
-
-    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> dict[str, Tensor]:  # type: ignore[override]
-        # Only trainable (LoRA) weights: the base LM comes from its pretrained source, never a checkpoint.
-        full = nn.Module.state_dict(self, prefix=prefix, keep_vars=keep_vars)
-        keep = {prefix + n for n in self.trainable_names()}
-        out = destination if destination is not None else {}
-        for k, v in full.items():
-            if k in keep:
-                out[k] = v
-        return out
 
     def forward(self, **kwargs: Any) -> Any:
         return self.model(**kwargs)
@@ -163,8 +141,7 @@ def build_tiny_tokenizer(directory: str | Path, vocab_size: int = 2000) -> Any:
     return fast
 
 
-@register_tiny("tiny-causal-lm")
-def _build_tiny_causal_lm(directory: Path) -> None:
+def build_tiny_causal_lm(directory: Path) -> None:
     """A 2-layer, 64-wide random BLOOM (the family of BLOOMZ) with the tiny BPE tokenizer.
 
     ``initializer_range=0.3`` (not BLOOM's 0.02): with tiny weights a random LM predicts a near-uniform
@@ -183,8 +160,7 @@ def _build_tiny_causal_lm(directory: Path) -> None:
         BloomForCausalLM(config).save_pretrained(str(directory))
 
 
-@register_tiny("tiny-mt5")
-def _build_tiny_mt5(directory: Path) -> None:
+def build_tiny_mt5(directory: Path) -> None:
     """A 2+2-layer, 64-wide random mT5 (the family of mT0) with the tiny BPE tokenizer (``initializer_factor=0.5``:
     peaked but not saturated logits, see the causal twin)."""
     from transformers import MT5Config, MT5ForConditionalGeneration
