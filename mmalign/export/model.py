@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from encoders.base import Encoder, EncoderOutput
+from encoders.utils import torch_dtype as _as_dtype  # the one dtype parser
 from mmalign.export.writer import CONFIG_NAME, FORMAT, FORMAT_VERSION, ExportError, sha256_file
 from mmalign.training.towers import Tower
 
@@ -49,15 +50,6 @@ def _spec_diff(recorded: Mapping[str, Any], rebuilt: Mapping[str, Any]) -> list[
         f"{k}: recorded {recorded.get(k, '<absent>')!r}, rebuilt {rebuilt.get(k, '<absent>')!r}"
         for k in keys if recorded.get(k, "<absent>") != rebuilt.get(k, "<absent>")
     ]
-
-
-def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r} (use e.g. 'float32', 'bfloat16', 'float16')")
-    return value
 
 
 def _items_list(items: Any, modality: str) -> list[Any]:
