@@ -1,4 +1,8 @@
-"""Speech encoders (Whisper, wav2vec2, HuBERT), audio loading, and CTranslate2 -> transformers conversion."""
+"""Speech encoders (Whisper, wav2vec2, HuBERT), audio loading, and CTranslate2 -> transformers conversion.
+
+The contract every family meets (shapes, padding, frozen, cache_key, rebuild) is in
+tests/test_encoder_contract.py; this file holds what is particular to the speech families.
+"""
 
 from __future__ import annotations
 
@@ -107,9 +111,9 @@ def test_whisper_30s_equals_transformers_forward(whisper30):
     torch.testing.assert_close(whisper30(inputs).tokens, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("fixture", ["whisper30", "whisper_short"])
-def test_whisper_batch_padding_does_not_change_a_clip(fixture, request):
-    enc = request.getfixturevalue(fixture)
+def test_whisper_short_mode_batch_padding_does_not_change_a_clip(whisper_short):
+    # The 30 s mode is covered by the contract tests; the cropped mode masks padding out of attention.
+    enc = whisper_short
     clips = [sine(2.0), sine(0.7, 330.0), sine(1.3, 550.0)]
     batch = enc(enc.preprocess(clips, sampling_rate=SR))
     for i, clip in enumerate(clips):
@@ -139,20 +143,6 @@ def test_whisper_layer_choice_and_errors():
         WhisperSpeechEncoder("tiny:whisper", max_seconds=45)
 
 
-def test_whisper_is_frozen(whisper30):
-    enc = whisper30
-    assert not any(p.requires_grad for p in enc.parameters())
-    enc.train()
-    assert not enc.training and not enc.encoder.training
-    assert enc.state_dict() == {}
-    out = enc(enc.preprocess([sine(0.3)], sampling_rate=SR))
-    proj = torch.nn.Linear(32, 4)
-    proj(out.pooled).sum().backward()  # encoder outputs feed autograd (no inference-tensor error)
-    assert proj.weight.grad is not None
-    rebuilt = WhisperSpeechEncoder(**enc.init_args())
-    assert rebuilt.cache_key == enc.cache_key
-
-
 def test_whisper_reads_paths(whisper_short, tmp_path):
     path = tmp_path / "clip.wav"
     sf.write(path, sine(1.0, sr=22_050), 22_050)
@@ -174,9 +164,6 @@ def test_wav2vec2_family(name, per_clip):
     expected = enc.model._get_feat_extract_output_lengths(torch.tensor([SR, SR // 2])).tolist()
     assert out.mask.sum(1).tolist() == expected == [49, 24]
     assert out.tokens.shape == (2, 49, 32) and out.pooled.shape == (2, 32)
-    alone = enc(enc.preprocess(clips[1:], sampling_rate=SR))
-    torch.testing.assert_close(out.pooled[1], alone.pooled[0], atol=1e-5, rtol=1e-4)
-    assert not any(p.requires_grad for p in enc.parameters()) and enc.state_dict() == {}
 
 
 def test_wav2vec2_layer_selects_hidden_state():

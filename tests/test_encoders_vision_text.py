@@ -1,4 +1,8 @@
-"""Image and text encoder families: open_clip, timm, transformers CLIP/SigLIP vision, transformers text."""
+"""Image and text encoder families: open_clip, timm, transformers CLIP/SigLIP vision, transformers text.
+
+What every family must do (shapes, padding, frozen, cache_key, rebuild) is in tests/test_encoder_contract.py;
+this file holds what is particular to one family.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from encoders.base import masked_mean
 from encoders.base import check_texts
 from encoders.hf_text import HFTextEncoder
 from encoders.hf_vision import HFVisionEncoder
 from encoders.image_io import load_image
 from encoders.open_clip_encoders import OpenClipImageEncoder, OpenClipTextEncoder
 from encoders.timm_image import TimmImageEncoder, map_efficientnet_lite_state_dict
+from encoders.utils import masked_mean
 
 FAMILIES = {
     "timm-vit": lambda: TimmImageEncoder("tiny:timm-vit"),
@@ -42,9 +46,15 @@ def _tiny_dir(tmp_path_factory):
         yield
 
 
+class _Built(dict):
+    def __missing__(self, name):  # build on first use: most tests need one or two families
+        self[name] = FAMILIES[name]()
+        return self[name]
+
+
 @pytest.fixture(scope="module")
 def encoders_by_name(_tiny_dir):
-    return {name: build() for name, build in FAMILIES.items()}
+    return _Built()
 
 
 def _images():
@@ -56,66 +66,11 @@ def _raw(enc):
     return TEXTS if enc.modality == "text" else _images()
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
-def test_shapes_and_output_dim(encoders_by_name, name):
-    enc = encoders_by_name[name]
-    out = enc(enc.preprocess(_raw(enc)))
-    assert out.pooled.shape == (3, enc.output_dim)
-    assert torch.isfinite(out.pooled).all()
-    assert enc.has_tokens
-    assert out.tokens.shape[0] == 3 and out.tokens.shape[2] == enc.token_dim
-    assert out.mask.shape == out.tokens.shape[:2] and out.mask.dtype == torch.bool
-    assert out.mask.any(dim=1).all()
-    # Different inputs give different vectors (the tower is really used).
-    assert not torch.allclose(out.pooled[0], out.pooled[1])
-
-
-@pytest.mark.parametrize("name", list(FAMILIES))
-def test_frozen(encoders_by_name, name):
-    enc = encoders_by_name[name]
-    assert sum(p.numel() for p in enc.parameters()) > 0
-    assert not any(p.requires_grad for p in enc.parameters())
-    enc.train()
-    assert not any(m.training for m in enc.modules())
-    assert enc.state_dict() == {}
-    # Outputs leave inference mode: a projector on top can be trained.
-    out = enc(enc.preprocess(_raw(enc)[:2]))
-    proj = torch.nn.Linear(enc.output_dim, 4)
-    proj(out.pooled).sum().backward()
-    assert proj.weight.grad is not None and not any(p.grad is not None for p in enc.parameters())
-
-
-@pytest.mark.parametrize("name", list(FAMILIES))
-def test_cache_key_stable_and_rebuildable(encoders_by_name, name):
-    enc = encoders_by_name[name]
-    again = type(enc)(**enc.init_args())
-    assert again.cache_key == enc.cache_key
-    assert enc.cache_key.startswith(type(enc).__name__ + "-")
-    inputs = enc.preprocess(_raw(enc))
-    torch.testing.assert_close(again(inputs).pooled, enc(inputs).pooled)
-
-
-@pytest.mark.parametrize(
-    "cls,name,key,values",
-    [
-        (TimmImageEncoder, "tiny:timm-vit", "pool", ("head", "avg")),
-        (HFVisionEncoder, "tiny:clip-vision", "pooling", ("pooler", "mean")),
-        (HFTextEncoder, "tiny:bert-text", "pooling", ("mean", "cls")),
-        (HFTextEncoder, "tiny:xlmr-text", "normalize", (False, True)),
-    ],
-)
-def test_cache_key_differs_with_pooling(cls, name, key, values):
-    a, b = (cls(name, **{key: v}) for v in values)
-    assert a.cache_key != b.cache_key
-
-
 @pytest.mark.parametrize("name", ["bert-text", "xlmr-text"])
 def test_mean_pooling_ignores_padding(encoders_by_name, name):
     enc = encoders_by_name[name]
-    alone = enc(enc.preprocess([TEXTS[0]]))
     batch = enc(enc.preprocess(TEXTS))
-    assert batch.mask[0].sum() == alone.mask.shape[1] < batch.mask.shape[1]  # text 0 really got padded
-    torch.testing.assert_close(batch.pooled[0], alone.pooled[0], atol=1e-5, rtol=1e-4)
+    assert batch.mask[0].sum() < batch.mask.shape[1]  # text 0 really got padded
     torch.testing.assert_close(batch.pooled, masked_mean(batch.tokens, batch.mask))
     # A plain mean over the padded sequence would differ: the mask matters.
     assert not torch.allclose(batch.pooled[0], batch.tokens[0].mean(0), atol=1e-4)
@@ -128,6 +83,8 @@ def test_text_cls_pooling_prefix_and_normalize():
     norm = HFTextEncoder("tiny:xlmr-text", normalize=True, prefix="query: ")
     out = norm(norm.preprocess(TEXTS))
     torch.testing.assert_close(out.pooled.norm(dim=-1), torch.ones(3))
+    keys = {e.cache_key for e in (norm, HFTextEncoder("tiny:xlmr-text", normalize=True), HFTextEncoder("tiny:xlmr-text"))}
+    assert len(keys) == 3  # prefix and normalize change the outputs, so they key the cache
     ids = norm.preprocess(["cat"])["input_ids"][0]
     assert "query" in norm.tokenizer.decode(ids)
     with pytest.raises(ValueError, match="pooling"):
