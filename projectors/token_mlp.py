@@ -17,6 +17,8 @@ class TokenMLP(Projector):
         out_dim: LM hidden size.
         hidden_dim: Hidden width (default ``out_dim``).
         num_tokens: Average-pool the tokens to this many first (``None``: keep all, padding mask kept).
+            The pooling windows span the padded length and average padding in, so use it on unpadded
+            tokens (image patches); speech or text tokens need ``None`` (or :class:`Resampler`).
     """
 
     uses_tokens = True
