@@ -167,13 +167,17 @@ def _recipe_cli(synthetic_data: Path, *extra: str):
     from mmalign.recipe import load_recipe
 
     paths = [f"--data.init_args.{s}={synthetic_data / f'{s}.jsonl'}" for s in ("train", "val", "test")]
-    return load_recipe(["--config", str(ROOT / "configs/tiny/lit_contrastive.yaml"), *paths, "--trainer.max_epochs=2", *extra])
+    return load_recipe(["--config", str(ROOT / "configs/lit_contrastive.yaml"), "--config", str(ROOT / "configs/tiny/lit_contrastive.yaml"), *paths, "--trainer.max_epochs=2", *extra])
 
 
 @pytest.fixture(scope="module")
 def recipe(synthetic_data, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("recipe") / "recipe.yaml"
-    path.write_text((ROOT / "configs/tiny/lit_contrastive.yaml").read_text().replace("data/synthetic", str(synthetic_data)))
+    import yaml
+
+    from mmalign.recipe import load_config  # the tiny recipe composed into one file (recipe + tiny overlay)
+
+    path.write_text(yaml.safe_dump(load_config("lit_contrastive", variant="tiny")).replace("data/synthetic", str(synthetic_data)))
     return path
 
 

@@ -7,12 +7,12 @@ from pathlib import Path
 import torch
 from mmalign.recipe import MMAlignCLI, load_recipe
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs/tiny/lit_contrastive.yaml"
+CONFIGS = [Path(__file__).resolve().parents[1] / f"configs/{v}lit_contrastive.yaml" for v in ("", "tiny/")]  # recipe + tiny overlay
 
 
 def _cli(data: Path, root: Path, seed: int) -> MMAlignCLI:
     args = [
-        "--config", str(CONFIG), f"--seed_everything={seed}",
+        "--config", str(CONFIGS[0]), "--config", str(CONFIGS[1]), f"--seed_everything={seed}",
         "--data.init_args.train", str(data / "train.jsonl"), "--data.init_args.val", str(data / "val.jsonl"),
         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.num_sanity_val_steps", "0",
         "--trainer.default_root_dir", str(root),

@@ -236,7 +236,9 @@ def cli_run(synthetic_data, tmp_path_factory) -> Path:
     from mmalign.cli import main
 
     run = tmp_path_factory.mktemp("run")
-    recipe = yaml.safe_load((ROOT / "configs/tiny/lit_contrastive.yaml").read_text())
+    from mmalign.recipe import load_config
+
+    recipe = load_config("lit_contrastive", variant="tiny")  # recipe + tiny overlay, composed
     recipe["data"]["init_args"].update(train=str(synthetic_data / "train.jsonl"), val=str(synthetic_data / "val.jsonl"))
     recipe["trainer"].update(
         max_epochs=1, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0, enable_checkpointing=True,

@@ -65,7 +65,7 @@ def pivot_setup(tmp_path_factory):
     concepts, _ = emoji_concepts(["en", *HELD_OUT_LANGS])
     random.Random(0).shuffle(concepts)
     train, val, test = concepts[:300], concepts[300:360], concepts[360:460]
-    config = load_config("offline/uclip_pivot")
+    config = load_config("uclip_pivot", variant="offline")
     config["trainer"]["max_epochs"] = 40
     module, _ = build(config)
     student, teacher = module.towers["student"].encoder, module.towers["teacher"].encoder

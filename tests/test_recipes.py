@@ -1,39 +1,121 @@
-"""Every shipped YAML parses against the code's signatures; every tiny recipe runs one CPU fast_dev_run."""
+"""Recipes: every shipped YAML parses against the code's signatures; every real recipe runs one CPU
+``fast_dev_run`` with its tiny overlay (the real structure: projectors, objectives, losses); overlays swap only
+encoders, data, sizes and trainer settings; ``mmalign recipes`` lists and shows them."""
 
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
-from mmalign.recipe import MMAlignCLI
+from mmalign.recipe import (
+    MMAlignCLI, VARIANTS, build, list_recipes, list_variants, load_config, recipe_files, recipe_path,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-ALL_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "trainer" not in p.parts)
-TINY_CONFIGS = sorted((ROOT / "configs" / "tiny").glob("*.yaml"))
+CONFIGS = ROOT / "configs"
+RECIPES = list_recipes()
+OVERLAYS = [(name, v) for name in RECIPES for v in list_variants(name)]
+SNIPPETS = sorted((CONFIGS / "trainer").glob("*.yaml"))
+
+# Key paths (dots; list indices are not paths: a list is one value) a tiny overlay may set.
+_ENCODER = r"model\.init_args\.(towers\.\w+\.init_args\.encoder|image_encoder)\.init_args\.\w+"
+_LM = r"model\.init_args\.lm\.init_args\.(model_name|kind|revision|dtype|tokenizer_name)"
+_SIZES = r"model\.init_args\.(embed_dim|max_caption_tokens|eval_max_new_tokens|predict_max_new_tokens)"
+_PROJECTOR_SIZES = r"model\.init_args\.(towers\.\w+\.init_args\.)?projector\.init_args\.(hidden_dim|num_heads|num_queries|depth)"
+_OUTPUTS = r"model\.init_args\.export_dir"  # tiny runs never overwrite a real run's artifacts
+TINY_MAY_SET = re.compile("|".join(rf"({p})" for p in (r"trainer\.\w+", r"data\.init_args\.\w+", _ENCODER, _LM, _SIZES, _PROJECTOR_SIZES, _OUTPUTS)))
+# The offline overlays also swap encoder classes (packaged families) and carry the heads and loss weights
+# measured for their encoders (docs/results.md), commented in each overlay.
+_OFFLINE_ONLY = (r"model\.init_args\.towers\.\w+\.init_args\.encoder\.class_path",
+                 r"model\.init_args\.towers\.\w+\.init_args\.projector\.(class_path|init_args\.\w+)", r"model\.init_args\.objectives")
+OFFLINE_MAY_SET = re.compile("|".join(rf"({p})" for p in (TINY_MAY_SET.pattern, *_OFFLINE_ONLY)))
 
 
-class ParseOnlyCLI(MMAlignCLI):
-    """Parses and type-checks a config (class_path/init_args against signatures) without instantiating."""
-
-    def instantiate_classes(self) -> None:
-        pass
+def _key_paths(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_key_paths(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
 
 
 def _data_args(data_dir: Path) -> list[str]:
     return [f"--data.init_args.{s}={data_dir / f'{s}.jsonl'}" for s in ("train", "val", "test")]
 
 
-@pytest.mark.parametrize("config", ALL_CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
-def test_config_parses(config):
-    cli = ParseOnlyCLI(args=["--config", str(config)], run=False, save_config_callback=None)
-    cfg = cli.config
-    assert cfg.model.class_path.startswith("mmalign.")
-    assert cfg.data.class_path.startswith("mmalign.")
+def _config_args(name: str, variant: str | None = None) -> list[str]:
+    return [a for f in recipe_files(name, variant) for a in ("--config", str(f))]
 
 
-@pytest.mark.parametrize("config", TINY_CONFIGS, ids=lambda p: p.stem)
-def test_tiny_recipe_fast_dev_run(config, synthetic_data, tmp_path):
+def _towers(config: dict[str, Any]) -> dict[str, str]:
+    towers = config["model"]["init_args"].get("towers") or {}
+    return {name: t["init_args"]["field"] for name, t in towers.items()}
+
+
+# -- the shipped files ----------------------------------------------------------------------------
+def test_every_shipped_yaml_is_a_recipe_an_overlay_or_a_snippet():
+    shipped = {p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml")}
+    known = {f"{n}.yaml" for n in RECIPES} | {f"{v}/{n}.yaml" for n, v in OVERLAYS}
+    known |= {p.relative_to(CONFIGS).as_posix() for p in SNIPPETS}
+    assert shipped == known
+    assert len(RECIPES) == 6 and all(set(list_variants(n)) >= {"tiny"} for n in RECIPES), OVERLAYS
+    assert {n for n, v in OVERLAYS if v == "offline"} == {"lit_contrastive", "sonar_speech", "uclip_pivot"}
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_parses_against_signatures(name):
+    """A real recipe alone (hub models, nothing downloaded: parsing instantiates nothing)."""
+    config = load_config(name)
+    assert config["model"]["class_path"].startswith("mmalign.") and config["data"]["class_path"].startswith("mmalign.")
+    assert recipe_path(name).read_text().startswith("# "), "the first comment line is the recipe's description"
+
+
+@pytest.mark.parametrize(("name", "variant"), OVERLAYS, ids=lambda x: str(x))
+def test_overlay_parses_and_keeps_the_recipe(name, variant):
+    """An overlay composed after its recipe parses; it keeps the module, data module, towers and their fields."""
+    real, composed = load_config(name), load_config(name, variant=variant)
+    for key in ("model", "data"):
+        assert composed[key]["class_path"] == real[key]["class_path"]
+    assert _towers(composed) == _towers(real)
+    overlay = yaml.safe_load(recipe_path(name, variant).read_text())
+    assert "seed_everything" not in overlay and overlay.get("model", {}).get("class_path") is None
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_tiny_overlay_only_swaps_encoders_data_sizes_and_trainer(name):
+    """The tiny twin is the real recipe: same classes everywhere (encoder families, projectors, losses, module,
+    data), same objectives and optimizer; its YAML sets only encoder/data/size/trainer key paths."""
+    overlay = _key_paths(yaml.safe_load(recipe_path(name, "tiny").read_text()))
+    stray = sorted(k for k in overlay if not TINY_MAY_SET.fullmatch(k))
+    assert not stray, f"tiny/{name}.yaml sets keys beyond encoders, data, sizes and trainer: {stray}"
+    real, tiny = _key_paths(load_config(name)), _key_paths(load_config(name, variant="tiny"))
+    structure = [k for k in real if k.endswith("class_path") or k.startswith(("model.init_args.objectives", "model.init_args.optimizer"))]
+    assert structure and {k: tiny.get(k) for k in structure} == {k: real[k] for k in structure}
+    assert {k for k in tiny if k.endswith("class_path")} == {k for k in real if k.endswith("class_path")}
+
+
+@pytest.mark.parametrize("name", [n for n, v in OVERLAYS if v == "offline"])
+def test_offline_overlay_swaps_encoders_data_trainer_and_tuned_heads_only(name):
+    overlay = _key_paths(yaml.safe_load(recipe_path(name, "offline").read_text()))
+    stray = sorted(k for k in overlay if not OFFLINE_MAY_SET.fullmatch(k))
+    assert not stray, f"offline/{name}.yaml sets keys beyond encoders, data, trainer and the tuned heads: {stray}"
+
+
+@pytest.mark.parametrize("snippet", SNIPPETS, ids=lambda p: p.stem)
+def test_trainer_snippet_parses_after_a_recipe(snippet):
+    config = load_config([*recipe_files("lit_contrastive", "tiny"), snippet])
+    assert config["trainer"]["max_epochs"] == load_config("lit_contrastive", "tiny")["trainer"]["max_epochs"]
+
+
+# -- the tiny overlays run the real recipes --------------------------------------------------------
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_fast_dev_run_with_its_tiny_overlay(name, synthetic_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative outputs (export_dir, captions) land here
     cli = MMAlignCLI(
-        args=["fit", "--config", str(config), "--trainer.fast_dev_run=2", f"--trainer.default_root_dir={tmp_path}",
+        args=["fit", *_config_args(name, "tiny"), "--trainer.fast_dev_run=2", f"--trainer.default_root_dir={tmp_path}",
               *_data_args(synthetic_data)],
         save_config_callback=None,
     )
@@ -41,6 +123,53 @@ def test_tiny_recipe_fast_dev_run(config, synthetic_data, tmp_path):
     logged = cli.trainer.callback_metrics
     assert any(k.startswith("train/") and k.endswith("loss") for k in logged), sorted(logged)
     assert all(v.isfinite() for k, v in logged.items() if k.endswith("loss"))
+    # The objectives that ran are the real recipe's (a loss term logged for each objective's loss class).
+    real = load_config(name)["model"]["init_args"]
+    if "objectives" in real:
+        assert [type(o.loss).__name__ for o in cli.model.objectives] == [o["init_args"]["loss"]["class_path"].rsplit(".", 1)[-1] for o in real["objectives"]]
+        projectors = {t: type(tower.projector).__name__ for t, tower in cli.model.towers.items()}
+        expected = {t: (v["init_args"].get("projector") or {"class_path": "projectors.Identity"})["class_path"].rsplit(".", 1)[-1]
+                    for t, v in real["towers"].items()}
+        assert projectors == expected
+
+
+def test_load_config_builds_what_the_cli_builds(synthetic_data):
+    """``build(load_config(name, variant))`` == ``mmalign fit --config recipe --config overlay`` (same weights)."""
+    import torch
+
+    from mmalign.recipe import load_recipe
+
+    config = load_config("uclip_pivot", variant="tiny")
+    model, _ = build(config, seed=3)
+    cli = load_recipe([*_config_args("uclip_pivot", "tiny"), "--seed_everything=3", *_data_args(synthetic_data)])
+    a, b = model.state_dict(), cli.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert load_config("offline/uclip_pivot") == load_config("uclip_pivot", variant="offline")
+    assert recipe_files("offline/uclip_pivot") == recipe_files("uclip_pivot", "offline") == [recipe_path("uclip_pivot"), recipe_path("uclip_pivot", "offline")]
+
+
+def test_unknown_recipe_or_variant_names_the_known_ones():
+    with pytest.raises(FileNotFoundError, match="uclip_pivot"):
+        recipe_path("no_such_recipe")
+    with pytest.raises(FileNotFoundError, match="offline"):
+        recipe_files("mclip_distill", "offline")
+    with pytest.raises(ValueError, match="variants are"):
+        recipe_path("uclip_pivot", "huge")
+    assert VARIANTS == ("offline", "tiny")
+
+
+def test_recipes_command_lists_and_shows(capsys):
+    from mmalign.cli import main
+
+    main(["recipes"])
+    out = capsys.readouterr().out
+    for name in RECIPES:
+        line = next(line for line in out.splitlines() if line.startswith(name + " "))
+        assert len(line.split(None, 1)[1]) > 20, line  # a description
+        assert str(recipe_path(name)) in out and str(recipe_path(name, "tiny")) in out
+    assert "trainer/ddp" in out
+    main(["recipes", "--show", "offline/uclip_pivot"])
+    assert capsys.readouterr().out == recipe_path("uclip_pivot", "offline").read_text()
 
 
 def test_train_split_can_list_several_manifests(synthetic_data, tmp_path):
@@ -57,7 +186,7 @@ def test_train_split_can_list_several_manifests(synthetic_data, tmp_path):
     a.write_text("".join(json.dumps(r) + "\n" for r in rows[:half]), encoding="utf-8")
     b.write_text("".join(json.dumps(r) + "\n" for r in rows[half:]), encoding="utf-8")
     cli = MMAlignCLI(
-        args=["fit", "--config", str(ROOT / "configs/tiny/sonar_speech.yaml"), "--trainer.fast_dev_run=1",
+        args=["fit", *_config_args("sonar_speech", "tiny"), "--trainer.fast_dev_run=1",
               f"--trainer.default_root_dir={tmp_path}", *_data_args(synthetic_data), f"--data.init_args.train=[{a}, {b}]"],
         save_config_callback=None,
     )

@@ -126,7 +126,7 @@ def test_trainer_configs_compose_with_a_recipe(name):
     path = ROOT / "configs" / "trainer" / f"{name}.yaml"
     assert set(yaml.safe_load(path.read_text())) == {"trainer"}, "trainer snippets must not touch the model or data"
     cli = ParseOnlyCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                       args=["--config", str(ROOT / "configs/tiny/lit_contrastive.yaml"), "--config", str(path)],
+                       args=["--config", str(ROOT / "configs/lit_contrastive.yaml"), "--config", str(ROOT / "configs/tiny/lit_contrastive.yaml"), "--config", str(path)],
                        run=False, save_config_callback=None, auto_configure_optimizers=False)
     trainer = cli.config.trainer
     assert trainer.max_epochs == 3, "the recipe's own trainer settings survive the composition"
@@ -140,7 +140,7 @@ def test_trainer_configs_compose_with_a_recipe(name):
 def test_two_process_ddp_fit_via_cli(synthetic_data, tmp_path):
     """``mmalign fit`` of the tiny LiT recipe on 2 CPU processes (gloo), GradCache on, writes a checkpoint."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "-m", "mmalign.cli", "fit", "--config", "configs/tiny/lit_contrastive.yaml",
+    args = [sys.executable, "-m", "mmalign.cli", "fit", "--config", "configs/lit_contrastive.yaml", "--config", "configs/tiny/lit_contrastive.yaml",
             "--config", "configs/trainer/ddp.yaml", "--trainer.devices=2", "--trainer.accelerator=cpu",
             "--trainer.max_epochs=1", "--trainer.limit_val_batches=2", "--model.init_args.grad_cache_chunk=4",
             "--trainer.enable_checkpointing=true", f"--trainer.default_root_dir={tmp_path}",

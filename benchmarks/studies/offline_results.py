@@ -4,8 +4,8 @@ One command writes every table, JSON file and plot quoted in ``docs/results.md``
 
     python -m benchmarks.studies.offline_results --data data/emoji --output docs/results
 
-Recipes (their YAMLs under ``configs/offline/`` are the recipes trained here; variants and baselines are
-patches of the same config dicts):
+Recipes (each ``configs/<recipe>.yaml`` composed with its ``configs/offline/<recipe>.yaml`` overlay is the recipe
+trained here; variants and baselines are patches of the same config dicts):
 
 * ``pivot`` - uCLIP pivot: USE-m text -> all-MiniLM-L6-v2's English space, trained on ENGLISH names only;
   per-language R@1 of student text in language L -> teacher English names of the held-out concepts.
@@ -53,7 +53,7 @@ from mmalign.recipe import load_config as _load_config  # noqa: E402
 
 def load_config(name: str) -> dict[str, Any]:
     """The offline (packaged-encoder) variant of recipe ``name``."""
-    return _load_config(f"offline/{name}")
+    return _load_config(name, variant="offline")  # the recipe composed with its offline overlay
 
 DEFAULT_CACHE = Path(os.environ.get("MMALIGN_CACHE_DIR", Path.home() / ".cache" / "mmalign")) / "offline_results"
 SPEECH_LANGS = ["en", "de", "es", "fr", "it", "pt", "ru"]

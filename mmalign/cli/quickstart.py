@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-#: The recipe the quickstart trains (package data: works from a wheel install too).
+#: The recipe the quickstart trains: ``uclip_pivot.yaml`` + its offline overlay (package data: works from a wheel
+#: install too).
 RECIPE = "offline/uclip_pivot"
 
 
@@ -40,7 +41,7 @@ def format_table(results: dict[str, Any], direction: str) -> str:
 def quickstart(
     output: str = "runs/quickstart",
     data_root: str = "data/emoji_text",
-    config: str | None = None,
+    recipe: str | list[str] | None = None,
     max_epochs: int | None = None,
     export: bool = True,
 ) -> dict[str, Any]:
@@ -49,7 +50,8 @@ def quickstart(
     Args:
         output: Folder for checkpoints, the report and the exported projector.
         data_root: Where the emoji dataset is built (reused when already there).
-        config: Recipe YAML (default: ``configs/offline/uclip_pivot.yaml``).
+        recipe: A shipped recipe (``offline/uclip_pivot``: the recipe + its offline overlay, the default) or
+            YAML files composed in order (``[configs/uclip_pivot.yaml, my_overlay.yaml]``).
         max_epochs: Override the recipe's epochs.
         export: Also export the projector (``config.json`` + ``model.safetensors``).
 
@@ -61,14 +63,15 @@ def quickstart(
 
     from mmalign.datasets.emoji import build_emoji_dataset
     from mmalign.evaluation import write_report
-    from mmalign.recipe import load_recipe, recipe_path
+    from mmalign.recipe import load_recipe, recipe_files
 
     start = time.time()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     info = build_emoji_dataset(data_root, speech=False, progress=True)
     print(f"[mmalign] data: {info.num_concepts} emoji concepts x {len(info.languages)} languages in {data_root}")
-    args = ["--config", str(config or recipe_path(RECIPE)), f"--trainer.default_root_dir={out}"]
+    files = [f for item in ([recipe or RECIPE] if not isinstance(recipe, list) else recipe) for f in recipe_files(item)]
+    args = [a for f in files for a in ("--config", str(f))] + [f"--trainer.default_root_dir={out}"]
     args += [f"--data.init_args.{split}={info.manifests[split]}" for split in ("train", "val", "test")]
     if max_epochs is not None:
         args.append(f"--trainer.max_epochs={max_epochs}")
