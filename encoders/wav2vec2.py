@@ -46,6 +46,7 @@ class Wav2Vec2SpeechEncoder(Encoder):
 
     modality = Modality.SPEECH
     has_tokens = True
+    min_audio_samples = 400  # receptive field of the conv feature encoder: shorter clips give no frame
 
     def __init__(
         self,

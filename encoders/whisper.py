@@ -47,6 +47,7 @@ class WhisperSpeechEncoder(Encoder):
     modality = Modality.SPEECH
     has_tokens = True
     sampling_rate = 16_000
+    min_audio_samples = 400  # one 25 ms STFT window of the log-mel front end (encoders.audio checks it)
 
     def __init__(
         self,

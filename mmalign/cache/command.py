@@ -61,9 +61,12 @@ def cache(
 ) -> dict[str, Any]:
     """Run each frozen encoder of the recipe once over its data and write the feature cache.
 
-    Features are checked for NaN/Inf under the recipe's ``data.init_args.on_error``: ``error`` (default)
-    stops naming the row id and field; ``skip`` leaves those rows out of the cache (listed in its
-    manifest, counted and printed here, and not read by training or evaluation from the cache).
+    Media and features follow the recipe's bad-input policy exactly as ``mmalign fit`` does
+    (``data.init_args.on_error``, ``silent_audio``, ``max_image_pixels``): a corrupt, truncated, huge or
+    too short medium, or NaN/Inf features, stop the run under ``error`` (default) with the row id, the
+    field and the path; under ``skip`` those rows are left out of the cache (listed in its manifest with
+    their reason, counted and printed here, and not read by training or evaluation from the cache).
+    Re-running on a finished cache writes nothing.
 
     Args:
         model: The recipe's model (an ``AlignmentModule``), from ``--config recipe.yaml``.
@@ -97,8 +100,13 @@ def cache(
     available = [s for s in data.split_manifests() if data.cache_split(s) == s]
     summary: dict[str, Any] = {}
     on_error = data.hparams.get("on_error", "error")
+    silent_audio = data.hparams.get("silent_audio", "error")
+    max_image_pixels = data.hparams.get("max_image_pixels")
     for name in _splits(split, available):
-        rows = data.manifest_dataset(name).rows
+        dataset = data.manifest_dataset(name)
+        rows = dataset.rows
+        if dataset.report:  # rows the manifest reader dropped under on_error=skip never reach the cache
+            print(f"[mmalign cache] {name}: " + dataset.report.summary("manifest rows skipped"))
         report = BadInputReport()
         manifest = write_split(
             rows, dict(model.towers.items()), Path(out_dir) / name, split=name,
@@ -106,6 +114,7 @@ def cache(
             num_workers=data.hparams.num_workers if num_workers is None else num_workers,
             shard_size=shard_size, dtype=dtype, fingerprint=fingerprint, rank=rank, world_size=world_size,
             device=_device(device), progress=progress, on_error=on_error, report=report,
+            silent_audio=silent_audio, max_image_pixels=max_image_pixels,
         )
         if manifest is None:
             print(f"[mmalign cache] {name}: this rank's shards are done; waiting for other ranks to finish the merge")
@@ -113,7 +122,7 @@ def cache(
             continue
         entries = {k: {"items": e["num_items"], "dim": e["dim"], "tokens": e["tokens"]} for k, e in manifest["entries"].items()}
         print(f"[mmalign cache] {name}: {manifest['num_rows']} rows -> {Path(out_dir) / name} {entries}")
-        if on_error == "skip":  # rows with NaN/Inf features are left out of the cache: say how many
+        if on_error == "skip" or report:  # rows left out (bad media, NaN/Inf features): say how many and why
             print(f"[mmalign cache] {name}: " + report.summary("rows left out of the cache"))
         summary[name] = {"num_rows": manifest["num_rows"], "num_cached_rows": manifest["num_cached_rows"],
                          "skipped": manifest["skipped"], "dataset_fingerprint": manifest["dataset_fingerprint"], "entries": entries}

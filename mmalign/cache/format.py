@@ -18,12 +18,13 @@ Token sequences are padded per shard to that shard's longest sequence (``mask`` 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import socket
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, BinaryIO, Callable, Sequence
 
 import numpy as np
 
@@ -39,6 +40,20 @@ NON_FINITE = "non-finite features"
 
 class CacheError(RuntimeError):
     """A feature cache is missing, unfinished, stale or does not match the recipe; the message says what."""
+
+
+class DiskFullError(OSError):
+    """A write ran out of space (``ENOSPC``/``EDQUOT``). The message names the file; nothing was left under its name."""
+
+
+def write_error(path: Path, error: OSError) -> OSError:
+    """``error`` itself, or a :class:`DiskFullError` saying that the disk is full, naming ``path``."""
+    if isinstance(error, DiskFullError) or getattr(error, "errno", None) not in (errno.ENOSPC, errno.EDQUOT):
+        return error
+    return DiskFullError(
+        error.errno, f"cannot write {path}: the disk is full ({os.strerror(error.errno)}); the previous {path.name}, "
+        "if any, is unchanged and no partial file was left: free some space and run the command again",
+    )
 
 
 def entry_name(field: str, cache_key: str) -> str:
@@ -121,7 +136,8 @@ def remove_dead_tmp(folder: Path) -> int:
     """Delete temporary files left in ``folder`` by killed writers of this host; returns how many.
 
     Temporary names carry the host and pid of their writer (``.<name>.<host>-<pid>.tmp``); files of
-    live processes and of other hosts (shared disks) are left alone.
+    live processes and of other hosts (shared disks) are left alone. A file that cannot be deleted
+    (read-only storage) is left too: it is never read, only replaced.
     """
     removed = 0
     for tmp in folder.glob(f".*.{_HOST}-*.tmp"):
@@ -131,9 +147,18 @@ def remove_dead_tmp(folder: Path) -> int:
             continue
         if pid == os.getpid() or _alive(pid):
             continue
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            continue
         removed += 1
     return removed
+
+
+def remove_dead_tmp_tree(split_dir: Path) -> int:
+    """:func:`remove_dead_tmp` at every level a writer writes: the cache folder, the split, each entry."""
+    folders = [split_dir.parent, split_dir] + ([p for p in split_dir.iterdir() if p.is_dir()] if split_dir.is_dir() else [])
+    return sum(remove_dead_tmp(f) for f in folders if f.is_dir())
 
 
 def _alive(pid: int) -> bool:
@@ -146,26 +171,40 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """Write ``array`` to ``path`` through a temporary file + ``os.replace`` (never half a file)."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, then ``os.replace`` it onto ``path``.
+
+    A kill, an exception or a full disk at any point leaves ``path`` as it was (or absent) and no
+    partial file under its name; the temporary file is deleted (or, after a kill, by the next run).
+
+    Raises:
+        DiskFullError: The disk filled up (the message names ``path`` and says so).
+    """
+    path = Path(path)
     tmp = _tmp(path)
     try:
         with open(tmp, "wb") as f:
-            np.save(f, array)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise write_error(path, e) from e
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` to ``path`` through a temporary file + ``os.replace`` (never half a file)."""
+    atomic_write(path, lambda f: np.save(f, array))
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = _tmp(path)
-    try:
-        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    text = json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -7,7 +7,9 @@ process holds only the rows of the current batch; the rest stays in the OS page 
 
 from __future__ import annotations
 
+import json
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,9 +18,10 @@ import numpy as np
 import torch
 
 from mmalign.cache.format import (
-    FORMAT_VERSION, MANIFEST, NON_FINITE, CacheError, digest, entry_name, first_difference, item_digests, read_json,
-    spec_diff, unique_items,
+    FORMAT_VERSION, MANIFEST, NON_FINITE, CacheError, digest, entry_name, first_difference, item_digests, spec_diff,
+    unique_items,
 )
+from mmalign.cache.validate import confined, open_npy, validate_manifest
 from mmalign.data.manifest import META_FIELDS
 from mmalign.data.policy import ON_ERROR, BadInputReport, check_choice
 
@@ -28,15 +31,27 @@ _SCAN_CHUNK = 1 << 23
 
 
 def load_manifest(split_dir: str | Path) -> dict[str, Any]:
-    """``<split_dir>/manifest.json``; raises :class:`CacheError` when the split was never (fully) cached."""
+    """``<split_dir>/manifest.json``, checked field by field (:func:`~mmalign.cache.validate.validate_manifest`).
+
+    Raises:
+        CacheError: The split was never (fully) cached, or its manifest is not one ``mmalign cache``
+            writes (the message names the file and the field).
+    """
     split_dir = Path(split_dir)
-    manifest = read_json(split_dir / MANIFEST)
-    if manifest is None:
+    path = split_dir / MANIFEST
+    if not path.is_file():
         hint = " (some shards exist: the cache run was interrupted or other ranks are unfinished)" if split_dir.is_dir() else ""
         raise CacheError(f"no feature cache at {split_dir}: {MANIFEST} is missing{hint}; run `mmalign cache --config <recipe>`")
+    confined(path, split_dir, str(path))
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CacheError(f"{path}: unreadable cache manifest ({e}); delete it and re-run `mmalign cache`") from e
+    if not isinstance(manifest, dict):
+        raise CacheError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
     if manifest.get("format") != FORMAT_VERSION:
         raise CacheError(f"{split_dir}: cache format {manifest.get('format')} is not {FORMAT_VERSION}; re-run `mmalign cache`")
-    return manifest
+    return validate_manifest(manifest, split_dir)
 
 
 @dataclass
@@ -124,9 +139,11 @@ def _check_entry(tower_name: str, tower: Any, manifest: dict[str, Any], split_di
 def check_shards(entry_dir: Path, entry: dict[str, Any], scan: bool, item_ids: Sequence[str] | None = None) -> None:
     """Check the shard files of one entry against the manifest; with ``scan``, also that every value is finite.
 
-    The shapes and dtypes come from the ``.npy`` headers (cheap, always). The scan reads every shard in
-    chunks of at most ``_SCAN_CHUNK`` elements (a few tens of MB of memory whatever the cache size): the
-    writer stores only finite values, so NaN/Inf means the files were modified or corrupted afterwards.
+    The shapes and dtypes come from the ``.npy`` headers (cheap, always; object dtypes, files outside
+    the cache folder and files shorter than their header are refused before anything is mapped). The
+    scan reads every shard in chunks of at most ``_SCAN_CHUNK`` elements (a few tens of MB of memory
+    whatever the cache size): the writer stores only finite values, so NaN/Inf means the files were
+    modified or corrupted afterwards.
 
     Args:
         entry_dir: The entry's folder.
@@ -138,21 +155,16 @@ def check_shards(entry_dir: Path, entry: dict[str, Any], scan: bool, item_ids: S
         CacheError: A shard is missing, has another shape or dtype, or holds NaN/Inf.
     """
     keys = ["pooled"] + (["tokens", "mask"] if entry["tokens"] else [])
-    for shard in entry["shards"]:
+    root = entry_dir.parent
+    confined(entry_dir, root, f"{root / MANIFEST}: entries[{entry_dir.name!r}]")
+    for i, shard in enumerate(entry["shards"]):
         for key in keys:
             path = entry_dir / f"{shard['name']}.{key}.npy"
-            try:
-                arr = np.load(path, mmap_mode="r")
-            except (OSError, ValueError) as e:
-                raise CacheError(f"{path}: unreadable cache shard ({e}); delete {shard['name']}.json there and re-run `mmalign cache`") from e
             want = {"pooled": (shard["count"], entry["dim"]), "tokens": (shard["count"], shard["token_len"], entry["token_dim"]),
                     "mask": (shard["count"], shard["token_len"])}[key]
             dtype = np.dtype(bool if key == "mask" else entry["dtype"])
-            if arr.shape != want or arr.dtype != dtype:
-                raise CacheError(
-                    f"{path}: shape {arr.shape} {arr.dtype}, the manifest says {want} {dtype}; the cache was modified "
-                    f"after it was written: delete {shard['name']}.json there and re-run `mmalign cache`"
-                )
+            where = f"{root / MANIFEST}: entries[{entry_dir.name!r}].shards[{i}] ({key})"
+            arr = open_npy(path, root, want, dtype, where)
             if not scan or key == "mask":
                 continue
             step = max(1, _SCAN_CHUNK // max(1, int(np.prod(arr.shape[1:]))))
@@ -209,6 +221,7 @@ class CachedSplit(torch.utils.data.Dataset):
         entries: dict[str, dict[str, Any]] = {}
         full_index: dict[str, np.ndarray] = {}
         skipped: dict[str, str] = {}
+        reasons: dict[str, str] = {}  # row id -> bad-input reason it was left out for
         tower_entry: dict[str, str] = {}
         for tower_name, tower in towers.items():
             entry = _check_entry(tower_name, tower, manifest, self.split_dir)
@@ -220,12 +233,14 @@ class CachedSplit(torch.utils.data.Dataset):
                 check_shards(self.split_dir / name, entry, scan=verify, item_ids=[row_ids[i] for i in first])
                 for rid, why in entry.get("skipped_rows", {}).items():
                     skipped.setdefault(rid, why)
+                    reasons.setdefault(rid, str(entry.get("skip_reasons", {}).get(rid, NON_FINITE)))
         if skipped and on_error is not None:
             check_choice("on_error", on_error, ON_ERROR)
             if on_error == "error":
                 rid, why = next(iter(skipped.items()))
+                counts = ", ".join(f"{r}: {n}" for r, n in sorted(Counter(reasons.values()).items()))
                 raise CacheError(
-                    f"{self.split_dir}: the cache left out {len(skipped)} row(s) with non-finite features (first: id={rid!r} "
+                    f"{self.split_dir}: the cache left out {len(skipped)} row(s), reasons: {counts} (first: id={rid!r} "
                     f"{why}) under on_error=skip, but this run uses on_error=error"
                 )
         # Rows left out when caching are never served: indices below count kept rows only.
@@ -234,10 +249,13 @@ class CachedSplit(torch.utils.data.Dataset):
         self.skipped_rows = skipped
         self._cache_report = BadInputReport()
         if skipped:
-            self._cache_report.counts[NON_FINITE] = len(skipped)
-            self._cache_report.examples[NON_FINITE] = list(skipped)[: self._cache_report.max_examples]
-            log.warning("%s: %d row(s) were left out when caching (%s), e.g. %s", self.split_dir, len(skipped), NON_FINITE,
-                        ", ".join(f"id={r!r} {w}" for r, w in list(skipped.items())[:3]))
+            for rid, reason in reasons.items():
+                self._cache_report.counts[reason] += 1
+                ex = self._cache_report.examples.setdefault(reason, [])
+                if len(ex) < self._cache_report.max_examples:
+                    ex.append(rid)
+            log.warning("%s: %d row(s) were left out when caching (%s), e.g. %s", self.split_dir, len(skipped),
+                        ", ".join(sorted(set(reasons.values()))), ", ".join(f"id={r!r} {w}" for r, w in list(skipped.items())[:3]))
         self._report = self._cache_report
         self.views: dict[str, _TowerView] = {}
         for tower_name, tower in towers.items():
@@ -263,14 +281,22 @@ class CachedSplit(torch.utils.data.Dataset):
         self._report = BadInputReport().merge(other).merge(self._cache_report)
 
     def _verify(self, entry_dir: Path, entry: dict[str, Any], field: str, mode: str, verify: bool) -> np.ndarray:
-        row_index = np.load(entry_dir / "rows.npy")
+        where = f"{self.split_dir / MANIFEST}: entries[{entry_dir.name!r}]"
+        n, m = len(self.all_rows), entry["num_items"]
+        # Mapped, checked against the manifest's sizes, then copied: a forged header allocates nothing.
+        row_index = np.array(open_npy(entry_dir / "rows.npy", self.split_dir, (n,), np.int64, f"{where} (rows.npy)"))
+        if n and (row_index.min() < 0 or row_index.max() >= m or len(np.unique(row_index)) != m):
+            raise CacheError(f"{where}: rows.npy must map every row to one of the {m} items (num_items) and use each; "
+                             f"the cache was modified after it was written: delete it and re-run `mmalign cache`")
         if not verify:
             return row_index
         items, current_index = unique_items(self.all_rows, field)
         current = item_digests(items, field, mode)
         if digest(current, current_index) == entry["items_fingerprint"]:
+            if len(items) != m:
+                raise CacheError(f"{where}.num_items: {m}, but the rows hold {len(items)} distinct {field!r} values")
             return current_index
-        cached = np.load(entry_dir / "items.npy")
+        cached = np.array(open_npy(entry_dir / "items.npy", self.split_dir, (m,), np.uint64, f"{where} (items.npy)"))
         changed = (current_index != row_index) | (
             current[current_index] != cached[np.clip(row_index, 0, len(cached) - 1)]
         )

@@ -9,22 +9,25 @@ finish completes the cache without a barrier; :func:`merge_split` can also be ru
 
 from __future__ import annotations
 
+import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from encoders.base import Encoder
+from mmalign.cache.claim import SplitClaim
+from mmalign.cache.encode import encode_shard
 from mmalign.cache.format import (
-    DTYPES, FORMAT_VERSION, MANIFEST, CacheError, atomic_save_npy, atomic_write_json, digest, entry_name,
-    NON_FINITE, item_digests, read_json, remove_dead_tmp, rows_fingerprint, shard_name, unique_items,
+    DTYPES, FORMAT_VERSION, MANIFEST, NON_FINITE, CacheError, atomic_save_npy, atomic_write_json, digest, entry_name,
+    item_digests, read_json, remove_dead_tmp_tree, rows_fingerprint, shard_name, unique_items,
 )
-from mmalign.data.policy import ON_ERROR, BadInputError, BadInputReport, check_choice, check_finite
+from mmalign.data.policy import ON_ERROR, SILENT_AUDIO, BadInputError, BadInputReport, check_choice
 
 
 @dataclass
@@ -97,94 +100,6 @@ def plan_entries(
     return list(plans.values())
 
 
-class _Preprocess:
-    """Picklable collate: raw items -> the encoder's CPU tensors (runs in DataLoader workers)."""
-
-    def __init__(self, encoder: Encoder, field: str) -> None:
-        self.encoder, self.field = encoder, field
-
-    def __call__(self, items: list[Any]) -> dict[str, torch.Tensor]:
-        try:
-            return self.encoder.preprocess(items)
-        except Exception as e:
-            raise type(e)(f"could not preprocess {self.field!r} items {[str(i)[:80] for i in items[:4]]}: {e}") from e
-
-
-def _finite_rows(values: torch.Tensor, ids: Sequence[str], field: str, on_error: str, bad: dict[int, list[str]], offset: int) -> torch.Tensor:
-    """``keep [b]`` of :func:`check_finite`; bad rows are recorded in ``bad`` as ``{shard item: [field, detail]}``."""
-    keep = check_finite(values, ids, field, on_error, BadInputReport())  # raises under "error"
-    for j in torch.nonzero(~keep).flatten().tolist():
-        n_bad = int((~torch.isfinite(values[j])).sum())
-        bad.setdefault(offset + j, [field, f"{n_bad} NaN/Inf values"])
-    return keep
-
-
-def _encode_shard(
-    plan: EntryPlan, k: int, *, batch_size: int, num_workers: int, device: torch.device, dtype: str,
-    on_error: str, bar: tqdm | None,
-) -> tuple[dict[str, np.ndarray], dict[int, list[str]]]:
-    """Encode shard ``k`` of ``plan``.
-
-    Returns:
-        ``(arrays, bad)``: ``{"pooled" [n, D], "tokens" [n, T, D_tok], "mask" [n, T]}`` and, under
-        ``on_error="skip"``, ``{shard item: [field, detail]}`` of items whose features are not finite
-        (stored as zeros; their rows are left out when the cache is read).
-    """
-    start, count = plan.shards[k]
-    labels = plan.item_ids[start:start + count]
-    loader = DataLoader(
-        plan.items[start:start + count], batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        collate_fn=_Preprocess(plan.encoder, plan.field),
-    )
-    np_dtype = np.dtype(dtype)
-    pooled, tokens, masks = [], [], []
-    bad: dict[int, list[str]] = {}
-    i0 = 0
-    for inputs in loader:
-        inputs = {k_: v.to(device) if isinstance(v, torch.Tensor) else v for k_, v in inputs.items()}
-        out = plan.encoder(inputs)
-        pool = out.pooled.float().cpu()  # [b, D]
-        b = len(pool)
-        keep = _finite_rows(pool, labels[i0:i0 + b], f"features/{plan.field}/pooled", on_error, bad, i0)
-        if plan.tokens:
-            if out.tokens is None:
-                raise CacheError(f"{plan.name}: the encoder returned no tokens but a projector needs them")
-            mask = out.mask.cpu().bool() if out.mask is not None else torch.ones(out.tokens.shape[:2], dtype=torch.bool)
-            tok = out.tokens.float().cpu().masked_fill(~mask.unsqueeze(-1), 0.0)  # [b, T_b, D_tok]; padding is not content
-            keep &= _finite_rows(tok, labels[i0:i0 + b], f"features/{plan.field}/tokens", on_error, bad, i0)
-            tok[~keep] = 0.0
-            tokens.append(tok.numpy().astype(np_dtype))
-            masks.append(mask.numpy())  # [b, T_b]
-        pool[~keep] = 0.0  # skipped items are stored as zeros (never read) so every shard stays finite
-        pooled.append(pool.numpy().astype(np_dtype))
-        i0 += b
-        if bar is not None:
-            bar.update(b)
-    arrays = {"pooled": np.concatenate(pooled)}
-    if plan.tokens:
-        # Pad to this shard's longest sequence; the mask keeps padding apart from real tokens.
-        t_max = max(t.shape[1] for t in tokens)
-        padded = np.zeros((count, t_max, tokens[0].shape[2]), dtype=np_dtype)
-        mask = np.zeros((count, t_max), dtype=bool)
-        i = 0
-        for t, m in zip(tokens, masks):
-            padded[i:i + len(t), : t.shape[1]] = t
-            mask[i:i + len(m), : m.shape[1]] = m
-            i += len(t)
-        arrays["tokens"], arrays["mask"] = padded, mask
-    for key, arr in arrays.items():
-        if arr.dtype == bool:
-            continue
-        finite = np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
-        if not finite.all():  # finite in float32 (checked above), so the cast overflowed
-            j = int(np.nonzero(~finite)[0][0])
-            raise CacheError(
-                f"{plan.name} shard {k}: item id={labels[j]!r} field {plan.field!r}: {key} features exceed the range "
-                f"of {dtype} (|x| > {np.finfo(np_dtype).max:g}); cache with --dtype float32"
-            )
-    return arrays, bad
-
-
 def _write_shard(entry_dir: Path, k: int, arrays: dict[str, np.ndarray], marker: dict[str, Any]) -> None:
     for key, arr in arrays.items():
         atomic_save_npy(entry_dir / f"{shard_name(k)}.{key}.npy", arr)
@@ -196,10 +111,12 @@ def write_marker(path: Path, marker: dict[str, Any]) -> None:
     atomic_write_json(path, marker)
 
 
-def _marker_ok(entry_dir: Path, k: int, fingerprint: str) -> dict[str, Any] | None:
+def _marker_ok(entry_dir: Path, k: int, fingerprint: str, shard: tuple[int, int] | None = None) -> dict[str, Any] | None:
     marker = read_json(entry_dir / f"{shard_name(k)}.json")
-    if marker is None or marker.get("fingerprint") != fingerprint:
+    if not isinstance(marker, dict) or marker.get("fingerprint") != fingerprint:
         return None
+    if shard is not None and (marker.get("start"), marker.get("count")) != shard:
+        return None  # a marker that does not describe this shard's items is not trusted (redone)
     names = ["pooled"] + (["tokens", "mask"] if marker.get("tokens") else [])
     if not all((entry_dir / f"{shard_name(k)}.{n}.npy").is_file() for n in names):
         return None
@@ -237,8 +154,15 @@ def write_split(
     on_error: str = "error",
     report: BadInputReport | None = None,
     on_shard: Callable[[str, int], None] | None = None,
+    silent_audio: str = "error",
+    max_image_pixels: int | None = None,
 ) -> dict[str, Any] | None:
     """Encode this rank's shards of every entry of one split, then merge if every shard is done.
+
+    Media are decoded and judged as ``mmalign fit`` judges raw data (:class:`~mmalign.data.collate.TowerCollator`):
+    corrupt, truncated, huge, too short or silent media follow ``on_error`` / ``silent_audio``. Nothing
+    is written when the split is already complete (not even the manifest), so a finished cache can be
+    re-run on read-only storage; temporary files of killed writers are removed at every level.
 
     Args:
         rows: Manifest rows of the split (as the DataModule filters them).
@@ -255,101 +179,133 @@ def write_split(
         world_size: Number of writer processes.
         device: Where the encoders run.
         progress: Show a tqdm bar per entry.
-        on_error: Policy for NaN/Inf features (:mod:`mmalign.data.policy`): ``"error"`` raises
-            :class:`~mmalign.data.policy.BadInputError` naming the row id and field; ``"skip"`` leaves
-            the rows of such items out of the cache (recorded in the manifest, counted in ``report``).
+        on_error: Bad-input policy (:mod:`mmalign.data.policy`) for bad media and NaN/Inf features:
+            ``"error"`` raises :class:`~mmalign.data.policy.BadInputError` naming the row id, field (and
+            path); ``"skip"`` leaves the rows of such items out of the cache (recorded in the manifest
+            with their reason, counted in ``report``).
         report: Where skipped rows are counted at the merge (a throwaway one when None).
         on_shard: Called as ``on_shard(entry_name, k)`` after each shard is written (tests, logging).
+        silent_audio: ``"error"``, ``"skip"`` or ``"allow"`` silent clips (as the recipe's data).
+        max_image_pixels: Pixel budget of image files (``None``: ``MMALIGN_MAX_IMAGE_PIXELS`` or 50 MP).
 
     Returns:
         The merged manifest, or None when other ranks' shards are still missing.
 
     Raises:
-        BadInputError: Under ``on_error="error"``, an item's features are not finite.
+        BadInputError: Under ``on_error="error"``, an item is bad input or its features are not finite.
+        CacheError: Another writer with other settings is writing this split (see :mod:`mmalign.cache.claim`).
+        DiskFullError: The disk filled up (the message names the file; nothing half-written is kept).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     check_choice("on_error", on_error, ON_ERROR)
+    check_choice("silent_audio", silent_audio, SILENT_AUDIO)
     rank, world_size = resolve_rank(rank, world_size)
     split_dir = Path(split_dir)
     plans = plan_entries(rows, towers, shard_size, fingerprint)
     device = torch.device(device)
-    for plan in plans:
-        plan.encoder.to(device)
-        entry_dir = split_dir / plan.name
-        entry_dir.mkdir(parents=True, exist_ok=True)
-        remove_dead_tmp(entry_dir)  # temporary files of killed writers
-        mine = [k for k in range(len(plan.shards)) if k % world_size == rank]
-        todo = []
-        for k in mine:
-            marker = _marker_ok(entry_dir, k, plan.shard_fingerprint(k, dtype))
-            # Under "error", a shard that skipped items under "skip" is re-encoded so that it raises.
-            if marker is None or (on_error == "error" and marker.get("bad")):
-                todo.append(k)
-        total = sum(plan.shards[k][1] for k in todo)
-        bar = tqdm(total=total, desc=f"{split} {plan.name}", unit="item", disable=not progress or total == 0)
-        for k in todo:
-            arrays, bad = _encode_shard(
-                plan, k, batch_size=batch_size, num_workers=num_workers, device=device, dtype=dtype,
-                on_error=on_error, bar=bar,
-            )
-            start, count = plan.shards[k]
-            tok = arrays.get("tokens")
-            marker = {
-                "start": start, "count": count, "dtype": dtype, "fingerprint": plan.shard_fingerprint(k, dtype),
-                "dim": int(arrays["pooled"].shape[1]), "tokens": plan.tokens,
-                "token_len": None if tok is None else int(tok.shape[1]),
-                "token_dim": None if tok is None else int(tok.shape[2]),
-                "bad": {str(j): v for j, v in sorted(bad.items())},
-            }
-            _write_shard(entry_dir, k, arrays, marker)
-            if on_shard is not None:
-                on_shard(plan.name, k)
-        bar.close()
-    return merge_split(split_dir, plans, split=split, dtype=dtype, fingerprint=fingerprint, rows=rows,
-                       on_error=on_error, report=report)
+    if split_dir.is_dir():
+        remove_dead_tmp_tree(split_dir)  # temporary files of killed writers, at every level
+    claim = SplitClaim(split_dir, {
+        "dtype": dtype, "shard_size": shard_size, "fingerprint": fingerprint, "world_size": world_size, "on_error": on_error,
+        "silent_audio": silent_audio, "max_image_pixels": max_image_pixels,
+        "entries": {p.name: p.tokens for p in plans}, "rows": rows_fingerprint([str(r["id"]) for r in rows]),
+    })
+    try:
+        for plan in plans:
+            plan.encoder.to(device)
+            entry_dir = split_dir / plan.name
+            mine = [k for k in range(len(plan.shards)) if k % world_size == rank]
+            todo = []
+            for k in mine:
+                marker = _marker_ok(entry_dir, k, plan.shard_fingerprint(k, dtype), plan.shards[k])
+                # Under "error", a shard that skipped items under "skip" is re-encoded so that it raises.
+                if marker is None or (on_error == "error" and marker.get("bad")):
+                    todo.append(k)
+            total = sum(plan.shards[k][1] for k in todo)
+            bar = tqdm(total=total, desc=f"{split} {plan.name}", unit="item", disable=not progress or total == 0)
+            for k in todo:
+                claim.ensure()  # first write: announce our settings; later: stop if an older writer differs
+                arrays, bad = encode_shard(
+                    plan, k, batch_size=batch_size, num_workers=num_workers, device=device, dtype=dtype,
+                    on_error=on_error, bar=bar, silent_audio=silent_audio, max_image_pixels=max_image_pixels,
+                )
+                start, count = plan.shards[k]
+                tok = arrays.get("tokens")
+                marker = {
+                    "start": start, "count": count, "dtype": dtype, "fingerprint": plan.shard_fingerprint(k, dtype),
+                    "dim": int(arrays["pooled"].shape[1]), "tokens": plan.tokens,
+                    "token_len": None if tok is None else int(tok.shape[1]),
+                    "token_dim": None if tok is None else int(tok.shape[2]),
+                    "bad": {str(j): v for j, v in sorted(bad.items())},
+                }
+                claim.ensure()
+                entry_dir.mkdir(parents=True, exist_ok=True)
+                _write_shard(entry_dir, k, arrays, marker)
+                if on_shard is not None:
+                    on_shard(plan.name, k)
+            bar.close()
+        return merge_split(split_dir, plans, split=split, dtype=dtype, fingerprint=fingerprint, rows=rows,
+                           on_error=on_error, report=report, before_write=claim.ensure)
+    finally:
+        claim.release()
 
 
-def _skipped_rows(plan: EntryPlan, markers: list[dict[str, Any]], on_error: str) -> dict[str, str]:
-    """``{row id: "<field>: <detail>"}`` of the rows whose item in this entry has non-finite features."""
+def _skipped_rows(plan: EntryPlan, markers: list[dict[str, Any]], on_error: str) -> tuple[dict[str, str], dict[str, str]]:
+    """``({row id: "<field>: <detail>"}, {row id: reason})`` of the rows whose item in this entry was left out."""
     bad_items: dict[int, list[str]] = {}
     for m in markers:
         for j, why in (m.get("bad") or {}).items():
             bad_items[m["start"] + int(j)] = why
     if not bad_items:
-        return {}
+        return {}, {}
     if on_error == "error":
         item = min(bad_items)
-        field, detail = bad_items[item]
-        raise BadInputError(plan.item_ids[item], field, NON_FINITE, f"{detail}; written under on_error=skip by another writer")
+        field, detail, reason = (list(bad_items[item]) + [NON_FINITE])[:3]  # markers before 2-item lists: NaN/Inf
+        raise BadInputError(plan.item_ids[item], field, reason, f"{detail}; written under on_error=skip by another writer")
     rows = np.nonzero(np.isin(plan.row_index, np.fromiter(bad_items, dtype=np.int64)))[0]
-    return {plan.row_ids[r]: "{}: {}".format(*bad_items[int(plan.row_index[r])]) for r in rows}
+    why = {plan.row_ids[r]: bad_items[int(plan.row_index[r])] for r in rows}
+    return ({rid: f"{w[0]}: {w[1]}" for rid, w in why.items()},
+            {rid: (w[2] if len(w) > 2 else NON_FINITE) for rid, w in why.items()})
+
+
+def _same_npy(path: Path, array: np.ndarray) -> bool:
+    """Whether ``path`` already holds exactly ``array`` (then it is not rewritten)."""
+    try:
+        old = np.load(path, mmap_mode="r", allow_pickle=False)
+        return old.dtype == array.dtype and old.shape == array.shape and bool(np.array_equal(old, array))
+    except (OSError, ValueError, EOFError):
+        return False
 
 
 def merge_split(
     split_dir: Path, plans: list[EntryPlan], *, split: str, dtype: str, fingerprint: str,
     rows: Sequence[dict[str, Any]], on_error: str = "error", report: BadInputReport | None = None,
+    before_write: Callable[[], None] | None = None,
 ) -> dict[str, Any] | None:
     """Verify every shard's marker and write ``manifest.json``; None if some shard is still missing.
 
     Entries of the same rows written earlier by other recipes (other encoders) are kept. Rows left
-    out under ``on_error="skip"`` (non-finite features) are listed per entry (``skipped_rows``) and
-    for the whole split, and counted in ``report``.
+    out under ``on_error="skip"`` (bad input or non-finite features) are listed per entry
+    (``skipped_rows``, ``skip_reasons``) and for the whole split, and counted in ``report``. Files
+    whose content would not change are not rewritten (a finished cache is left untouched);
+    ``before_write`` is called before the first write (the writer's claim check).
     """
     row_ids = [str(r["id"]) for r in rows]
     entries: dict[str, Any] = {}
+    arrays: dict[Path, np.ndarray] = {}
     for plan in plans:
         entry_dir = split_dir / plan.name
-        markers = [_marker_ok(entry_dir, k, plan.shard_fingerprint(k, dtype)) for k in range(len(plan.shards))]
+        markers = [_marker_ok(entry_dir, k, plan.shard_fingerprint(k, dtype), plan.shards[k]) for k in range(len(plan.shards))]
         if any(m is None for m in markers):
             return None
         dims = {m["dim"] for m in markers}
         token_dims = {m["token_dim"] for m in markers}
         if len(dims) != 1 or len(token_dims) != 1:
             raise CacheError(f"{entry_dir}: shards disagree on feature sizes {sorted(dims)} / {sorted(token_dims, key=str)}")
-        skipped = _skipped_rows(plan, markers, on_error)
-        atomic_save_npy(entry_dir / "items.npy", plan.digests)
-        atomic_save_npy(entry_dir / "rows.npy", plan.row_index)
+        skipped, reasons = _skipped_rows(plan, markers, on_error)
+        arrays[entry_dir / "items.npy"] = plan.digests
+        arrays[entry_dir / "rows.npy"] = plan.row_index
         entries[plan.name] = {
             "field": plan.field,
             "cache_key": plan.encoder.cache_key,
@@ -362,23 +318,30 @@ def merge_split(
             "items_fingerprint": digest(plan.digests, plan.row_index),
             "towers": plan.towers,
             "skipped_rows": skipped,
+            "skip_reasons": reasons,
             "shards": [
                 {"name": shard_name(k), "start": m["start"], "count": m["count"], "token_len": m["token_len"]}
                 for k, m in enumerate(markers)
             ],
         }
     old = read_json(split_dir / MANIFEST)
-    if old and old.get("row_ids") == row_ids and old.get("fingerprint_mode") == fingerprint:
-        for name, entry in old.get("entries", {}).items():
-            if name not in entries and (split_dir / name).is_dir():
+    if isinstance(old, dict) and old.get("row_ids") == row_ids and old.get("fingerprint_mode") == fingerprint:
+        for name, entry in (old.get("entries") or {}).items():
+            if name not in entries and isinstance(name, str) and "/" not in name and (split_dir / name).is_dir():
                 entries[name] = entry
     skipped_rows: dict[str, str] = {}
+    skip_reasons: dict[str, str] = {}
     for entry in entries.values():
         for rid, why in entry.get("skipped_rows", {}).items():
             skipped_rows.setdefault(rid, why)
+            skip_reasons.setdefault(rid, entry.get("skip_reasons", {}).get(rid, NON_FINITE))
+    counts = dict(sorted(Counter(skip_reasons.values()).items()))
     if skipped_rows and report is not None:  # each item was logged when it was encoded; count rows here
-        report.counts[NON_FINITE] += len(skipped_rows)
-        report.examples.setdefault(NON_FINITE, []).extend(list(skipped_rows)[: report.max_examples])
+        for rid, reason in skip_reasons.items():
+            report.counts[reason] += 1
+            ex = report.examples.setdefault(reason, [])
+            if len(ex) < report.max_examples:
+                ex.append(rid)
     manifest = {
         "format": FORMAT_VERSION,
         "split": split,
@@ -386,12 +349,19 @@ def merge_split(
         "num_rows": len(row_ids),
         "num_cached_rows": len(row_ids) - len(skipped_rows),
         "on_error": on_error,
-        "skipped": {NON_FINITE: len(skipped_rows)} if skipped_rows else {},
+        "skipped": counts,
         "skipped_rows": skipped_rows,
         "rows_fingerprint": rows_fingerprint(row_ids),
         "dataset_fingerprint": digest(rows_fingerprint(row_ids), *sorted(e["items_fingerprint"] for e in entries.values())),
         "entries": entries,
         "row_ids": row_ids,
     }
-    atomic_write_json(split_dir / MANIFEST, manifest)
+    manifest = json.loads(json.dumps(manifest, sort_keys=True, default=str))  # as it reads back (tuples -> lists)
+    changed = [path for path, arr in arrays.items() if not _same_npy(path, arr)]
+    if changed or old != manifest:
+        if before_write is not None:
+            before_write()
+        for path in changed:
+            atomic_save_npy(path, arrays[path])
+        atomic_write_json(split_dir / MANIFEST, manifest)  # last: its presence makes the split a cache
     return manifest

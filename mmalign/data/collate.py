@@ -2,19 +2,24 @@
 
 Each tower's encoder preprocesses the field it reads on the whole batch (in DataLoader workers). Speech
 is decoded here first, one clip at a time (:func:`encoders.audio.load_audio`: stereo is down-mixed,
-other rates resampled), so each clip is checked by id: undecodable, empty, NaN/Inf samples, a sampling
-rate below ``min_sample_rate``, and (``silent_audio``) silence. When a tower's batch preprocessing still
+other rates resampled), so each clip is checked by id: undecodable or truncated, empty, NaN/Inf samples,
+shorter than the encoder's ``min_audio_samples`` (or 10 ms), a sampling rate below ``min_sample_rate``,
+and (``silent_audio``) silence. Image files above the pixel budget (``max_image_pixels``, see
+:mod:`encoders.image_io`) are refused before decoding. When a tower's batch preprocessing still
 fails, every item is preprocessed alone to find the bad ones: under ``on_error="error"`` the error names
 the item id and field; under ``"skip"`` the bad items are dropped from *every* tower and from ``meta``,
 the rest is collated again (a batch whose items were all bad comes out with no items and empty
-``inputs``; the module should skip it), and the counts travel in ``batch["skipped"]`` (``{reason: count}``) to the
-main process, where :class:`~mmalign.data.policy.BadInputCallback` adds them up.
+``inputs``; the module should skip it), and the counts travel in ``batch["skipped"]`` (``{reason: count}``)
+and the item ids in ``batch["skipped_ids"]`` (``{reason: [id]}``) to the main process, where
+:class:`~mmalign.data.policy.BadInputCallback` counts each item once per split.
 """
 
 from __future__ import annotations
 
 import inspect
 import os
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -41,8 +46,14 @@ def _accepts_sampling_rate(preprocess: Preprocess) -> bool:
 
 
 def _reason(field: str, preprocess: Preprocess, error: Exception) -> str:
+    from encoders.image_io import ImageTooLargeError
+
     if isinstance(error, FileNotFoundError):
         return "missing file"
+    if isinstance(error, ImageTooLargeError):
+        return "huge image"
+    if isinstance(getattr(error, "reason", None), str):  # AudioError says what is wrong
+        return error.reason  # type: ignore[attr-defined]
     modality = str(getattr(_encoder_of(preprocess), "modality", ""))
     return {"image": "bad image", "speech": "bad audio", "text": "bad text"}.get(modality, f"bad {field}")
 
@@ -50,6 +61,8 @@ def _reason(field: str, preprocess: Preprocess, error: Exception) -> str:
 def _audio_reason(error: Exception) -> str:
     if isinstance(error, FileNotFoundError):
         return "missing file"
+    if isinstance(getattr(error, "reason", None), str):
+        return error.reason  # type: ignore[attr-defined]
     msg = str(error)
     if "is empty" in msg:
         return "empty audio"
@@ -72,6 +85,8 @@ class TowerCollator:
             whatever ``on_error`` is.
         min_sample_rate: Audio files recorded below this rate (Hz) are bad input (a wrong header or
             telephone-band audio far from what speech encoders expect), not resampled.
+        max_image_pixels: Pixel budget of image files (``None``: :func:`encoders.image_io.max_image_pixels`,
+            i.e. ``MMALIGN_MAX_IMAGE_PIXELS`` or 50 MP; ``0``: no limit). Larger files are ``huge image``.
     """
 
     def __init__(
@@ -80,14 +95,18 @@ class TowerCollator:
         on_error: str = "error",
         silent_audio: str = "error",
         min_sample_rate: int = 4000,
+        max_image_pixels: int | None = None,
     ) -> None:
         self.towers = towers
         self.on_error = check_choice("on_error", on_error, ON_ERROR)
         self.silent_audio = check_choice("silent_audio", silent_audio, SILENT_AUDIO)
         self.min_sample_rate = min_sample_rate
+        if max_image_pixels is not None and max_image_pixels < 0:
+            raise ValueError(f"max_image_pixels must be >= 0 (0: no limit), got {max_image_pixels}")
+        self.max_image_pixels = max_image_pixels
 
     # -- speech: decode and check each clip by id ---------------------------------------------------
-    def _load_clip(self, item: Any, item_id: str, field: str, target_sr: int) -> Any:
+    def _load_clip(self, item: Any, item_id: str, field: str, target_sr: int, min_samples: int = 0) -> Any:
         from encoders.audio import is_silent, load_audio
 
         try:
@@ -101,19 +120,23 @@ class TowerCollator:
                 if sr is not None and sr < self.min_sample_rate:
                     raise BadInputError(item_id, field, "bad sample rate",
                                         f"{item} is sampled at {sr} Hz, below min_sample_rate={self.min_sample_rate}")
-            wave = load_audio(item, target_sr, name=f"id={item_id!r} ({item})")
+            wave = load_audio(item, target_sr, name=f"id={item_id!r} ({item})", min_samples=min_samples)
         except BadInputError:
             raise
         except Exception as e:  # noqa: BLE001 - every decoding failure is bad input of this item
             raise BadInputError(item_id, field, _audio_reason(e), str(e)) from e
         if self.silent_audio != "allow" and is_silent(wave):
-            raise BadInputError(item_id, field, "silent audio", "every sample is below the silence threshold")
+            raise BadInputError(item_id, field, "silent audio", f"{item}: every sample is below the silence threshold")
         return wave
 
     def _decode_speech(self, rows: list[dict], report: BadInputReport) -> tuple[list[dict], dict[str, list]]:
         """Decode the speech fields of ``rows``; returns the good rows and ``{field: [waveform]}``."""
+        from encoders.audio import min_samples_for
+
         fields = sorted({f for f, p in self.towers.values() if _is_speech(p) and _accepts_sampling_rate(p)})
         rates = {f: _encoder_of(p).sampling_rate for f, p in self.towers.values() if f in fields}
+        # Several towers may read one field: a clip must be long enough for each of their encoders.
+        need = {f: max(min_samples_for(_encoder_of(p), rates[f]) for g, p in self.towers.values() if g == f) for f in fields}
         waves: dict[str, list] = {f: [] for f in fields}
         if not fields:
             return rows, waves
@@ -122,7 +145,7 @@ class TowerCollator:
             clips = {}
             try:
                 for f in fields:
-                    clips[f] = self._load_clip(row.get(f), row["id"], f, rates[f])
+                    clips[f] = self._load_clip(row.get(f), row["id"], f, rates[f], need[f])
             except BadInputError as e:
                 policy = self.silent_audio if e.reason == "silent audio" else self.on_error
                 report.handle(e, policy)
@@ -145,7 +168,28 @@ class TowerCollator:
         return bad
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        report = BadInputReport()
+        from encoders.image_io import pixel_limit
+
+        report = _Dropped()
+        with pixel_limit(self.max_image_pixels):  # in the worker: the budget travels with the collator
+            batch = self._collate(rows, report)
+        if report:
+            batch["skipped"] = report.as_dict()
+            batch["skipped_ids"] = report.ids()
+        return batch
+
+    def collate(self, rows: list[dict[str, Any]], report: BadInputReport) -> dict[str, Any]:
+        """Like calling the collator, but bad items go through ``report.handle`` (a caller's own policy).
+
+        The feature cache writer uses it with a report that records instead of raising, so that the
+        main process (not a DataLoader worker) raises or skips with the row id, field and path.
+        """
+        from encoders.image_io import pixel_limit
+
+        with pixel_limit(self.max_image_pixels):
+            return self._collate(rows, report)
+
+    def _collate(self, rows: list[dict[str, Any]], report: BadInputReport) -> dict[str, Any]:
         rows, waves = self._decode_speech(list(rows), report)
         while True:
             if not rows:  # every item was bad (only possible under "skip"): an empty batch, counts kept
@@ -176,10 +220,21 @@ class TowerCollator:
         meta = {k: [r[k] for r in rows] for k in META_FIELDS}
         fields = sorted({field for field, _ in self.towers.values()})
         keys = {f: [str(r[f]) for r in rows] for f in fields}
-        batch: dict[str, Any] = {"meta": meta, "keys": keys, "inputs": inputs}
-        if report:
-            batch["skipped"] = report.as_dict()
-        return batch
+        return {"meta": meta, "keys": keys, "inputs": inputs}
+
+
+@dataclass
+class _Dropped(BadInputReport):
+    """A report that also keeps every dropped item's id (sent to the main process for de-duplication)."""
+
+    dropped: dict[str, list[str]] = dc_field(default_factory=dict)
+
+    def add(self, reason: str, item_id: Any = None, detail: str = "", field: str | None = None) -> None:
+        super().add(reason, item_id, detail, field)
+        self.dropped.setdefault(reason, []).append(str(item_id))
+
+    def ids(self) -> dict[str, list[str]]:
+        return {k: list(v) for k, v in sorted(self.dropped.items())}
 
 
 def tower_fields(module: Any) -> dict[str, tuple[str, Callable]]:

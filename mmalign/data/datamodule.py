@@ -40,6 +40,9 @@ class AlignmentDataModule(L.LightningDataModule):
             instead of raw files: no decoding, no encoder forward. A cache written for another encoder,
             other rows or other sizes is refused with :class:`~mmalign.cache.CacheError`.
         verify_cache: Recompute the dataset fingerprint (file sizes/mtimes) when opening the cache.
+        max_image_pixels: Image files with more pixels are bad input (``huge image``), refused before
+            decoding; default ``None``: ``MMALIGN_MAX_IMAGE_PIXELS`` or 50 MP (:mod:`encoders.image_io`);
+            ``0``: no limit. ``mmalign cache`` follows it too.
     """
 
     def __init__(
@@ -55,6 +58,7 @@ class AlignmentDataModule(L.LightningDataModule):
         silent_audio: str = "error",
         cache_dir: str | None = None,
         verify_cache: bool = True,
+        max_image_pixels: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -116,7 +120,8 @@ class AlignmentDataModule(L.LightningDataModule):
         if split not in self.datasets:
             raise ValueError(f"no {split} manifest configured (data.init_args.{split})")
         ds = self.datasets[split]
-        collate: Callable = TowerCollator(self._towers, self.hparams.on_error, self.hparams.silent_audio)
+        collate: Callable = TowerCollator(self._towers, self.hparams.on_error, self.hparams.silent_audio,
+                                          max_image_pixels=self.hparams.max_image_pixels)
         if self.hparams.cache_dir is not None:
             from mmalign.cache.reader import passthrough  # the cached dataset builds whole batches
 

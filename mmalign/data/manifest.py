@@ -1,14 +1,16 @@
 """Manifests: JSONL or CSV files, one sample per row (see docs/ARCHITECTURE.md for the fields).
 
-Every row is checked when the manifest is read (see :mod:`mmalign.data.policy`): malformed JSON,
-duplicate ids, unknown language codes, and for the fields a recipe reads: missing field, empty or
-whitespace-only text, missing media file. Under ``on_error="error"`` (default) the first bad row raises
+Every row is checked when the manifest is read (see :mod:`mmalign.data.policy`): bytes that are not
+UTF-8 (``invalid utf-8``), malformed JSON, duplicate ids, unknown language codes, and for the fields a
+recipe reads: missing field, empty or whitespace-only text, missing media file. Under ``on_error="error"`` (default) the first bad row raises
 an error naming the file, line, id and field; under ``"skip"`` bad rows are dropped and counted.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -53,14 +55,28 @@ def read_manifest(
         raise FileNotFoundError(f"manifest not found: {path}")
     raw: list[tuple[int, Any]] = []  # (line number, row)
     if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            for r in reader:
-                # An empty CSV cell is an absent field (CSV cannot tell them apart).
-                raw.append((reader.line_num, {k: v for k, v in r.items() if v not in (None, "") and k is not None}))
+        # Decoded with surrogateescape so that one row with bytes that are not UTF-8 is that row's
+        # problem (named by line, skippable), not a UnicodeDecodeError for the whole file.
+        text = path.read_bytes().removeprefix(codecs.BOM_UTF8).decode("utf-8", "surrogateescape")
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if reader.fieldnames is not None and _not_utf8(",".join(reader.fieldnames)) is not None:
+            raise ManifestError(f"{path}:1: the CSV header is not valid UTF-8 ({_not_utf8(','.join(reader.fieldnames))})")
+        for r in reader:
+            bad = next((why for v in r.values() if isinstance(v, str) and (why := _not_utf8(v))), None)
+            if bad is not None:
+                report.handle(ManifestRowError(path, reader.line_num, f"<line {reader.line_num}>", "<row>", "invalid utf-8", bad), on_error)
+                continue
+            # An empty CSV cell is an absent field (CSV cannot tell them apart).
+            raw.append((reader.line_num, {k: v for k, v in r.items() if v not in (None, "") and k is not None}))
     else:
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with path.open("rb") as f:
+            for lineno, data in enumerate(f, 1):
+                try:
+                    line = (data.removeprefix(codecs.BOM_UTF8) if lineno == 1 else data).decode("utf-8")
+                except UnicodeDecodeError as e:
+                    report.handle(ManifestRowError(path, lineno, f"<line {lineno}>", "<row>", "invalid utf-8",
+                                                   _decode_detail(data, e)), on_error)
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -95,6 +111,20 @@ def read_manifest(
                 row[field] = str((path.parent / str(row[field])).resolve())
         rows.append(row)
     return rows
+
+
+def _decode_detail(data: bytes, error: UnicodeDecodeError) -> str:
+    return f"byte 0x{data[error.start]:02x} at column {error.start + 1} is not UTF-8; manifests must be UTF-8 encoded"
+
+
+def _not_utf8(text: str) -> str | None:
+    """Why ``text`` (decoded with ``surrogateescape``) held bytes that are not UTF-8, or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = ord(text[e.start]) - 0xDC00
+        return f"byte 0x{byte:02x} is not UTF-8; manifests must be UTF-8 encoded"
+    return None
 
 
 def check_row(row: dict[str, Any], fields: Iterable[str], path: Path, check_files: bool = True) -> None:

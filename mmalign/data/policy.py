@@ -6,8 +6,12 @@ is logged (logger ``mmalign.data``) and counted per reason in a :class:`BadInput
 is printed at the end of a run by :class:`BadInputCallback`. Nothing is ever dropped silently.
 
 Reasons (the keys of the counts) are short fixed strings, e.g. ``"malformed json"``,
-``"duplicate id"``, ``"missing text"``, ``"empty text"``, ``"unknown language"``, ``"missing file"``,
-``"bad image"``, ``"bad audio"``, ``"silent audio"``, ``"bad sample rate"``, ``"non-finite features"``.
+``"invalid utf-8"``, ``"duplicate id"``, ``"missing text"``, ``"empty text"``, ``"unknown language"``,
+``"missing file"``, ``"bad image"``, ``"huge image"``, ``"bad audio"``, ``"short audio"``,
+``"truncated audio"``, ``"silent audio"``, ``"bad sample rate"``, ``"non-finite features"``.
+
+Counts are of *items*, not of passes: :class:`BadInputCallback` counts an item once per split however
+many epochs (and the sanity check) see it again.
 """
 
 from __future__ import annotations
@@ -168,11 +172,16 @@ except ImportError:  # pragma: no cover
 
 
 class BadInputCallback(_CallbackBase):
-    """Add up the ``batch["skipped"]`` counts that collators send from DataLoader workers, log them
-    (``bad_inputs/<reason>``, summed over the run) and print a summary when fitting/testing ends.
+    """Add up the items that collators skipped in DataLoader workers, log them (``bad_inputs/<reason>``,
+    summed over the run) and print a summary when fitting/testing ends.
+
+    Collators send ``batch["skipped_ids"]`` (``{reason: [item id]}``) besides the counts
+    ``batch["skipped"]``: an item is counted once per split (train / val / test) however many epochs,
+    and the sanity check, decode it again. A batch with counts but no ids (a custom collator) is added
+    as it comes.
 
     Manifest-level skips (rows dropped while reading manifests) are taken from the datamodule's
-    datasets' ``report`` when it has them.
+    datasets' ``report`` when it has them, once per dataset.
 
     Attributes:
         report: Everything skipped so far in this run (batches and manifests).
@@ -181,10 +190,20 @@ class BadInputCallback(_CallbackBase):
     def __init__(self) -> None:
         self.report = BadInputReport()
         self._manifests_seen: set[int] = set()
+        self._items_seen: set[tuple[str, str, str]] = set()  # (split, reason, item id)
 
-    def _take(self, trainer: Any, pl_module: Any, batch: Any) -> None:
+    def _take(self, trainer: Any, pl_module: Any, batch: Any, split: str = "train") -> None:
         if isinstance(batch, dict) and batch.get("skipped"):
-            self.report.merge(batch["skipped"])
+            ids = batch.get("skipped_ids")
+            if isinstance(ids, Mapping):
+                for reason, items in ids.items():
+                    for item_id in items:
+                        key = (split, str(reason), str(item_id))
+                        if key not in self._items_seen:  # the same bad item seen in a later epoch is not new
+                            self._items_seen.add(key)
+                            self.report.merge(BadInputReport(Counter({reason: 1}), {reason: [str(item_id)]}))
+            else:
+                self.report.merge(batch["skipped"])
         self._take_manifests(trainer)
 
     def _take_manifests(self, trainer: Any) -> None:
@@ -199,10 +218,10 @@ class BadInputCallback(_CallbackBase):
         self._take(trainer, pl_module, batch)
 
     def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._take(trainer, pl_module, batch)
+        self._take(trainer, pl_module, batch, "val")
 
     def on_test_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._take(trainer, pl_module, batch)
+        self._take(trainer, pl_module, batch, "test")
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         for reason, n in self.report.counts.items():
