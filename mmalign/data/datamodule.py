@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -139,6 +140,16 @@ class AlignmentDataModule(L.LightningDataModule):
             # page-locked host batches let Lightning's transfer to the GPU overlap with compute
             pin_memory=torch.cuda.is_available(),
         )
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Move the batch's tensors; ``meta`` and ``keys`` (lists of strings) are passed through unwalked.
+
+        Lightning's default walks every element of every list of the batch (ids, concepts, languages, paths),
+        which costs more than the projector step itself on cached features.
+        """
+        if not isinstance(batch, dict) or "meta" not in batch:
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        return {k: v if k in ("meta", "keys", "skipped") else move_data_to_device(v, device) for k, v in batch.items()}
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

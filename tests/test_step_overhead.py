@@ -1,0 +1,61 @@
+"""The training step pays only for what is written: metrics on logging steps and epoch ends, tensors moved alone."""
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from mmalign.data import AlignmentDataModule
+from tests.test_module import make_module
+
+
+def _fit(synthetic_data, tmp_path, log_every: int, batch_size: int = 4, epochs: int = 1):
+    module = make_module()
+    logged: list[int] = []
+    original = module.log
+
+    def spy(name, value, *args, **kwargs):
+        if name == "train/loss":
+            logged.append(module.trainer.global_step)
+        return original(name, value, *args, **kwargs)
+
+    module.log = spy
+    data = AlignmentDataModule(train=str(synthetic_data / "train.jsonl"), val=str(synthetic_data / "train.jsonl"),
+                               batch_size=batch_size, train_languages=["en"], eval_languages=["en"])
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=CSVLogger(tmp_path), log_every_n_steps=log_every,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer.fit(module, data)
+    return trainer, logged
+
+
+def test_train_metrics_are_logged_on_logging_steps_and_epoch_ends_only(synthetic_data, tmp_path):
+    trainer, logged = _fit(synthetic_data, tmp_path, log_every=3, epochs=2)
+    per_epoch = trainer.num_training_batches
+    steps = trainer.global_step
+    assert per_epoch > 4 and steps == 2 * per_epoch
+    expected = sorted({s for s in range(steps) if (s + 1) % 3 == 0} | {per_epoch - 1, steps - 1})
+    assert logged == expected, (logged, expected)
+    # what the logger wrote is what was logged: one row per logging step, none lost
+    import csv
+    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    written = sorted({int(r["step"]) for r in rows if r.get("train/loss")})
+    assert written == [s for s in range(steps) if (s + 1) % 3 == 0]
+    # epoch-end monitors (EarlyStopping, ModelCheckpoint on a train metric) see a fresh value
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert "train/image->text/inbatch_R@1" in trainer.callback_metrics
+
+
+def test_every_step_logs_when_asked(synthetic_data, tmp_path):
+    trainer, logged = _fit(synthetic_data, tmp_path, log_every=1)
+    assert logged == list(range(trainer.global_step))
+
+
+def test_batch_transfer_moves_tensors_and_leaves_strings_alone():
+    data = AlignmentDataModule()
+    batch = {"meta": {"id": ["a", "b"], "concept": ["x", "y"], "lang": ["en", "de"]}, "keys": {"text": ["1", "2"]},
+             "features": {"text": {"pooled": torch.zeros(2, 3)}}, "inputs": {"image": {"pixel_values": torch.zeros(2, 1)}}}
+    out = data.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert out["features"]["text"]["pooled"].device.type == "meta"
+    assert out["inputs"]["image"]["pixel_values"].device.type == "meta"
+    assert out["meta"] is batch["meta"] and out["keys"] is batch["keys"]  # not walked, not copied
+    assert batch["features"]["text"]["pooled"].device.type == "cpu"  # the input batch is not modified
