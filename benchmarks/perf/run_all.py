@@ -27,6 +27,7 @@ QUICK: dict[str, list[str]] = {
     "bench_cache": ["--part", "speed", "--raw_steps", "6", "--cached_steps", "200"],
     "bench_encode": ["--repeats", "2"],
     "bench_precision": ["--steps", "30"],
+    "bench_loop": ["--rounds", "3"],
 }
 
 
