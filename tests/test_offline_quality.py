@@ -1,6 +1,6 @@
 """Quality on REAL packaged encoders (slow): the uCLIP pivot recipe beats a least-squares map.
 
-The pivot recipe of ``configs/offline/uclip_pivot.yaml`` (Universal Sentence Encoder Multilingual ->
+The offline pivot recipe (``configs/uclip_pivot.yaml`` + its ``offline/`` overlay: Universal Sentence Encoder Multilingual ->
 all-MiniLM-L6-v2's English space) is trained on the English names of a few hundred emoji only, through
 the product's code path (LightningCLI-built module, Lightning ``fit`` on frozen features held in memory). On held-out concepts, its student text in es/de/ru must find the English teacher name more
 often than a ridge-regression map fitted on the same English features. Names come straight from the

@@ -1,6 +1,6 @@
 """``mmalign eval``: evaluate a recipe (optionally from a checkpoint) and write a per-language report.
 
-    mmalign eval --config configs/offline/uclip_pivot.yaml --ckpt_path runs/x/last.ckpt --output eval/
+    mmalign eval --config configs/uclip_pivot.yaml --config configs/offline/uclip_pivot.yaml --ckpt_path runs/x/last.ckpt --output eval/
 
 Any LightningCLI option of the recipe (``--data.init_args.test=...``) may follow. The report has, for every
 retrieval pair of the recipe, both directions per language (R@1/5/10, MRR, median rank), xsim error rates per
