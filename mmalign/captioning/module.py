@@ -15,9 +15,6 @@ caption tokens only. Checkpoints and exports hold the projector (and LoRA) weigh
 
 from __future__ import annotations
 
-import functools
-import importlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -32,10 +29,10 @@ from mmalign.data.langs import language_name
 from mmalign.training.base import FrozenBackboneModule
 from mmalign.captioning.lm import FrozenLM
 from mmalign.captioning.metrics import caption_metrics, merge_eval_stores
+from mmalign.export.format import CAPTIONER_FORMAT as EXPORT_FORMAT
 from projectors.base import Projector
 
 ProjectorFactory = Callable[[int, int], Projector]
-EXPORT_FORMAT = "mmalign-prefix-captioner"
 IGNORE = -100
 
 
@@ -142,11 +139,6 @@ def caption_token_losses(logits: Tensor, labels: Tensor, shift: bool) -> Caption
     return CaptionLoss(loss_sum=(ce * valid).sum(1), count=valid.sum(1))
 
 
-def _import(class_path: str) -> Any:
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
 class PrefixCaptioningModule(FrozenBackboneModule):
     """Visual prefix captioning with a frozen image encoder and a frozen multilingual LM.
 
@@ -165,7 +157,8 @@ class PrefixCaptioningModule(FrozenBackboneModule):
         eval_max_new_tokens: Generation length in evaluation.
         predict_languages: ``predict`` captions every image in each of these languages (default: the row's).
         predict_max_new_tokens: Generation length in ``predict``.
-        export_dir: Write the export (:meth:`save_pretrained`) here when ``fit`` ends.
+        export_dir: Write the export here when ``fit`` ends (shorthand for the
+            :class:`~mmalign.training.callbacks.ExportOnFitEnd` callback with ``output=export_dir``).
         optimizer: Optimizer factory over the trainable parameters (projector, LoRA).
         scheduler: Optional LR scheduler factory (stepped every optimizer step).
     """
@@ -351,8 +344,10 @@ class PrefixCaptioningModule(FrozenBackboneModule):
         return rows
 
     def on_fit_end(self) -> None:
-        if self.export_dir and self.trainer.is_global_zero:
-            self.save_pretrained(self.export_dir)
+        if self.export_dir:
+            from mmalign.training.callbacks import ExportOnFitEnd
+
+            ExportOnFitEnd(output=self.export_dir).on_fit_end(self.trainer, self)
 
     # -- weights -----------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False) -> Any:  # type: ignore[override]
@@ -367,46 +362,38 @@ class PrefixCaptioningModule(FrozenBackboneModule):
 
     # -- export ------------------------------------------------------------------------------
     def export_config(self) -> dict[str, Any]:
-        enc = self.image_encoder
-        module_args = {k: v for k, v in self.hparams.items() if k not in ("export_dir",)}
-        return {
-            "format": EXPORT_FORMAT,
-            "version": 1,
-            "image_encoder": {"class_path": f"{type(enc).__module__}.{type(enc).__qualname__}", "init_args": enc.init_args(),
-                              "cache_key": enc.cache_key, "spec": enc.spec()},
-            "projector": self.projector.config(),
-            "lm": {"class_path": f"{type(self.lm).__module__}.{type(self.lm).__qualname__}", "init_args": self.lm.init_args(),
-                   "hidden_size": self.lm.hidden_size, "kind": self.lm.kind},
-            "module": module_args,
-            "trainable_parameters": sum(p.numel() for p in self.trainable_parameters()),
-        }
+        """The ``config.json`` :meth:`save_pretrained` writes (without its ``weights`` entry)."""
+        from mmalign.export.captioner import captioner_config
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` (projector and LoRA weights only)."""
-        from safetensors.torch import save_file
+        return captioner_config(self)
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-        (directory / "config.json").write_text(json.dumps(self.export_config(), indent=2, default=str) + "\n")
-        return directory
+    def save_pretrained(self, directory: str | Path, **provenance: Any) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (projector and LoRA weights only), atomically.
+
+        The format is the one of every mmalign export (:mod:`mmalign.export.captioner`); ``provenance``
+        takes ``languages``, ``recipe``, ``metrics``, ``checkpoint``, ``epoch``, ``global_step``.
+        """
+        from mmalign.export.writer import export_module
+
+        return export_module(self, directory, **provenance)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "PrefixCaptioningModule":
-        """Rebuild encoder, projector and LM from an export and load its weights (strictly)."""
-        from safetensors.torch import load_file
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu", strict: bool = True,
+                        trusted_classes: Sequence[str | type] | None = None) -> "PrefixCaptioningModule":
+        """Rebuild encoder, projector and LM from an export and load its weights (strictly).
 
-        directory = Path(directory)
-        if not (directory / "config.json").is_file() or not (directory / "model.safetensors").is_file():
-            raise FileNotFoundError(f"{directory} is not a prefix captioner export (config.json + model.safetensors)")
-        cfg = json.loads((directory / "config.json").read_text())
-        if cfg.get("format") != EXPORT_FORMAT:
-            raise ValueError(f"{directory}/config.json has format {cfg.get('format')!r}, expected {EXPORT_FORMAT!r}")
-        encoder = _import(cfg["image_encoder"]["class_path"])(**cfg["image_encoder"]["init_args"])
-        proj_args = {k: v for k, v in cfg["projector"]["init_args"].items() if k not in ("in_dim", "out_dim")}
-        projector = functools.partial(_import(cfg["projector"]["class_path"]), **proj_args)
-        lm = _import(cfg["lm"]["class_path"])(**cfg["lm"]["init_args"])
-        module = cls(image_encoder=encoder, lm=lm, projector=projector, **cfg["module"])
-        module.load_state_dict(load_file(str(directory / "model.safetensors"), device=str(map_location)), strict=True)
-        return module.to(map_location).eval()
+        The export is untrusted: only the project's own encoder/projector/LM classes are imported (plus
+        ``trusted_classes``), sizes are checked against the weights header first, the sha256 must match.
+
+        Args:
+            directory: The export.
+            map_location: Device of the rebuilt module.
+            strict: Refuse an image encoder whose ``cache_key`` differs from the recorded one (else warn).
+            trusted_classes: Classes from outside mmalign's packages to accept (still of the right base class).
+
+        Raises:
+            ExportError: The directory is not a captioner export, or it is unsafe or inconsistent.
+        """
+        from mmalign.export.captioner import load_captioner
+
+        return load_captioner(cls, directory, map_location=map_location, strict=strict, trusted_classes=trusted_classes)

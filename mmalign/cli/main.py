@@ -25,6 +25,20 @@ TOOLS: dict[str, str] = {
 }
 
 
+#: Tool options renamed before jsonargparse sees them. Its CLI reserves ``--config`` for a file of the tool's own
+#: arguments (and drops a parameter of that name before the call), but ``mmalign export --config RECIPE`` names
+#: the recipe that trained the checkpoint, as ``--config`` does for ``fit``.
+OPTION_RENAMES: dict[str, dict[str, str]] = {"export": {"--config": "--recipe"}}
+
+
+def _rename_options(argv: list[str], renames: dict[str, str]) -> list[str]:
+    out = []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        out.append(renames[name] + eq + value if name in renames else arg)
+    return out
+
+
 def _load(target: str) -> Callable:
     module, fn = target.split(":")
     return getattr(importlib.import_module(module), fn)
@@ -46,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in TOOLS:
         from jsonargparse import CLI
 
-        CLI(_load(TOOLS[argv[0]]), args=argv[1:], as_positional=False)
+        args = _rename_options(argv[1:], OPTION_RENAMES.get(argv[0], {}))
+        CLI(_load(TOOLS[argv[0]]), args=args, as_positional=False)
         return
     if argv and argv[0] in ("-h", "--help") and len(argv) == 1:
         print(__doc__)

@@ -1,4 +1,10 @@
-"""``mmalign export``: a Lightning checkpoint (+ its recipe) -> an export directory."""
+"""``mmalign export``: a Lightning checkpoint (+ its recipe) -> an export directory (either export kind).
+
+The checkpoint and the ``config.yaml`` beside it may come from someone else, so: the checkpoint is read
+without unpickling objects, only the recipe's ``model`` section is instantiated (never the optimizer,
+scheduler, trainer or data), every ``class_path`` in it must be one of the project's classes (or trusted),
+and tensors holding NaN/Inf are refused.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +17,11 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from mmalign.export.format import ExportError, class_path
-from mmalign.export.format import CONFIG_NAME
+from mmalign.export.format import CONFIG_NAME, ClassList, ExportError, allowed_class_path, class_path
 from mmalign.export.writer import export_module, export_state
+
+#: Constructor arguments of a recipe's model that only training uses: never instantiated by an export.
+TRAINING_ONLY = ("optimizer", "scheduler")
 
 
 # -- from a Lightning checkpoint ---------------------------------------------------------------
@@ -63,26 +71,67 @@ def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
     return recipe
 
 
-def module_from_recipe(recipe: Mapping[str, Any]) -> nn.Module:
-    """Instantiate the recipe's ``model`` section the way LightningCLI does (jsonargparse, subclass mode)."""
+def _check_class_paths(value: Any, where: str, trusted: ClassList | None) -> None:
+    """Every ``class_path`` in a recipe section must be allowed (checked before jsonargparse imports it)."""
+    if isinstance(value, Mapping):
+        if "class_path" in value:
+            allowed_class_path(value["class_path"], f"recipe {where}", trusted, kind="classes")
+        for k, v in value.items():
+            _check_class_paths(v, f"{where}.{k}", trusted)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_class_paths(v, f"{where}[{i}]", trusted)
+
+
+def model_section(recipe: Mapping[str, Any], trusted_classes: ClassList | None = None) -> dict[str, Any]:
+    """The recipe's ``model`` section as an export instantiates it: training-only arguments dropped, every
+    ``class_path`` checked against the project's packages (or ``trusted_classes``)."""
+    model = copy.deepcopy(recipe.get("model"))  # jsonargparse edits lists in place
+    if not isinstance(model, dict):
+        raise ExportError("the recipe's model section must be a mapping with class_path/init_args")
+    init = model.get("init_args")
+    if isinstance(init, dict):
+        for key in TRAINING_ONLY:
+            init.pop(key, None)
+    _check_class_paths(model, "model", trusted_classes)
+    return model
+
+
+def module_from_recipe(recipe: Mapping[str, Any], trusted_classes: ClassList | None = None) -> nn.Module:
+    """Instantiate the recipe's ``model`` section the way LightningCLI does (jsonargparse, subclass mode).
+
+    Only what an export holds is built: the optimizer and scheduler arguments are dropped first (a
+    ``config.yaml`` could name any callable there), and every ``class_path`` must be a project class.
+    """
     import lightning as L
     from jsonargparse import ArgumentParser
 
+    model = model_section(recipe, trusted_classes)
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(L.LightningModule, "model", required=True, fail_untyped=False)
     try:
-        cfg = parser.parse_object({"model": copy.deepcopy(recipe["model"])})  # it edits lists in place
+        cfg = parser.parse_object({"model": model})
     except Exception as err:  # noqa: BLE001 - jsonargparse raises ArgumentError with the details
         raise ExportError(f"the recipe's model section does not parse: {err}") from err
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
     module = instantiate(cfg).model
-    if not hasattr(module, "towers") or not hasattr(module, "objectives"):
-        raise ExportError(f"the recipe builds a {class_path(module)}, not an AlignmentModule-like module with towers")
+    if not (hasattr(module, "towers") and hasattr(module, "objectives")) and not _is_captioner(module):
+        raise ExportError(f"the recipe builds a {class_path(module)}, neither an AlignmentModule-like module with towers "
+                          "nor a PrefixCaptioningModule")
     return module
 
 
+def _is_captioner(module: nn.Module) -> bool:
+    from mmalign.captioning.module import PrefixCaptioningModule
+
+    return isinstance(module, PrefixCaptioningModule)
+
+
 def load_export_state(module: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:
-    """Copy a checkpoint's projector/objective tensors into ``module``; every key and shape must match."""
+    """Copy a checkpoint's trainable tensors (projectors, temperatures, LoRA) into ``module``.
+
+    Every key and shape must match, and no value may be NaN/Inf (a diverged run is not exported).
+    """
     expected = export_state(module)
     missing = [k for k in expected if k not in state_dict]
     wrong = [
@@ -95,6 +144,13 @@ def load_export_state(module: nn.Module, state_dict: Mapping[str, Tensor], sourc
             + (f"\n  missing tensors: {missing}" if missing else "")
             + (f"\n  shape mismatches: {wrong}" if wrong else "")
         )
+    bad = [k for k in expected if state_dict[k].is_floating_point() and not bool(torch.isfinite(state_dict[k]).all())]
+    if bad:
+        raise ExportError(f"{source}: trainable tensors {bad} hold NaN/Inf values (did training diverge?); "
+                          "refusing to export them")
+    if not hasattr(module, "towers"):  # a captioner: its state dict is its trainable part
+        module.load_state_dict({k: state_dict[k] for k in expected}, strict=True)
+        return
     for name, tower in module.towers.items():
         prefix = f"towers.{name}.projector."
         tower.projector.load_state_dict({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)})
@@ -134,39 +190,51 @@ def checkpoint_metrics(state: Mapping[str, Any]) -> dict[str, Any] | None:
 def export_checkpoint(
     ckpt: str | os.PathLike,
     output: str | os.PathLike,
-    config: str | os.PathLike | None = None,
+    recipe: str | os.PathLike | None = None,
     onnx: bool = False,
+    trusted_classes: ClassList | None = None,
+    config: str | os.PathLike | None = None,
 ) -> Path:
-    """Export a Lightning checkpoint of an mmalign recipe (see :func:`export`)."""
-    recipe_path = Path(config) if config is not None else find_recipe_config(ckpt)
+    """Export a Lightning checkpoint of an mmalign recipe (see :func:`export`; ``config`` is ``recipe``)."""
+    if recipe is not None and config is not None and Path(recipe) != Path(config):
+        raise ExportError(f"two recipes given: recipe={recipe} and config={config}")
+    recipe = recipe if recipe is not None else config
+    recipe_path = Path(recipe) if recipe is not None else find_recipe_config(ckpt)
     if recipe_path is None:
         raise ExportError(
             f"no config.yaml next to {ckpt} (LightningCLI saves one in the run's log directory): "
             "pass the recipe with --config"
         )
-    recipe = read_recipe(recipe_path)
+    recipe_cfg = read_recipe(recipe_path)
     state = load_checkpoint(ckpt)
-    module = module_from_recipe(recipe)
+    module = module_from_recipe(recipe_cfg, trusted_classes)
     load_export_state(module, state["state_dict"], str(ckpt))
     return export_module(
-        module, output, languages=training_languages(recipe), recipe=recipe, metrics=checkpoint_metrics(state),
+        module, output, languages=training_languages(recipe_cfg), recipe=recipe_cfg, metrics=checkpoint_metrics(state),
         checkpoint=str(Path(ckpt).resolve()), epoch=state.get("epoch"), global_step=state.get("global_step"),
         onnx=onnx,
     )
 
 
-def export(ckpt: str, output: str, config: str | None = None, onnx: bool = False) -> None:
-    """Export the projectors of a trained checkpoint as ``config.json`` + ``model.safetensors``.
+def export(ckpt: str, output: str, recipe: str | None = None, config: str | None = None, onnx: bool = False,
+           trusted_classes: list[str] | None = None) -> None:
+    """Export the trainable part of a checkpoint as ``config.json`` + ``model.safetensors``.
+
+    Embedding recipes export their projectors and temperatures, visual-prefix captioners their projector
+    and LoRA weights. Only the recipe's model is built (never its optimizer); every ``class_path`` in it
+    must be one of mmalign's own classes or listed in ``trusted_classes``.
 
     Args:
         ckpt: Lightning checkpoint (``.ckpt``) of an mmalign recipe.
         output: Directory to write (replaced if it holds an earlier export).
-        config: Recipe YAML that trained the checkpoint. Default: the ``config.yaml`` LightningCLI saved
-            in the checkpoint's run directory.
-        onnx: Also write each projector as ``onnx/<tower>.onnx``.
+        recipe: Recipe YAML that trained the checkpoint (``mmalign export --config`` is the same option).
+            Default: the ``config.yaml`` LightningCLI saved in the checkpoint's run directory.
+        config: Same as ``recipe``.
+        onnx: Also write each projector as ``onnx/<tower>.onnx`` (embedding exports).
+        trusted_classes: Class paths outside mmalign's packages that the recipe may name.
     """
-    out = export_checkpoint(ckpt, output, config=config, onnx=onnx)
+    out = export_checkpoint(ckpt, output, recipe=recipe, config=config, onnx=onnx, trusted_classes=trusted_classes)
     cfg = json.loads((out / CONFIG_NAME).read_text(encoding="utf-8"))
     size = cfg["weights"]["num_bytes"]
-    print(f"exported {len(cfg['towers'])} towers ({cfg['weights']['num_parameters']:,} parameters, "
-          f"{size / 1e6:.2f} MB) to {out}")
+    what = f"{len(cfg['towers'])} towers" if "towers" in cfg else "a captioner"
+    print(f"exported {what} ({cfg['weights']['num_parameters']:,} parameters, {size / 1e6:.2f} MB) to {out}")

@@ -11,9 +11,7 @@ Command line: ``mmalign embed --model exports/lit --input captions.txt --output 
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import json
 import os
 import warnings
 from pathlib import Path
@@ -26,30 +24,15 @@ from torch import Tensor, nn
 
 from encoders.base import Encoder, EncoderOutput
 from encoders.utils import torch_dtype as _as_dtype  # the one dtype parser
-from mmalign.export.writer import CONFIG_NAME, FORMAT, FORMAT_VERSION, ExportError, sha256_file
+from mmalign.export.format import CAPTIONER_FORMAT, FORMAT, ClassList, ExportError, confine, field, read_config
+from mmalign.export.rebuild import build_encoder, check_projector, instantiate
+from mmalign.export.weights import check_listed, load_tensors, open_weights, verify_checksum
 from mmalign.training.towers import Tower
 
 #: Modality a manifest field holds, for picking a tower by field name when no tower reads it directly.
 _FIELD_MODALITY = {"image": "image", "audio": "speech", "speech": "speech"}
 #: The field a modality is read from in the data contract (``text_en`` etc. are specialisations).
 _GENERIC_FIELD = {"image": "image", "speech": "audio", "text": "text"}
-
-
-def _import(path: str) -> type:
-    module, _, name = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as err:
-        raise ExportError(f"cannot import {path!r} recorded in the export: {err}") from err
-
-
-def _spec_diff(recorded: Mapping[str, Any], rebuilt: Mapping[str, Any]) -> list[str]:
-    rebuilt = json.loads(json.dumps(rebuilt, default=str, sort_keys=True))
-    keys = sorted(set(recorded) | set(rebuilt))
-    return [
-        f"{k}: recorded {recorded.get(k, '<absent>')!r}, rebuilt {rebuilt.get(k, '<absent>')!r}"
-        for k in keys if recorded.get(k, "<absent>") != rebuilt.get(k, "<absent>")
-    ]
 
 
 def _items_list(items: Any, modality: str) -> list[Any]:
@@ -112,8 +95,13 @@ class AlignedModel(_ModalityShortcuts, nn.Module):
         towers: Sequence[str] | None = None,
         encoder_overrides: Mapping[str, Mapping[str, Any]] | None = None,
         strict: bool = True,
+        trusted_classes: ClassList | None = None,
     ) -> "AlignedModel":
         """Rebuild an exported model and check it is the one that was trained.
+
+        The export is treated as untrusted (see :mod:`mmalign.export.format`): only the project's own
+        encoder and projector classes are imported, paths stay inside ``path``, projector sizes are checked
+        against the weights header before anything is allocated, and the weights' sha256 must match.
 
         Args:
             path: Export directory (``config.json`` + ``model.safetensors``).
@@ -126,14 +114,21 @@ class AlignedModel(_ModalityShortcuts, nn.Module):
                 local path to the same checkpoint.
             strict: Refuse encoders whose ``cache_key`` differs from the recorded one (a warning if
                 False). A different ``output_dim`` is always refused: the projector cannot take it.
+            trusted_classes: Encoder/projector classes from outside mmalign's packages to accept
+                (``"mypkg.encoders.MyEncoder"`` or the class); they must still subclass ``Encoder``/``Projector``.
 
         Raises:
-            ExportError: The directory is not an export, an encoder differs from the recorded one, or
-                the weights file does not match the rebuilt projectors (keys, shapes or checksum).
+            ExportError: The directory is not an export or is unsafe (a refused class, a path leaving it, a
+                malformed config.json), an encoder differs from the recorded one, or the weights file does not
+                match the rebuilt projectors (keys, shapes, dtypes, checksum, NaN/Inf values).
         """
         root = Path(path)
-        config = _read_config(root)
-        recorded = config["towers"]
+        config = read_config(root)
+        if config["format"] == CAPTIONER_FORMAT:
+            raise ExportError(f"{root} is a visual-prefix captioner export: load it with mmalign.load({str(root)!r}) or "
+                              "mmalign.captioning.PrefixCaptioningModule.from_pretrained, then call "
+                              ".generate(images, lang=...)")
+        recorded = field(config, "towers", dict, "config")
         names = list(recorded) if towers is None else list(towers)
         for name in names:
             if name not in recorded:
@@ -142,13 +137,38 @@ class AlignedModel(_ModalityShortcuts, nn.Module):
         for name in overrides:
             if name not in names:
                 raise ExportError(f"encoder_overrides names tower {name!r}, which is not loaded ({names})")
-        built = {name: _build_tower(name, recorded[name], overrides.get(name), strict) for name in names}
-        tensors = _load_weights(root, config, built)
-        logit_scales = {
-            "|".join(o["towers"]): o["loss"]["logit_scale"]
-            for o in config.get("objectives", []) if o.get("loss", {}).get("logit_scale") is not None
-        }
-        model = cls(built, config, logit_scales)
+        _check_paths(root, config)
+        weights = open_weights(root, config)
+        # 1. sizes: every projector against the header, on the meta device (nothing allocated, no encoder built)
+        projectors, problems = {}, []
+        for name in names:
+            cfg = field(recorded, name, dict, "towers")
+            cls_, init_args, found = check_projector(field(cfg, "projector", dict, f"towers.{name}"), weights,
+                                                     f"towers.{name}.projector.", f"towers.{name}.projector",
+                                                     f"tower {name!r}", trusted=trusted_classes)
+            projectors[name] = (cls_, init_args)
+            problems += found
+        problems += _other_tensor_problems(weights, names)
+        if problems:
+            raise ExportError(f"{weights.path} does not match the model described by config.json:\n  "
+                              + "\n  ".join(problems))
+        # 2. integrity, 3. the encoders (the expensive part), 4. the weights
+        verify_checksum(weights)
+        built = {}
+        for name in names:
+            cfg = recorded[name]
+            encoder = build_encoder(field(cfg, "encoder", dict, f"towers.{name}"), f"towers.{name}.encoder",
+                                    f"tower {name!r}", overrides.get(name), strict, trusted_classes)
+            projector = instantiate(*projectors[name], f"tower {name!r} projector")
+            if projector.in_dim != encoder.output_dim:
+                raise ExportError(f"tower {name!r}: projector in_dim {projector.in_dim} != encoder output_dim "
+                                  f"{encoder.output_dim}")
+            tower = Tower(encoder, field(cfg, "field", str, f"towers.{name}"), projector=lambda i, o, p=projector: p,
+                          normalize=field(cfg, "normalize", bool, f"towers.{name}"))
+            tower.build(projector.out_dim)
+            built[name] = tower
+        tensors = load_tensors(weights)
+        model = cls(built, config, _logit_scales(config))
         for name, tower in built.items():
             prefix = f"towers.{name}.projector."
             tower.projector.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
@@ -338,97 +358,38 @@ class AlignedModel(_ModalityShortcuts, nn.Module):
                           stacklevel=3)
 
 
-def _read_config(root: Path) -> dict[str, Any]:
-    path = root / CONFIG_NAME
-    if not path.is_file():
-        raise ExportError(f"{root} is not an mmalign export: no {CONFIG_NAME}")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ExportError(f"{path} is not valid JSON: {err}") from err
-    if config.get("format") == "mmalign-prefix-captioner":
-        raise ExportError(f"{root} is a visual-prefix captioner export: load it with mmalign.load({str(root)!r}) or "
-                          "mmalign.captioning.PrefixCaptioningModule.from_pretrained, then call .generate(images, lang=...)")
-    if config.get("format") != FORMAT:
-        raise ExportError(f"{path} is not an mmalign export (format {config.get('format')!r}, expected {FORMAT!r})")
-    if int(config.get("format_version", -1)) > FORMAT_VERSION:
-        raise ExportError(f"{path} has format_version {config['format_version']}; this mmalign reads <= {FORMAT_VERSION}")
-    return config
+def _check_paths(root: Path, config: Mapping[str, Any]) -> None:
+    """Every file config.json names (ONNX graphs; the weights are opened by ``open_weights``) stays in ``root``."""
+    onnx = config.get("onnx") or {}
+    if not isinstance(onnx, dict):
+        raise ExportError("config.json: onnx must be an object")
+    for name, entry in onnx.items():
+        confine(root, field(entry, "file", str, f"onnx.{name}"), f"onnx.{name}.file")
 
 
-def _build_tower(name: str, cfg: Mapping[str, Any], override: Mapping[str, Any] | None, strict: bool) -> Tower:
-    enc_cfg = cfg["encoder"]
-    init_args = {**enc_cfg["init_args"], **dict(override or {})}
-    encoder = _import(enc_cfg["class_path"])(**init_args)
-    problems = []
-    if encoder.cache_key != enc_cfg["cache_key"]:
-        problems.append(f"cache_key {encoder.cache_key} != recorded {enc_cfg['cache_key']}")
-        problems += [f"  {d}" for d in _spec_diff(enc_cfg.get("spec", {}), encoder.spec())]
-    if int(encoder.output_dim) != int(enc_cfg["output_dim"]):
-        raise ExportError(
-            f"tower {name!r}: the rebuilt encoder {enc_cfg['class_path']} gives {encoder.output_dim}-d features but the "
-            f"projector was trained on {enc_cfg['output_dim']}-d ones\n" + "\n".join(problems)
-        )
-    if problems:
-        msg = (f"tower {name!r}: the encoder rebuilt from config.json ({enc_cfg['class_path']}) is not the one the "
-               "projector was trained on:\n" + "\n".join(problems))
-        if strict:
-            raise ExportError(msg + "\n(pass strict=False to load it anyway)")
-        warnings.warn(msg, stacklevel=3)
-    proj_cfg = cfg["projector"]
-    projector = _import(proj_cfg["class_path"])(**proj_cfg["init_args"])
-    if projector.in_dim != encoder.output_dim:
-        raise ExportError(f"tower {name!r}: projector in_dim {projector.in_dim} != encoder output_dim {encoder.output_dim}")
-    tower = Tower(encoder, cfg["field"], projector=lambda i, o: projector, normalize=bool(cfg["normalize"]))
-    tower.build(projector.out_dim)
-    return tower
+def _other_tensor_problems(weights: Any, loaded: Sequence[str]) -> list[str]:
+    """Tensors outside the loaded projectors: objective tensors listed in config.json, nothing unlisted."""
+    listed = weights.info.get("tensors") or {}
+    if not isinstance(listed, dict):
+        return ["config.json: weights.tensors must be an object"]
+    prefixes = tuple(f"towers.{n}.projector." for n in loaded)
+    problems = check_listed(weights, [k for k in listed if not k.startswith("towers.")])
+    problems += [f"unexpected tensor {k}" for k in weights.header if not k.startswith("towers.") and k not in listed]
+    problems += [f"unexpected tensor {k}" for k in weights.header
+                 if k.startswith("towers.") and k not in listed and not k.startswith(prefixes)]
+    return problems
 
 
-def _load_weights(root: Path, config: Mapping[str, Any], towers: Mapping[str, Tower]) -> dict[str, Tensor]:
-    """Read ``model.safetensors`` after checking it against the rebuilt projectors and config.json."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    info = config.get("weights", {})
-    path = root / info.get("file", "model.safetensors")
-    if not path.is_file():
-        raise ExportError(f"{root}: weights file {path.name} is missing")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ExportError(f"{path} is not a readable safetensors file: {err}") from err
-    problems = []
-    for name, tower in towers.items():
-        prefix = f"towers.{name}.projector."
-        expected = {prefix + k: tuple(v.shape) for k, v in tower.projector.state_dict().items()}
-        found = {k: tuple(v.shape) for k, v in tensors.items() if k.startswith(prefix)}
-        problems += [f"tower {name!r}: missing tensor {k} {s}" for k, s in expected.items() if k not in found]
-        problems += [f"tower {name!r}: unexpected tensor {k} {s}" for k, s in found.items() if k not in expected]
-        problems += [
-            f"tower {name!r}: tensor {k} has shape {found[k]}, the rebuilt projector needs {s}"
-            for k, s in expected.items() if k in found and found[k] != s
-        ]
-    # Tensors outside the loaded projectors (temperatures) are checked against config.json's list.
-    loaded = tuple(f"towers.{n}.projector." for n in towers)
-    recorded = info.get("tensors", {})
-    for k, meta in recorded.items():
-        if k.startswith("towers."):
+def _logit_scales(config: Mapping[str, Any]) -> dict[str, float]:
+    """``{"a|b": scale}`` of the objectives that learned a temperature."""
+    out = {}
+    for i, o in enumerate(field(config, "objectives", list, "config") if "objectives" in config else []):
+        loss = field(o, "loss", dict, f"objectives[{i}]")
+        scale = loss.get("logit_scale")
+        if scale is None:
             continue
-        if k not in tensors:
-            problems.append(f"tensor {k} listed in config.json is missing")
-        elif list(tensors[k].shape) != list(meta["shape"]):
-            problems.append(f"tensor {k} has shape {tuple(tensors[k].shape)}, config.json records {tuple(meta['shape'])}")
-    problems += [f"unexpected tensor {k}" for k in tensors if not k.startswith("towers.") and k not in recorded]
-    problems += [f"unexpected tensor {k}" for k in tensors if k.startswith("towers.") and k not in recorded
-                 and not k.startswith(loaded)]
-    if problems:
-        raise ExportError(f"{path} does not match the model described by config.json:\n  " + "\n  ".join(problems))
-    if info.get("sha256") and sha256_file(path) != info["sha256"]:
-        raise ExportError(
-            f"{path} has the expected tensors but its sha256 differs from the one recorded at export: the weights "
-            "were modified after export"
-        )
-    return tensors
-
-
-# -- command line ------------------------------------------------------------------------------
+        towers = field(o, "towers", list, f"objectives[{i}]")
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not all(isinstance(t, str) for t in towers):
+            raise ExportError(f"config.json: objectives[{i}] has a malformed towers list or logit_scale")
+        out["|".join(towers)] = float(scale)
+    return out

@@ -8,11 +8,15 @@ Lightning checkpoints are read with ``torch.load(weights_only=True)``, weights a
 safetensors, and the config is plain JSON. :class:`mmalign.export.model.AlignedModel` loads it.
 
     mmalign export --ckpt lightning_logs/version_0/checkpoints/last.ckpt --output exports/lit
-    mmalign export --ckpt last.ckpt --config configs/tiny/lit_contrastive.yaml --output exports/lit --onnx true
+    mmalign export --ckpt last.ckpt --config runs/x/config.yaml --output exports/lit --onnx true   # a complete recipe file
 
-Layout of ``config.json`` (``format_version`` 1)::
+Visual-prefix captioners (:class:`~mmalign.captioning.PrefixCaptioningModule`) are written by the same
+:func:`export_module` in their own layout (:mod:`mmalign.export.captioner`); both share the ``weights`` and
+``provenance`` entries and the reading rules of :mod:`mmalign.export.format`.
 
-    {"format": "mmalign.aligned_model", "format_version": 1, "embed_dim": 32,
+Layout of an embedding export's ``config.json`` (``format_version`` 2; version 1 had the same keys)::
+
+    {"format": "mmalign.aligned_model", "format_version": 2, "embed_dim": 32,
      "towers": {name: {"field", "modality", "normalize", "output_dim",
                        "encoder": {"class_path", "init_args", "spec", "cache_key", "output_dim"},
                        "projector": {"class_path", "init_args", "num_parameters"}}},
@@ -27,10 +31,7 @@ Layout of ``config.json`` (``format_version`` 1)::
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -38,18 +39,25 @@ import torch
 from torch import Tensor, nn
 
 from mmalign.export.format import (
-    CONFIG_NAME, FORMAT, FORMAT_VERSION, ONNX_DIR, WEIGHTS_NAME, ExportError, class_path, json_loose, json_strict,
-    sha256_file,
+    CONFIG_NAME, FORMAT, FORMAT_VERSION, ONNX_DIR, ExportError, atomic_directory, check_output_dir, class_path,
+    json_loose, json_strict, write_json,
 )
+from mmalign.export.weights import write_weights
 
 
 # -- what an export holds ----------------------------------------------------------------------
 
-def encoder_config(encoder: nn.Module, tower: str) -> dict[str, Any]:
-    """``class_path``, ``init_args``, ``spec``, ``cache_key`` and ``output_dim`` of a frozen encoder."""
+def encoder_config(encoder: nn.Module, tower: str, where: str | None = None) -> dict[str, Any]:
+    """``class_path``, ``init_args``, ``spec``, ``cache_key`` and ``output_dim`` of a frozen encoder.
+
+    Args:
+        encoder: The frozen encoder.
+        tower: Its tower's name (for messages).
+        where: Its config.json key, for messages (default ``towers.<tower>.encoder``).
+    """
     return {
         "class_path": class_path(encoder),
-        "init_args": json_strict(encoder.init_args(), f"towers.{tower}.encoder.init_args"),
+        "init_args": json_strict(encoder.init_args(), f"{where or f'towers.{tower}.encoder'}.init_args"),
         "spec": json_loose(encoder.spec()),
         "cache_key": encoder.cache_key,
         "output_dim": int(encoder.output_dim),
@@ -93,12 +101,15 @@ def objective_config(objective: nn.Module) -> dict[str, Any]:
 
 
 def export_state(module: nn.Module) -> dict[str, Tensor]:
-    """The tensors an export stores: projector weights/buffers and objective parameters (temperatures).
+    """The tensors an export stores: projector weights/buffers and objective parameters (temperatures);
+    for a captioner its (trainable-only) state dict: projector and LoRA weights.
 
     Keys are the module's own state-dict keys (``towers.<name>.projector.*``, ``objectives.<i>.*``),
     so a Lightning checkpoint's ``state_dict`` maps onto them one to one. Frozen encoders are never
     included (their ``state_dict`` is empty by contract).
     """
+    if not hasattr(module, "towers"):  # a captioner: its state dict holds the trainable tensors only
+        return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
     state: dict[str, Tensor] = {}
     for name, tower in module.towers.items():
         for key, value in tower.projector.state_dict().items():
@@ -120,9 +131,7 @@ def build_export_config(
     epoch: int | None = None,
     global_step: int | None = None,
 ) -> dict[str, Any]:
-    """The ``config.json`` of an export (without the ``weights`` entry, added when writing)."""
-    import mmalign
-
+    """The ``config.json`` of an embedding export (without the ``weights`` entry, added when writing)."""
     missing = [a for a in ("towers", "objectives", "embed_dim") if not hasattr(module, a)]
     if missing:
         raise ExportError(f"{class_path(module)} has no {missing}: exports cover AlignmentModule-style recipes")
@@ -134,16 +143,34 @@ def build_export_config(
         "towers": {name: tower_config(name, tower) for name, tower in module.towers.items()},
         "objectives": [objective_config(o) for o in module.objectives],
         "languages": sorted(languages) if languages is not None else None,
-        "provenance": {
-            "mmalign_version": getattr(mmalign, "__version__", "unknown"),
-            "torch_version": torch.__version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "checkpoint": None if checkpoint is None else str(checkpoint),
-            "epoch": epoch,
-            "global_step": global_step,
-            "metrics": json_loose(dict(metrics)) if metrics else None,
-            "recipe": json_loose(dict(recipe)) if recipe else None,
-        },
+        "provenance": provenance(recipe=recipe, metrics=metrics, checkpoint=checkpoint, epoch=epoch,
+                                 global_step=global_step),
+    }
+
+
+def provenance(
+    *,
+    recipe: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    checkpoint: str | None = None,
+    epoch: int | None = None,
+    global_step: int | None = None,
+) -> dict[str, Any]:
+    """config.json's ``provenance``: versions, date, checkpoint, epoch/step, metrics and the recipe.
+
+    Descriptive only: nothing here is ever imported or instantiated when an export is loaded.
+    """
+    import mmalign
+
+    return {
+        "mmalign_version": getattr(mmalign, "__version__", "unknown"),
+        "torch_version": torch.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "checkpoint": None if checkpoint is None else str(checkpoint),
+        "epoch": epoch,
+        "global_step": global_step,
+        "metrics": json_loose(dict(metrics)) if metrics else None,
+        "recipe": json_loose(dict(recipe)) if recipe else None,
     }
 
 
@@ -161,13 +188,16 @@ def export_module(
     global_step: int | None = None,
     onnx: bool = False,
 ) -> Path:
-    """Write an :class:`~mmalign.training.module.AlignmentModule`'s projectors as an export directory.
+    """Write a trained module's trainable part as an export directory (both export kinds).
 
-    The directory is assembled next to ``output`` and moved into place, so a reader never sees half
-    an export. An existing export at ``output`` is replaced; any other non-empty directory is refused.
+    An :class:`~mmalign.training.module.AlignmentModule` gives an embedding export (projectors and
+    temperatures), a :class:`~mmalign.captioning.PrefixCaptioningModule` a captioner export (projector
+    and LoRA weights). The directory is assembled next to ``output`` and moved into place, so a reader
+    never sees half an export. An existing export at ``output`` is replaced; any other non-empty
+    directory is refused. Tensors holding NaN/Inf are refused (a diverged run is not exported).
 
     Args:
-        module: A built module (towers with projectors).
+        module: A built module (towers with projectors, or a captioner).
         output: Target directory.
         languages: Languages seen in training (recorded; ``AlignedModel`` warns on others).
         recipe: The recipe config (the YAML as a dict) that trained the module.
@@ -181,40 +211,27 @@ def export_module(
     Returns:
         The export directory.
     """
-    from safetensors.torch import save_file
+    output = check_output_dir(output)
+    meta = dict(languages=languages, recipe=recipe, metrics=metrics, checkpoint=checkpoint, epoch=epoch,
+                global_step=global_step)
+    if hasattr(module, "towers"):
+        config = build_export_config(module, **meta)
+    else:
+        from mmalign.captioning.module import PrefixCaptioningModule
+        from mmalign.export.captioner import captioner_config
 
-    output = Path(output)
-    if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / CONFIG_NAME).exists())):
-        raise ExportError(f"{output} exists and is not an mmalign export; choose an empty or new directory")
-    config = build_export_config(
-        module, languages=languages, recipe=recipe, metrics=metrics, checkpoint=checkpoint,
-        epoch=epoch, global_step=global_step,
-    )
+        if not isinstance(module, PrefixCaptioningModule):
+            raise ExportError(f"{class_path(module)} is neither an AlignmentModule-style module (towers + objectives) "
+                              "nor a PrefixCaptioningModule: there is no export format for it")
+        if onnx:
+            raise ExportError("ONNX export covers embedding towers' projectors; a captioner's prefix feeds an LM")
+        config = captioner_config(module, **meta)
     state = export_state(module)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-    try:
-        weights = tmp / WEIGHTS_NAME
-        save_file(state, str(weights), metadata={"format": "pt", "mmalign_format": FORMAT})
-        config["weights"] = {
-            "file": WEIGHTS_NAME,
-            "sha256": sha256_file(weights),
-            "num_bytes": weights.stat().st_size,
-            "num_parameters": sum(v.numel() for v in state.values()),
-            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in state.items()},
-        }
+    with atomic_directory(output) as tmp:
+        config["weights"] = write_weights(state, tmp, checkpoint or class_path(module))
         if onnx:
             config["onnx"] = export_onnx(module, tmp / ONNX_DIR)
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-        # mkdtemp makes a private (0700) folder; an export is meant to be shared like any model directory.
-        for p in tmp.rglob("*"):
-            p.chmod(0o755 if p.is_dir() else 0o644)
-        tmp.chmod(0o755)
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_json(tmp / CONFIG_NAME, config)
     return output
 
 

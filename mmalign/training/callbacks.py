@@ -12,6 +12,10 @@ from lightning.pytorch.utilities import rank_zero_info
 class ExportOnFitEnd(L.Callback):
     """Write an export (``config.json`` + ``model.safetensors``) when ``fit`` ends.
 
+    The one end-of-fit exporter of both export kinds: an :class:`~mmalign.training.module.AlignmentModule`
+    gives an embedding export, a :class:`~mmalign.captioning.PrefixCaptioningModule` a captioner export (its
+    ``export_dir`` argument runs this callback). Weights holding NaN/Inf are refused, not exported.
+
     In a recipe::
 
         trainer:

@@ -1,0 +1,109 @@
+"""Rebuilding what an export's config.json describes, shared by every export kind.
+
+Every class goes through :func:`~mmalign.export.format.resolve_class` (project packages or ``trusted_classes``,
+right base class); projectors are first built on the ``meta`` device and compared with the weights header;
+encoders are checked to be the ones the projector was trained on (``cache_key``, ``output_dim``).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from typing import Any, Mapping
+
+from torch import nn
+
+from mmalign.export.format import ClassList, ExportError, field, resolve_class
+from mmalign.export.weights import WeightsFile, build_on_meta, check_tensors
+
+
+def spec_diff(recorded: Mapping[str, Any], rebuilt: Mapping[str, Any]) -> list[str]:
+    """``key: recorded X, rebuilt Y`` for every spec field that differs."""
+    recorded = recorded if isinstance(recorded, dict) else {}
+    rebuilt = json.loads(json.dumps(rebuilt, default=str, sort_keys=True))
+    keys = sorted(set(recorded) | set(rebuilt))
+    return [
+        f"{k}: recorded {recorded.get(k, '<absent>')!r}, rebuilt {rebuilt.get(k, '<absent>')!r}"
+        for k in keys if recorded.get(k, "<absent>") != rebuilt.get(k, "<absent>")
+    ]
+
+
+def instantiate(cls: type, init_args: Mapping[str, Any], where: str) -> Any:
+    """``cls(**init_args)``; a constructor refusing the recorded arguments becomes an :class:`ExportError`."""
+    try:
+        return cls(**dict(init_args))
+    except (TypeError, ValueError) as err:
+        raise ExportError(f"{where}: {cls.__qualname__}(**init_args) failed: {err}") from err
+
+
+def build_encoder(cfg: Any, key: str, who: str, override: Mapping[str, Any] | None = None, strict: bool = True,
+                  trusted: ClassList | None = None, label: str | None = None) -> nn.Module:
+    """Rebuild a frozen encoder from ``{"class_path", "init_args", "cache_key", "output_dim", "spec"}``.
+
+    Args:
+        cfg: The recorded encoder entry.
+        key: Its config.json key (``towers.text.encoder``, ``image_encoder``), for messages.
+        who: What it belongs to, for messages (``"tower 'text'"``, ``"image_encoder"``).
+        override: ``{init_arg: value}`` replacing recorded arguments (a local copy of the same checkpoint).
+        strict: Refuse an encoder whose ``cache_key`` differs from the recorded one (else warn).
+        trusted: Class paths trusted outside the project's packages.
+        label: Name of the class slot in refusals (default ``"<who> encoder"``).
+
+    Raises:
+        ExportError: A refused class, or an encoder other than the recorded one (a different ``output_dim``
+            always; a different ``cache_key`` when ``strict``).
+    """
+    from encoders.base import Encoder
+
+    label = label or f"{who} encoder"
+    path = field(cfg, "class_path", str, key)
+    cls = resolve_class(path, Encoder, label, trusted)
+    init_args = {**field(cfg, "init_args", dict, key), **dict(override or {})}
+    output_dim = field(cfg, "output_dim", int, key)
+    encoder = instantiate(cls, init_args, f"{label} {path}")
+    problems = []
+    if encoder.cache_key != cfg.get("cache_key"):
+        problems.append(f"cache_key {encoder.cache_key} != recorded {cfg.get('cache_key')}")
+        problems += [f"  {d}" for d in spec_diff(cfg.get("spec", {}), encoder.spec())]
+    if int(encoder.output_dim) != output_dim:
+        raise ExportError(
+            f"{who}: the rebuilt encoder {path} gives {encoder.output_dim}-d features but the projector was trained "
+            f"on {output_dim}-d ones\n" + "\n".join(problems)
+        )
+    if problems:
+        msg = (f"{who}: the encoder rebuilt from config.json ({path}) is not the one the projector was trained "
+               "on:\n" + "\n".join(problems))
+        if strict:
+            raise ExportError(msg + "\n(pass strict=False to load it anyway)")
+        warnings.warn(msg, stacklevel=4)
+    return encoder
+
+
+def check_projector(cfg: Any, weights: WeightsFile, prefix: str, key: str, who: str, label: str | None = None,
+                    trusted: ClassList | None = None) -> tuple[type, dict[str, Any], list[str]]:
+    """Resolve a recorded projector and compare its meta-device build with the weights header.
+
+    Nothing is allocated: the projector is built on ``meta``, with a submodule budget proportional to the
+    number of tensors the file stores under ``prefix``.
+
+    Args:
+        cfg: The recorded projector entry (``class_path``, ``init_args``).
+        weights: The opened weights file.
+        prefix: Its tensors' prefix in the file (``towers.text.projector.``).
+        key: Its config.json key, for messages.
+        who: What it belongs to, for messages (``"tower 'text'"``, ``"projector"``).
+        label: Name of the class slot in refusals (default ``"<who> projector"``).
+        trusted: Class paths trusted outside the project's packages.
+
+    Returns:
+        ``(class, init_args, problems)``: problems list missing/unexpected/reshaped tensors.
+    """
+    from projectors.base import Projector
+
+    label = label or f"{who} projector"
+    path = field(cfg, "class_path", str, key)
+    cls = resolve_class(path, Projector, label, trusted)
+    init_args = field(cfg, "init_args", dict, key)
+    meta = build_on_meta(cls, init_args, f"{label} {path}", max_modules=8 * weights.count(prefix) + 64)
+    expected = {prefix + k: v for k, v in meta.state_dict().items()}
+    return cls, dict(init_args), check_tensors(weights, expected, prefix, who)
