@@ -199,8 +199,10 @@ def test_export_reload_gives_identical_greedy_captions(kind, request, rows, tmp_
 
 def test_from_pretrained_errors_name_the_problem(tmp_path):
     from mmalign.captioning import PrefixCaptioningModule
+    from mmalign.export import ExportError
 
-    with pytest.raises(FileNotFoundError, match="not a prefix captioner export"):
+    # one error type for every export kind (mmalign.export.format)
+    with pytest.raises(ExportError, match="not an mmalign export: no config.json"):
         PrefixCaptioningModule.from_pretrained(tmp_path)
 
 
@@ -283,3 +285,64 @@ def test_cli_fast_dev_run_exports_and_predict_writes_captions(synthetic_data, tm
     assert len(rows) == 16  # one batch
     assert all(set(r) == {"id", "lang", "caption", "reference", "prompt"} for r in rows)
     assert all(isinstance(r["caption"], str) and r["reference"] for r in rows)
+
+
+def test_fit_export_reloads_in_a_fresh_process_and_captions_like_predict(synthetic_data, tmp_path, monkeypatch):
+    """What ``fit`` itself writes (``export_dir`` -> ExportOnFitEnd) loads with ``mmalign.load`` in a new
+    interpreter and gives the captions ``predict`` gives with the same weights (its last checkpoint)."""
+    import subprocess
+    import sys
+
+    from mmalign.cli import main
+    from mmalign.data.manifest import read_manifest
+
+    monkeypatch.chdir(tmp_path)  # the config's relative outputs/ land here
+    config = ["--config", str(ROOT / "configs/mblip_prefix.yaml"), "--config", str(ROOT / "configs/tiny/mblip_prefix.yaml")]
+    data = [f"--data.init_args.{s}={synthetic_data / f'{s}.jsonl'}" for s in ("train", "val", "test")]
+    main(["fit", *config, *data, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0",
+          "--trainer.enable_checkpointing=true", f"--trainer.default_root_dir={tmp_path / 'run'}"])
+    (ckpt,) = (tmp_path / "run").rglob("*.ckpt")
+    main(["predict", *config, *data, "--trainer.limit_predict_batches=1", f"--ckpt_path={ckpt}"])
+    rows = [json.loads(line) for line in (tmp_path / "outputs/tiny_mblip/captions.jsonl").read_text().splitlines()]
+    images = {r["id"]: r["image"] for r in read_manifest(synthetic_data / "test.jsonl")}
+    job = {"images": [images[r["id"]] for r in rows], "langs": [r["lang"] for r in rows]}
+    script = ("import json, sys, mmalign; job = json.loads(sys.argv[2]); model = mmalign.load(sys.argv[1]); "
+              "print(json.dumps(model.generate(job['images'], lang=job['langs'], max_new_tokens=8)))")
+    export = tmp_path / "outputs/tiny_mblip/export"
+    out = subprocess.run([sys.executable, "-c", script, str(export), json.dumps(job)], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    captions = json.loads(out.stdout.strip().splitlines()[-1])
+    assert captions == [r["caption"] for r in rows]
+
+
+def test_export_cli_handles_captioner_checkpoints(rows, tmp_path, capsys):
+    """``mmalign export --ckpt`` of a captioner checkpoint gives the export ``save_pretrained`` would."""
+    import yaml
+
+    import mmalign
+    from mmalign.cli import main
+    from mmalign.export import module_from_recipe
+
+    recipe = {"model": {"class_path": "mmalign.captioning.PrefixCaptioningModule", "init_args": {
+        "image_encoder": {"class_path": "encoders.TimmImageEncoder", "init_args": {"model_name": "tiny:timm-vit"}},
+        "lm": {"class_path": "mmalign.captioning.lm.FrozenLM", "init_args": {"model_name": "tiny:tiny-causal-lm", "lora": CAUSAL_LORA}},
+        "projector": {"class_path": "projectors.Resampler", "init_args": {"num_queries": 4, "depth": 1, "hidden_dim": 64, "num_heads": 4}},
+        "prompt": "Describe in {language}:",
+    }}}
+    module = module_from_recipe(recipe).eval()
+    with torch.no_grad():
+        for n, p in module.named_parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    torch.save({"state_dict": module.state_dict(), "epoch": 2, "global_step": 9}, tmp_path / "last.ckpt")
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    main(["export", "--ckpt", str(tmp_path / "last.ckpt"), "--config", str(tmp_path / "recipe.yaml"), "--output", str(tmp_path / "out")])
+    assert "exported a captioner" in capsys.readouterr().out
+    reloaded = mmalign.load(tmp_path / "out")
+    assert reloaded.prompt == "Describe in {language}:"
+    assert all(torch.equal(v, reloaded.state_dict()[k]) for k, v in module.state_dict().items())
+    images, langs = [r["image"] for r in rows[:3]], [r["lang"] for r in rows[:3]]
+    assert reloaded.generate(images, lang=langs, max_new_tokens=5) == module.generate(images, lang=langs, max_new_tokens=5)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["provenance"]["global_step"] == 9 and "optimizer" not in config["module"]
