@@ -89,7 +89,7 @@ class Wav2Vec2SpeechEncoder(Encoder):
         Returns:
             ``input_values [B, N_max]`` float32 zero-padded and ``lengths [B]`` (real samples).
         """
-        waves = load_batch(items, self.sampling_rate, sampling_rate=sampling_rate)
+        waves = load_batch(items, self.sampling_rate, sampling_rate=sampling_rate, min_samples=self.min_audio_samples)
         max_samples = int(round(self.max_seconds * self.sampling_rate))
         waves = [w[:max_samples] for w in waves]
         # One call per clip: the extractor's zero-mean/unit-variance must not see other clips' padding.

@@ -109,7 +109,7 @@ class WhisperSpeechEncoder(Encoder):
             ``input_features [B, n_mels, 3000]`` float32 and ``feature_lengths [B]`` (real mel frames).
             Every clip gets its own full window, so tensors collate and features never depend on the batch.
         """
-        waves = load_batch(items, self.sampling_rate, sampling_rate=sampling_rate)
+        waves = load_batch(items, self.sampling_rate, sampling_rate=sampling_rate, min_samples=self.min_audio_samples)
         max_samples = int(round(self.max_seconds * self.sampling_rate))
         waves = [w[:max_samples] for w in waves]
         fe = self.feature_extractor

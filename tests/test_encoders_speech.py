@@ -300,3 +300,18 @@ def test_packaged_whisper_base_decoder_transcribes_like_ctranslate2(tmp_path):
             if ids[-1] == model.config.eos_token_id:
                 break
     assert len(expected) >= 2 and ids[4:4 + len(expected)] == expected
+
+
+def test_speech_encoders_refuse_clips_below_their_minimum():
+    """``preprocess`` itself (AlignedModel.embed_speech, mmalign embed) refuses a clip too short for the encoder."""
+    import numpy as np
+    import pytest
+
+    from encoders import Wav2Vec2SpeechEncoder
+    from encoders.audio import AudioError
+
+    enc = Wav2Vec2SpeechEncoder("tiny:wav2vec2")
+    short = np.zeros(enc.min_audio_samples - 1, dtype=np.float32) + 0.01
+    with pytest.raises(AudioError, match=str(enc.min_audio_samples)):
+        enc.preprocess([short], sampling_rate=enc.sampling_rate)
+    enc.preprocess([np.full(enc.min_audio_samples, 0.01, dtype=np.float32)], sampling_rate=enc.sampling_rate)
