@@ -130,12 +130,9 @@ def _step_timer():
 
 
 def _cli(recipe: Path, args: list[str]):
-    import lightning as L
-    from lightning.pytorch.cli import LightningCLI
+    from mmalign.recipe import load_recipe  # the recipe as mmalign fit instantiates it
 
-    return LightningCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                        run=False, auto_configure_optimizers=False, save_config_callback=None,
-                        args=["--config", str(recipe), *args])
+    return load_recipe(["--config", str(recipe), *args])
 
 
 def speed(work: Path, raw_steps: int, cached_steps: int, num_concepts: int) -> dict:
