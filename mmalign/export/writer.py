@@ -228,7 +228,7 @@ def export_module(
         config = captioner_config(module, **meta)
     state = export_state(module)
     with atomic_directory(output) as tmp:
-        config["weights"] = write_weights(state, tmp, checkpoint or class_path(module))
+        config["weights"] = write_weights(state, tmp, f"the weights of {class_path(module)}")
         if onnx:
             config["onnx"] = export_onnx(module, tmp / ONNX_DIR)
         write_json(tmp / CONFIG_NAME, config)
