@@ -84,12 +84,18 @@ def _item_text(field: str, value: Any, mode: str) -> bytes:
 
 
 def unique_items(rows: Sequence[dict[str, Any]], field: str) -> tuple[list[Any], np.ndarray]:
-    """Unique values of ``field`` in first-appearance order and the row -> item index ``[N]``."""
+    """Unique values of ``field`` in first-appearance order and the row -> item index ``[N]``.
+
+    A row without the field (a partial-modality row) maps to ``-1``: no item, the tower reading it is absent.
+    """
     index: dict[str, int] = {}
     items: list[Any] = []
     row_index = np.empty(len(rows), dtype=np.int64)
     for i, row in enumerate(rows):
-        value = row[field]
+        value = row.get(field)
+        if value is None:
+            row_index[i] = -1
+            continue
         key = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
         j = index.get(key)
         if j is None:

@@ -229,7 +229,8 @@ class CachedSplit(torch.utils.data.Dataset):
             if name not in entries:
                 entries[name] = entry
                 full_index[name] = self._verify(self.split_dir / name, entry, tower.field, manifest["fingerprint_mode"], verify)
-                first = np.unique(full_index[name], return_index=True)[1]  # [M] first row of each item
+                has = np.nonzero(full_index[name] >= 0)[0]  # -1: the row lacks the field (partial-modality row)
+                first = has[np.unique(full_index[name][has], return_index=True)[1]]  # [M] first row of each item
                 check_shards(self.split_dir / name, entry, scan=verify, item_ids=[row_ids[i] for i in first])
                 for rid, why in entry.get("skipped_rows", {}).items():
                     skipped.setdefault(rid, why)
@@ -285,8 +286,9 @@ class CachedSplit(torch.utils.data.Dataset):
         n, m = len(self.all_rows), entry["num_items"]
         # Mapped, checked against the manifest's sizes, then copied: a forged header allocates nothing.
         row_index = np.array(open_npy(entry_dir / "rows.npy", self.split_dir, (n,), np.int64, f"{where} (rows.npy)"))
-        if n and (row_index.min() < 0 or row_index.max() >= m or len(np.unique(row_index)) != m):
-            raise CacheError(f"{where}: rows.npy must map every row to one of the {m} items (num_items) and use each; "
+        # -1: the row has no value of this field (partial-modality rows); every item is used by some row.
+        if n and (row_index.min() < -1 or row_index.max() >= m or len(np.unique(row_index[row_index >= 0])) != m):
+            raise CacheError(f"{where}: rows.npy must map every row to one of the {m} items (num_items) or -1 and use each; "
                              f"the cache was modified after it was written: delete it and re-run `mmalign cache`")
         if not verify:
             return row_index
@@ -314,11 +316,23 @@ class CachedSplit(torch.utils.data.Dataset):
     def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
         idx = np.asarray(indices, dtype=np.int64)
         rows = [self.rows[i] for i in idx]
-        return {
+        features, present = {}, {}
+        for name, view in self.views.items():
+            items = view.row_index[idx]  # [B]; -1 where the row lacks this tower's field
+            has = items >= 0
+            if not has.all():  # partial-modality batch: features of the present rows, a [B] mask
+                present[name] = torch.from_numpy(has)
+                items = items[has]
+            if len(items):
+                features[name] = view.gather(items)
+        batch = {
             "meta": {k: [r[k] for r in rows] for k in META_FIELDS},
-            "keys": {f: [str(r[f]) for r in rows] for f in self.fields},
-            "features": {name: view.gather(view.row_index[idx]) for name, view in self.views.items()},
+            "keys": {f: [None if r.get(f) is None else str(r[f]) for r in rows] for f in self.fields},
+            "features": features,
         }
+        if present and len(idx):
+            batch["present"] = present
+        return batch
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.__getitems__([index])

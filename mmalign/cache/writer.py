@@ -92,7 +92,8 @@ def plan_entries(
         digests = item_digests(items, tower.field, fingerprint)
         shards = [(s, min(shard_size, len(items) - s)) for s in range(0, len(items), shard_size)]
         row_ids = [str(r["id"]) for r in rows]
-        first_row = np.unique(row_index, return_index=True)[1]  # [M]: items are numbered in first-appearance order
+        has = np.nonzero(row_index >= 0)[0]  # rows holding the field (-1: absent, a partial-modality row)
+        first_row = has[np.unique(row_index[has], return_index=True)[1]]  # [M]: items numbered in first-appearance order
         plans[name] = EntryPlan(
             name, tower.field, tower.encoder, uses_tokens, [tower_name], items, row_index, digests, shards,
             [row_ids[i] for i in first_row], row_ids,

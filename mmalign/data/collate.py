@@ -144,8 +144,8 @@ class TowerCollator:
         for row in rows:
             clips = {}
             try:
-                for f in fields:
-                    clips[f] = self._load_clip(row.get(f), row["id"], f, rates[f], need[f])
+                for f in fields:  # a row without the field feeds no tower reading it (partial-modality batch)
+                    clips[f] = None if row.get(f) is None else self._load_clip(row[f], row["id"], f, rates[f], need[f])
             except BadInputError as e:
                 policy = self.silent_audio if e.reason == "silent audio" else self.on_error
                 report.handle(e, policy)
@@ -196,16 +196,24 @@ class TowerCollator:
                 inputs = {}
                 break
             ids = [r["id"] for r in rows]
-            inputs, bad = {}, []
+            inputs, bad, present = {}, [], {}
             for name, (field, preprocess) in self.towers.items():
                 if field in waves:
-                    items, kwargs = waves[field], {"sampling_rate": _encoder_of(preprocess).sampling_rate}
+                    values, kwargs = waves[field], {"sampling_rate": _encoder_of(preprocess).sampling_rate}
                 else:
-                    items, kwargs = [r.get(field) for r in rows], {}
+                    values, kwargs = [r.get(field) for r in rows], {}
+                # Rows without the field are absent for this tower, not bad input: it preprocesses the others.
+                has = [v is not None for v in values]
+                items = [v for v in values if v is not None]
+                item_ids = [i for i, h in zip(ids, has) if h]
+                if not all(has):
+                    present[name] = has
+                if not items:
+                    continue
                 try:
                     inputs[name] = preprocess(items, **kwargs)
                 except Exception as e:  # noqa: BLE001 - find the culprits, name them
-                    bad = self._find_bad(name, field, preprocess, items, ids, kwargs)
+                    bad = self._find_bad(name, field, preprocess, items, item_ids, kwargs)
                     if not bad:  # no single item fails: a batch-level problem, not bad input
                         raise type(e)(f"tower {name!r} could not preprocess field {field!r} of items {ids}: {e}") from e
                     break
@@ -219,8 +227,13 @@ class TowerCollator:
             waves = {f: [w[i] for i in keep] for f, w in waves.items()}
         meta = {k: [r[k] for r in rows] for k in META_FIELDS}
         fields = sorted({field for field, _ in self.towers.values()})
-        keys = {f: [str(r[f]) for r in rows] for f in fields}
-        return {"meta": meta, "keys": keys, "inputs": inputs}
+        keys = {f: [None if r.get(f) is None else str(r[f]) for r in rows] for f in fields}
+        batch = {"meta": meta, "keys": keys, "inputs": inputs}
+        if rows and present:  # partial-modality batch: [B] bool per tower (towers not named: every row)
+            import torch
+
+            batch["present"] = {name: torch.tensor(has, dtype=torch.bool) for name, has in present.items()}
+        return batch
 
 
 @dataclass
@@ -239,3 +252,41 @@ class _Dropped(BadInputReport):
 
 def tower_fields(module: Any) -> dict[str, tuple[str, Callable]]:
     return {name: (t.field, t.encoder.preprocess) for name, t in module.towers.items()}
+
+
+def usable_rows(
+    rows: Sequence[dict[str, Any]], fields: Sequence[str], field_sets: Sequence[Sequence[str]], path: Any,
+    report: BadInputReport, on_error: str, check_files: bool = True,
+) -> list[dict[str, Any]]:
+    """Rows a partial-modality recipe can use: the fields a row has are checked, a field it lacks is absent.
+
+    A row is kept when it holds both fields of at least one objective (or evaluated pair): ``field_sets``.
+    Missing fields no such pair needs are not bad input (an image-text row in an image-text + speech-text
+    recipe). A row no pair can use is ``missing <field>`` (the first absent field of the first pair); a
+    present field that is unusable (blank text, missing file) is bad input as before.
+
+    Args:
+        rows: Manifest rows (already filtered by language).
+        fields: Every field the towers read.
+        field_sets: Field sets of the objectives and evaluated tower pairs.
+        path: The manifest (named in errors).
+        report: Where skipped rows are counted.
+        on_error: ``"error"`` raises the first bad row; ``"skip"`` drops it.
+        check_files: Check that media files exist.
+    """
+    from mmalign.data.manifest import ManifestRowError, check_row
+
+    kept = []
+    for row in rows:
+        has = [f for f in fields if row.get(f) is not None]
+        try:
+            check_row(row, has, Path(str(path)), check_files)
+            if not any(all(f in has for f in fs) for fs in field_sets):
+                first = next(f for f in field_sets[0] if f not in has)
+                raise ManifestRowError(Path(str(path)), None, row["id"], first, f"missing {first}",
+                                       f"no objective or evaluated pair can use a row with only {has}")
+        except ManifestRowError as e:
+            report.handle(e, on_error)
+            continue
+        kept.append(row)
+    return kept

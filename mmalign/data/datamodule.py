@@ -72,6 +72,9 @@ class AlignmentDataModule(L.LightningDataModule):
         """Bind the towers whose encoders preprocess the data (done automatically in ``setup``)."""
         self._towers = tower_fields(module)
         self._module_towers = dict(module.towers.items())
+        # Field pairs a row may hold to be usable (partial-modality rows): the objectives' and evaluated pairs'.
+        pairs = [tuple(o.towers) for o in getattr(module, "objectives", [])] + list(getattr(module, "retrieval_pairs", []))
+        self._field_sets = [sorted({module.towers[t].field for t in p}) for p in pairs if all(t in module.towers for t in p)]
 
     def split_manifests(self) -> dict[str, tuple[str | list[str], list[str] | None]]:
         """``{split: (manifest path, languages)}`` of the configured splits (test defaults to val)."""
@@ -93,7 +96,18 @@ class AlignmentDataModule(L.LightningDataModule):
             raise ValueError(f"no {split} manifest configured (data.init_args.{split})")
         path, langs = splits[split]
         fields = sorted({f for f, _ in self._towers.values()})
-        return ManifestDataset(path, langs, fields, self.hparams.on_error)
+        field_sets = getattr(self, "_field_sets", None)
+        if not field_sets or len(fields) <= 2:  # one pair: every field is needed by every row
+            return ManifestDataset(path, langs, fields, self.hparams.on_error)
+        from mmalign.data.collate import usable_rows
+        from mmalign.data.manifest import ManifestError
+
+        rows = ManifestDataset(path, langs, (), self.hparams.on_error)
+        rows.rows = usable_rows(rows.rows, fields, field_sets, rows.path, rows.report, self.hparams.on_error)
+        if not rows.rows:
+            raise ManifestError(f"{rows.path}: no usable rows (each needs the fields of one of {field_sets}; "
+                                f"{rows.report.summary()})")
+        return rows
 
     def setup(self, stage: str | None = None) -> None:
         if self._towers is None:

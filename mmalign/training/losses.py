@@ -61,6 +61,24 @@ def same_group_mask(local: Tensor, columns: Tensor, offset: int) -> Tensor:
     return mask
 
 
+def masked_row_mean(row_losses: Tensor, count: Tensor) -> Tensor:
+    """Mean of ``row_losses`` (the valid local rows' loss terms, any length) over the valid rows of the GLOBAL batch.
+
+    Each rank divides its own sum by the mean count per rank (``n_global / world_size``), so DDP's
+    gradient averaging gives ``sum over every valid row / n_global``: the single-process loss on the
+    valid rows, however unevenly they fall on ranks. A batch with no valid row contributes 0.
+
+    Args:
+        row_losses: ``[n_local]`` loss of each valid local row.
+        count: ``[]`` number of valid local rows (float).
+    """
+    total, world = count.detach().float(), 1
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        total, world = total.clone(), dist.get_world_size()
+        dist.all_reduce(total)
+    return row_losses.sum() * world / total.clamp(min=1.0)
+
+
 FALSE_NEGATIVES = ("keep", "mask")
 
 
@@ -114,7 +132,12 @@ class ClipLoss(nn.Module):
         self.gather = gather
         self.false_negatives = _check_false_negatives(false_negatives)
 
-    def forward(self, a_embeds: Tensor, b_embeds: Tensor, groups: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(
+        self, a_embeds: Tensor, b_embeds: Tensor, groups: Tensor | None = None, mask: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """Args: ``mask [B]`` bool (optional): rows that hold both towers (partial-modality batches). The
+        others are neither queries nor negatives; the loss equals the loss of the valid rows alone, across
+        ranks too (:func:`masked_row_mean`)."""
         a, b = F.normalize(a_embeds.float(), dim=-1), F.normalize(b_embeds.float(), dim=-1)
         scale = self.logit_scale()
         rank = 0
@@ -130,6 +153,14 @@ class ClipLoss(nn.Module):
             same = same_group_mask(groups, all_groups, rank * a.shape[0])
             logits_per_a = logits_per_a.masked_fill(same, float("-inf"))
             logits_per_b = logits_per_b.masked_fill(same, float("-inf"))
+        if mask is not None:
+            mask = mask.bool()
+            all_mask = gather_groups(mask.long()).bool() if self.gather else mask  # [W*B]
+            logits_per_a = logits_per_a.masked_fill(~all_mask[None, :], float("-inf"))[mask]
+            logits_per_b = logits_per_b.masked_fill(~all_mask[None, :], float("-inf"))[mask]
+            rows = F.cross_entropy(logits_per_a, labels[mask], reduction="none") + F.cross_entropy(
+                logits_per_b, labels[mask], reduction="none")
+            return {"clip_loss": masked_row_mean(rows / 2, mask.sum())}
         loss = (F.cross_entropy(logits_per_a, labels) + F.cross_entropy(logits_per_b, labels)) / 2
         return {"clip_loss": loss}
 
@@ -160,7 +191,10 @@ class SigLipLoss(nn.Module):
         self.gather = gather
         self.false_negatives = _check_false_negatives(false_negatives)
 
-    def forward(self, a_embeds: Tensor, b_embeds: Tensor, groups: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(
+        self, a_embeds: Tensor, b_embeds: Tensor, groups: Tensor | None = None, mask: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """Args: ``mask [B]`` bool (optional): rows holding both towers; see :class:`ClipLoss`."""
         a, b = F.normalize(a_embeds.float(), dim=-1), F.normalize(b_embeds.float(), dim=-1)
         rank, all_b = 0, b
         if self.gather:
@@ -173,6 +207,11 @@ class SigLipLoss(nn.Module):
         if self.false_negatives == "mask" and groups is not None:
             all_groups = gather_groups(groups) if self.gather else groups
             terms = terms.masked_fill(same_group_mask(groups, all_groups, rank * a.shape[0]), 0.0)
+        if mask is not None:
+            mask = mask.bool()
+            all_mask = gather_groups(mask.long()).bool() if self.gather else mask  # [W*B]
+            rows = terms.masked_fill(~all_mask[None, :], 0.0)[mask].sum(dim=1)
+            return {"siglip_loss": masked_row_mean(rows, mask.sum())}
         loss = terms.sum(dim=1).mean()
         return {"siglip_loss": loss}
 

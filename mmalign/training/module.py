@@ -17,6 +17,29 @@ from mmalign.training.losses import group_ids
 from mmalign.training.towers import Objective, Tower
 
 
+def presence(batch: dict[str, Any], name: str) -> Tensor | None:
+    """``[B]`` bool: the rows of ``batch`` that hold tower ``name``'s field; None when every row does."""
+    mask = batch.get("present", {}).get(name)
+    return None if mask is None or bool(mask.all()) else mask
+
+
+def both_present(present: dict[str, Tensor] | None, towers: list[str] | tuple[str, ...]) -> Tensor | None:
+    """``[B]`` bool rows that hold every tower of ``towers`` (None: all rows)."""
+    masks = [present[t] for t in towers if present and present.get(t) is not None]
+    if not masks:
+        return None
+    out = masks[0]
+    for m in masks[1:]:
+        out = out & m
+    return out
+
+
+def scatter_rows(x: Tensor, mask: Tensor) -> Tensor:
+    """``[B, D]`` with the rows of ``x`` (``[mask.sum(), D]``) where ``mask`` is True, zeros elsewhere (keeps the graph)."""
+    idx = mask.nonzero().squeeze(1)
+    return x.new_zeros((mask.shape[0],) + tuple(x.shape[1:])).index_copy(0, idx, x)
+
+
 def in_batch_r1(a: Tensor, b: Tensor) -> Tensor:
     """Fraction of rows of ``a`` whose most similar row of ``b`` (cosine) is the paired one."""
     a, b = nn.functional.normalize(a.float(), dim=-1), nn.functional.normalize(b.float(), dim=-1)
@@ -95,31 +118,56 @@ class AlignmentModule(FrozenBackboneModule):
             return None
         return self.towers[name].encoder(inputs)
 
+    def absent_embeds(self, name: str, batch_size: int, like: Tensor | None = None) -> Tensor:
+        """``[B, D]`` zeros for a tower no row of the batch feeds, tied to its parameters with a zero weight, so
+        that DDP sees every projector used on every rank (another rank's batch may feed it)."""
+        tower = self.towers[name]
+        params = [p for p in tower.parameters() if p.requires_grad]
+        device = like.device if like is not None else self.device
+        zeros = torch.zeros(batch_size, tower.out_dim, device=device)
+        return zeros + 0.0 * sum(p.sum() for p in params) if params else zeros
+
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """``{tower_name: embeds [B, D]}`` for every tower the batch has inputs or features for."""
+        """``{tower_name: embeds [B, D]}`` for every tower the batch has inputs or features for.
+
+        Partial-modality batches (``batch["present"] = {tower: [B] bool}``) carry inputs/features for the
+        present rows only; their embeddings are scattered back to ``[B, D]`` with zero rows where the field is
+        absent, and :meth:`compute_losses` runs each objective on the rows that hold both of its towers.
+        """
         embeds = {}
+        batch_size = len(batch["meta"]["id"])
         for name, tower in self.towers.items():
             feats = self.tower_features(name, batch)
-            if feats is not None:
-                embeds[name] = tower.project(feats)
+            mask = presence(batch, name)
+            if feats is None:
+                if name in batch.get("present", {}):  # declared, but no row of this batch has the field
+                    embeds[name] = self.absent_embeds(name, batch_size)
+                continue
+            x = tower.project(feats)
+            embeds[name] = scatter_rows(x, mask) if mask is not None else x
         return embeds
 
-    def compute_losses(self, embeds: dict[str, Tensor], groups: Tensor | None = None) -> dict[str, Tensor]:
+    def compute_losses(
+        self, embeds: dict[str, Tensor], groups: Tensor | None = None, present: dict[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
         """Weighted loss terms by name: ``clip_loss``..., prefixed ``a-b/`` when objectives span several tower pairs.
 
         Args:
             embeds: ``{tower: [B, D]}``.
             groups: ``[B]`` int64 group ids of the rows (:meth:`batch_groups`), for contrastive losses with
                 ``false_negatives="mask"``.
+            present: ``{tower: [B] bool}`` rows holding each tower's field (``batch["present"]``; a missing
+                tower or None: every row). Each objective runs on the rows that hold both of its towers; one
+                with no such row in the batch adds no term.
         """
         prefix = len({tuple(o.towers) for o in self.objectives}) > 1
         losses: dict[str, Tensor] = {}
         for obj in self.objectives:
             if all(t in embeds for t in obj.towers):
-                for key, value in obj(embeds, groups).items():
+                for key, value in obj(embeds, groups, both_present(present, obj.towers)).items():
                     key = f"{'-'.join(obj.towers)}/{key}" if prefix else key
                     losses[key] = losses.get(key, 0) + value
-        if not losses:
+        if not losses and not present:
             raise ValueError(f"no objective could run: the batch fed towers {sorted(embeds)}")
         return losses
 
@@ -140,16 +188,23 @@ class AlignmentModule(FrozenBackboneModule):
         """Encoder outputs of tower ``name`` per row range: cached features sliced, or encoded chunk by chunk.
 
         Frozen encoders run once per chunk (no graph); both GradCache passes reuse these features.
+        Partial batches: features exist for the present rows only, so chunk ``[s, e)`` of the batch is the
+        present rows ``[cum[s], cum[e])`` of the features (``None`` for a chunk without any).
         """
         batch_size = len(batch["meta"]["id"])
+        mask = presence(batch, name)
+        if mask is not None:
+            cum = [0] + torch.cumsum(mask.long(), 0).tolist()
+            ranges = [(cum[s], cum[e]) for s, e in ranges]
+            batch_size = cum[-1]
         cached = batch.get("features", {}).get(name)
         if cached is not None:
             feats = EncoderOutput(**cached).float() if isinstance(cached, dict) else cached
-            return [feats[s:e] for s, e in ranges]
+            return [feats[s:e] if e > s else None for s, e in ranges]
         inputs = batch.get("inputs", {}).get(name)
         if inputs is None:
             return None
-        return [self.towers[name].encoder(slice_rows(inputs, s, e, batch_size)) for s, e in ranges]
+        return [self.towers[name].encoder(slice_rows(inputs, s, e, batch_size)) if e > s else None for s, e in ranges]
 
     def grad_cache_step(
         self, batch: dict[str, Any], backward: Callable[[Tensor], None] | None = None
@@ -164,12 +219,25 @@ class AlignmentModule(FrozenBackboneModule):
         chunk = self.hparams.get("grad_cache_chunk") or len(batch["meta"]["id"])
         ranges = chunk_ranges(len(batch["meta"]["id"]), chunk)
         feats = {name: f for name in self.towers if (f := self.chunked_features(name, batch, ranges)) is not None}
+        present = batch.get("present", {})
+        for name in present:
+            if name in self.towers and name not in feats:  # declared, no row of the batch has it
+                feats[name] = [None] * len(ranges)
         attached = self._trainer is not None
         if backward is None:
             backward = self.manual_backward if attached else Tensor.backward
 
         def project(i: int) -> dict[str, Tensor]:
-            return {name: self.towers[name].project(f[i]) for name, f in feats.items()}
+            s, e = ranges[i]
+            out = {}
+            for name, f in feats.items():
+                mask = presence(batch, name)
+                if f[i] is None:
+                    out[name] = self.absent_embeds(name, e - s)
+                else:
+                    x = self.towers[name].project(f[i])
+                    out[name] = scatter_rows(x, mask[s:e]) if mask is not None else x
+            return out
 
         def sync(last: bool) -> Any:
             block = getattr(self.trainer.strategy, "block_backward_sync", None) if attached else None
@@ -177,7 +245,7 @@ class AlignmentModule(FrozenBackboneModule):
 
         groups = self.batch_groups(batch)
         out = grad_cache_backward(
-            project, len(ranges), lambda embeds: self.compute_losses(embeds, groups), backward=backward, sync=sync
+            project, len(ranges), lambda embeds: self.compute_losses(embeds, groups, present), backward=backward, sync=sync
         )
         return out.loss, out.losses, out.embeds
 
@@ -207,7 +275,9 @@ class AlignmentModule(FrozenBackboneModule):
             return None
         if self.automatic_optimization:
             embeds = self(batch)
-            losses = self.compute_losses(embeds, self.batch_groups(batch))
+            losses = self.compute_losses(embeds, self.batch_groups(batch), batch.get("present"))
+            if not losses:  # no row of this batch holds both towers of any objective
+                return None
             loss = torch.stack(list(losses.values())).sum()
         else:  # GradCache: the step does its own backward passes and the optimizer step
             optimizer = self.optimizers()
@@ -223,20 +293,27 @@ class AlignmentModule(FrozenBackboneModule):
             self.log("train/loss", loss, prog_bar=True, batch_size=bs)
             for a, b in self.retrieval_pairs:
                 if a in embeds and b in embeds:
-                    self.log(f"train/{a}->{b}/inbatch_R@1", in_batch_r1(embeds[a], embeds[b]), batch_size=bs)
+                    both = both_present(batch.get("present"), (a, b))
+                    x_a, x_b = (embeds[a], embeds[b]) if both is None else (embeds[a][both], embeds[b][both])
+                    if len(x_a):
+                        self.log(f"train/{a}->{b}/inbatch_R@1", in_batch_r1(x_a, x_b), batch_size=bs)
         return loss
 
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
         if not batch["meta"]["id"]:  # every item skipped under on_error="skip"
             return
         embeds = self(batch)
-        losses = self.compute_losses(embeds, self.batch_groups(batch))
+        losses = self.compute_losses(embeds, self.batch_groups(batch), batch.get("present"))
         bs = len(batch["meta"]["id"])
-        self.log_dict({f"{stage}/{k}": v for k, v in losses.items()}, batch_size=bs, sync_dist=True)
-        self.log(f"{stage}/loss", torch.stack(list(losses.values())).sum(), batch_size=bs, sync_dist=True, prog_bar=True)
+        if losses:
+            self.log_dict({f"{stage}/{k}": v for k, v in losses.items()}, batch_size=bs, sync_dist=True)
+            self.log(f"{stage}/loss", torch.stack(list(losses.values())).sum(), batch_size=bs, sync_dist=True, prog_bar=True)
         self._eval_store["meta"].append(batch["meta"])
         self._eval_store["keys"].append(batch.get("keys", {}))
         self._eval_store["embeds"].append({k: v.detach().float().cpu() for k, v in embeds.items()})
+        present = batch.get("present", {})
+        self._eval_store["present"].append(
+            {k: (present[k].cpu() if k in present else torch.ones(bs, dtype=torch.bool)) for k in embeds})
 
     def collected_embeddings(self) -> dict[str, Any]:
         """Concatenate what the last evaluation epoch stored: embeds per tower, meta and keys."""
@@ -244,16 +321,19 @@ class AlignmentModule(FrozenBackboneModule):
         embeds = {k: torch.cat([e[k] for e in store["embeds"]]) for k in (store["embeds"][0] if store["embeds"] else {})}
         meta = {k: sum((m[k] for m in store["meta"]), []) for k in (store["meta"][0] if store["meta"] else {})}
         keys = {k: sum((m[k] for m in store["keys"]), []) for k in (store["keys"][0] if store["keys"] else {})}
-        return {"embeds": embeds, "meta": meta, "keys": keys}
+        present = {k: torch.cat([p[k] for p in store["present"]]) for k in embeds} if store.get("present") else {}
+        return {"embeds": embeds, "meta": meta, "keys": keys, "present": present}
 
     def evaluate_collected(self, collected: dict[str, Any]) -> dict[str, Any]:
         """Per-language retrieval in both directions for every configured tower pair."""
         from mmalign.evaluation import per_language_retrieval
 
-        embeds, meta, keys = collected["embeds"], collected["meta"], collected["keys"]
         results: dict[str, Any] = {}
         for a, b in self.retrieval_pairs:
-            if a not in embeds or b not in embeds:
+            if a not in collected["embeds"] or b not in collected["embeds"]:
+                continue
+            embeds, meta, keys = _rows_with(collected, (a, b))
+            if not meta["lang"]:
                 continue
             kwargs = dict(
                 labels=meta["concept"], a_keys=keys.get(self.towers[a].field), b_keys=keys.get(self.towers[b].field),
@@ -294,3 +374,15 @@ class AlignmentModule(FrozenBackboneModule):
         if r1s:
             flat[f"{stage}/R@1"] = sum(r1s) / len(r1s)
         self.log_dict(flat, sync_dist=False)
+
+
+def _rows_with(collected: dict[str, Any], towers: tuple[str, ...]) -> tuple[dict[str, Tensor], dict[str, list], dict[str, list]]:
+    """``(embeds, meta, keys)`` of the collected rows that hold every tower of ``towers``."""
+    embeds, meta, keys = collected["embeds"], collected["meta"], collected["keys"]
+    both = both_present(collected.get("present"), towers)
+    if both is None or bool(both.all()):
+        return embeds, meta, keys
+    idx = both.nonzero().squeeze(1).tolist()
+    pick = lambda values: [values[i] for i in idx]  # noqa: E731
+    return ({k: v[both] for k, v in embeds.items()}, {k: pick(v) for k, v in meta.items()},
+            {k: pick(v) for k, v in keys.items()})

@@ -6,6 +6,7 @@ import inspect
 
 from typing import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -75,11 +76,33 @@ class Objective(nn.Module):
         self.loss = loss
         self.towers = list(towers)
         self.weight = weight
+        params = inspect.signature(loss.forward).parameters
         # Contrastive losses take the rows' group ids (the manifest's concept) to mask false negatives.
-        self.takes_groups = "groups" in inspect.signature(loss.forward).parameters
+        self.takes_groups = "groups" in params
+        # ... and a row mask (partial-modality batches): masked rows are neither queries nor negatives, and the
+        # batch keeps its size on every rank, so the DDP gather still lines up.
+        self.takes_mask = "mask" in params
 
-    def forward(self, embeds: dict[str, Tensor], groups: Tensor | None = None) -> dict[str, Tensor]:
-        """Weighted loss terms; ``groups [B]`` (int64 group ids) reach losses that accept them."""
+    def forward(self, embeds: dict[str, Tensor], groups: Tensor | None = None, mask: Tensor | None = None) -> dict[str, Tensor]:
+        """Weighted loss terms on the rows that hold both towers.
+
+        Args:
+            embeds: ``{tower: [B, D]}`` (rows without a tower's field hold zeros there).
+            groups: ``[B]`` int64 group ids, for losses that accept them.
+            mask: ``[B]`` bool, rows that have both towers (None: every row). Losses that accept ``mask``
+                get it (always, so every DDP rank runs the same collectives); others see the selected rows
+                only, and return ``{}`` when there are none.
+        """
         a, b = self.towers
-        extra = {"groups": groups} if self.takes_groups and groups is not None else {}
-        return {k: self.weight * v for k, v in self.loss(embeds[a], embeds[b], **extra).items()}
+        x_a, x_b = embeds[a], embeds[b]
+        extra: dict[str, Tensor] = {}
+        if self.takes_mask:
+            extra["mask"] = mask if mask is not None else torch.ones(len(x_a), dtype=torch.bool, device=x_a.device)
+        elif mask is not None and not bool(mask.all()):
+            if not bool(mask.any()):
+                return {}
+            x_a, x_b = x_a[mask], x_b[mask]
+            groups = groups[mask] if groups is not None else None
+        if self.takes_groups and groups is not None:
+            extra["groups"] = groups
+        return {k: self.weight * v for k, v in self.loss(x_a, x_b, **extra).items()}
