@@ -1,0 +1,426 @@
+"""Columnar sources: Parquet, Arrow/Feather, Hugging Face ``save_to_disk`` folders and cached datasets, wide CSVs.
+
+The table stays in Arrow memory: Arrow IPC files (and HF folders, which are Arrow streams) are memory-mapped,
+so a 10M-row table costs pages of the OS cache, not Python objects, and DataLoader workers (forked or spawned:
+the source pickles as its path and reopens) share those pages. A Parquet file is compressed and cannot be
+mapped: it is converted once, row group by row group (bounded memory), to an Arrow file in
+``$MMALIGN_ARROW_CACHE`` (default ``~/.cache/mmalign/arrow``) keyed by its path, size and mtime.
+
+Rows are built on access (``source[i]``) from a column mapping (``fields``)::
+
+    fields: {id: key, image: file_name, text: {de: caption_de, en: [caption_en_1, caption_en_2]}}
+
+A ``text`` mapping by language makes a *wide* table long: one row per (table row, language, caption), all
+captions of a table row sharing its concept (the ``concept`` column, else the row's id), so they are each
+other's positives in retrieval; an empty cell is no caption. A column holding a list of strings gives one row
+per element. Media columns (``image``, ``audio``) hold paths, resolved relative to ``root`` (default: the
+table's folder), or HF ``Image``/``Audio`` structs (``{bytes, path}``: bytes become a PIL image, an audio
+path is resolved). Rows are checked as a manifest's are (unknown language, duplicate id, missing or blank
+text, missing media), vectorised over the columns; bad rows follow ``on_error``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from mmalign.data.manifest import PATH_FIELDS, ManifestError
+from mmalign.data.policy import ON_ERROR, BadInputReport, check_choice, is_known_language
+from mmalign.data.sources.base import RowError, RowSource, SourceError, resolve_media
+
+#: Fields taken from same-named columns when no ``fields`` mapping is given.
+DEFAULT_FIELDS = ("id", "concept", "lang", "text", "text_en", "image", "audio")
+TEXT_FIELDS = ("text", "text_en")
+#: Tables up to this many rows have their media files checked when opened (larger: checked when read).
+CHECK_FILES_UP_TO = 200_000
+
+
+def arrow_cache_dir() -> Path:
+    return Path(os.environ.get("MMALIGN_ARROW_CACHE", Path.home() / ".cache" / "mmalign" / "arrow"))
+
+
+def _map_ipc(path: Path):
+    import pyarrow as pa
+
+    source = pa.memory_map(str(path), "r")
+    try:
+        return pa.ipc.open_file(source).read_all()
+    except pa.ArrowInvalid:
+        return pa.ipc.open_stream(pa.memory_map(str(path), "r")).read_all()  # HF writes the stream format
+
+
+def parquet_as_arrow(path: Path) -> Path:
+    """An Arrow IPC copy of a Parquet file (written once, row group by row group), to be memory-mapped."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    out = arrow_cache_dir() / f"{path.stem}-{key}.arrow"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    pf = pq.ParquetFile(str(path))
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, pf.schema_arrow) as writer:
+        for batch in pf.iter_batches(batch_size=1 << 20):  # few large batches: few chunks to search per row
+            writer.write_batch(batch)
+    os.replace(tmp, out)
+    return out
+
+
+def _hf_folder_table(folder: Path, split: str | None):
+    """The Arrow table of a ``save_to_disk`` folder (a DatasetDict folder needs ``split``)."""
+    import pyarrow as pa
+
+    if (folder / "dataset_dict.json").is_file():
+        splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
+        if split is None:
+            split = "train" if "train" in splits else (splits[0] if len(splits) == 1 else None)
+        if split not in splits:
+            raise SourceError(f"{folder}: a DatasetDict folder with splits {splits}; give `split:` in the source spec")
+        folder = folder / split
+    state = json.loads((folder / "state.json").read_text())
+    files = [folder / f["filename"] for f in state.get("_data_files", [])]
+    if not files:
+        raise SourceError(f"{folder}: state.json lists no data files")
+    tables = [_map_ipc(f) for f in files]
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    indices = folder / "indices.arrow"  # a select()/shuffle() saved without flatten_indices
+    if state.get("_indices_data_files"):
+        table = table.take(_map_ipc(folder / state["_indices_data_files"][0]["filename"]).column(0))
+    elif indices.is_file():
+        table = table.take(_map_ipc(indices).column(0))
+    return table
+
+
+def _hf_cached_table(name: str, split: str | None, config: str | None):
+    """A dataset from the local Hugging Face cache by name, never downloading (``HF_DATASETS_OFFLINE=1``)."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, config, split=split or "train")
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds when offline
+        raise SourceError(f"dataset {name!r} (split {split or 'train'!r}) is not in the local Hugging Face cache "
+                          f"and downloads are off: {e}") from e
+    return ds.data.table if ds._indices is None else ds.flatten_indices().data.table
+
+
+def open_table(path: Path | None, fmt: str, split: str | None = None, name: str | None = None, config: str | None = None):
+    """The (memory-mapped where possible) Arrow table of a source."""
+    if fmt == "hf" and name:
+        return _hf_cached_table(name, split, config)
+    assert path is not None
+    if fmt == "parquet":
+        return _map_ipc(parquet_as_arrow(path))
+    if fmt == "arrow":
+        return _map_ipc(path)
+    if fmt == "hf":
+        return _hf_folder_table(path, split)
+    if fmt == "csv":
+        import pyarrow.csv as pacsv
+
+        return pacsv.read_csv(str(path), convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+    if fmt == "jsonl":
+        import pyarrow.json as pajson
+
+        return pajson.read_json(str(path))
+    raise SourceError(f"{path}: not a table format: {fmt}")
+
+
+class _Column:
+    """One column with its chunk offsets: ``value(i)`` finds the chunk by binary search (no combine, no copy)."""
+
+    def __init__(self, col) -> None:
+        self.chunks = col.chunks
+        self.offsets = np.cumsum([0] + [len(c) for c in self.chunks])
+
+    def value(self, i: int) -> Any:
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.chunks[k][i - int(self.offsets[k])].as_py()
+
+
+def _bool(arr) -> np.ndarray:
+    import pyarrow as pa
+
+    arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    return np.asarray(arr.fill_null(True).to_numpy(zero_copy_only=False), dtype=bool)
+
+
+class TableSource(RowSource):
+    """A table (Parquet, Arrow, HF folder or cache, CSV/JSONL with a mapping) as manifest rows, built on access.
+
+    Args:
+        path: The file or folder (``None`` with ``name``: a dataset of the local HF cache).
+        format: ``parquet``, ``arrow``, ``hf``, ``csv`` or ``jsonl``.
+        fields: ``{field: column}``; ``text``/``text_en`` may map languages to a column or a list of columns
+            (wide tables). Default: the columns named like the fields.
+        root: Folder media paths are relative to (default: the table's folder; relative to it when relative).
+        lang: Language of rows without a ``lang`` column (and of ``text`` when it maps one column).
+        split: Split of a DatasetDict folder or of a cached dataset.
+        name: Name of a dataset in the local HF cache (``format: hf``).
+        config: Its configuration name.
+        languages: Keep only rows in these languages.
+        required_fields: Fields every row must have (the towers' inputs).
+        on_error: ``"error"`` (default) or ``"skip"`` bad rows (see :mod:`mmalign.data.policy`).
+        check_files: Check media files exist when opening (default: for tables up to 200k rows; larger ones
+            are checked when a row's media is read, under the same policy).
+    """
+
+    def __init__(
+        self,
+        path: str | Path | None,
+        format: str,
+        fields: Mapping[str, Any] | None = None,
+        root: str | Path | None = None,
+        lang: str | None = None,
+        split: str | None = None,
+        name: str | None = None,
+        config: str | None = None,
+        languages: Iterable[str] | None = None,
+        required_fields: Iterable[str] = (),
+        on_error: str = "error",
+        check_files: bool | None = None,
+    ) -> None:
+        check_choice("on_error", on_error, ON_ERROR)
+        self.path = Path(path) if path is not None else Path(f"hf:{name}")
+        self._open_args = (None if path is None else Path(path), format, split, name, config)
+        base = self.path.parent if self.path.is_file() else self.path
+        self.root = (base / root) if root is not None else base
+        self.lang = lang
+        self.report = BadInputReport()
+        self._open()
+        columns = set(self.table.column_names)
+        self.fields = self._mapping(fields, columns)
+        self._build_index(languages, list(required_fields), on_error, check_files)
+
+    # -- opening and pickling (workers reopen the mapped file instead of receiving a copy) ------------
+    def _open(self) -> None:
+        self.table = open_table(*self._open_args)
+        self._cols: dict[str, _Column] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("table", None)
+        state.pop("_cols", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._open()
+
+    def _col(self, name: str) -> _Column:
+        if name not in self._cols:
+            self._cols[name] = _Column(self.table.column(name))
+        return self._cols[name]
+
+    # -- mapping -----------------------------------------------------------------------------------
+    def _mapping(self, fields: Mapping[str, Any] | None, columns: set[str]) -> dict[str, Any]:
+        if fields is None:
+            return {c: c for c in self.table.column_names}
+        mapping = {}
+        for field, spec in fields.items():
+            cols = [spec] if isinstance(spec, str) else (list(spec) if isinstance(spec, list) else None)
+            if isinstance(spec, Mapping):
+                if field not in TEXT_FIELDS:
+                    raise SourceError(f"{self.path}: fields.{field}: only text fields map languages to columns")
+                mapping[field] = {str(k): ([v] if isinstance(v, str) else list(v)) for k, v in spec.items()}
+                cols = [c for v in mapping[field].values() for c in v]
+                bad = [k for k in mapping[field] if not is_known_language(k)]
+                if bad:
+                    raise SourceError(f"{self.path}: fields.{field}: {bad} are not ISO 639-1 codes")
+            elif cols is None or len(cols) != 1 and field not in TEXT_FIELDS:
+                raise SourceError(f"{self.path}: fields.{field} must name a column, got {spec!r}")
+            else:
+                import pyarrow as pa
+
+                listed = field in TEXT_FIELDS and cols[0] in columns and pa.types.is_list(self.table.column(cols[0]).type)
+                mapping[field] = cols[0] if len(cols) == 1 and not listed else {self.lang or "und": cols}
+            missing = [c for c in cols if c not in columns]
+            if missing:
+                raise SourceError(f"{self.path}: fields.{field}: no column(s) {missing}; the table has {sorted(columns)}")
+        return mapping
+
+    # -- validation and the row index, vectorised -------------------------------------------------------
+    def _build_index(self, languages: Iterable[str] | None, required: list[str], on_error: str, check_files: bool | None) -> None:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        t, n = self.table, self.table.num_rows
+        m = self.fields
+        bad = np.zeros(n, dtype=bool)
+        problems: list[tuple[np.ndarray, str, str, str]] = []  # (mask, field, reason, detail)
+
+        def flag(mask: np.ndarray, field: str, reason: str, detail: str) -> None:
+            mask = mask & ~bad
+            if mask.any():
+                problems.append((mask, field, reason, detail))
+                bad[mask] = True
+
+        self._id_col = m.get("id") if isinstance(m.get("id"), str) else None
+        if self._id_col is not None:
+            ids = t.column(self._id_col).cast(pa.string())
+            if pc.count_distinct(ids, mode="all").as_py() != n:
+                vc = pc.value_counts(ids)
+                dups = vc.field("values").filter(pc.greater(vc.field("counts"), 1))
+                mask = _bool(pc.is_in(ids, value_set=dups))
+                first: set[Any] = set()
+                for i in np.flatnonzero(mask):  # the first of each repeated id is kept
+                    v = ids[int(i)].as_py()
+                    if v not in first:
+                        first.add(v)
+                        mask[i] = False
+                flag(mask, "id", "duplicate id", "the id repeats an earlier row")
+        lang_col = m.get("lang") if isinstance(m.get("lang"), str) else None
+        if lang_col is not None:
+            col = t.column(lang_col)
+            uniques = pc.unique(col).to_pylist()
+            wrong = [u for u in uniques if u is not None and not is_known_language(u)]
+            if wrong:
+                flag(_bool(pc.is_in(col, value_set=pa.array(wrong, col.type))), "lang", "unknown language",
+                     f"not an ISO 639-1 code or 'und' (e.g. {wrong[0]!r})")
+        if self.lang is not None and not is_known_language(self.lang):
+            raise SourceError(f"{self.path}: lang: {self.lang!r} is not an ISO 639-1 code or 'und'")
+        for field in required:
+            spec = m.get(field)
+            if field in TEXT_FIELDS and isinstance(spec, dict):
+                continue  # wide captions: an empty cell is no caption (checked per slot below)
+            if spec is None:
+                raise SourceError(f"{self.path}: the towers read {field!r}, which no column provides; "
+                                  f"map one in `fields:` (columns: {t.column_names})")
+            col = t.column(spec)
+            if pa.types.is_struct(col.type):
+                flag(_bool(pc.is_null(col)), field, f"missing {field}", f"column {spec!r} is null")
+                continue
+            if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+                col = col.cast(pa.string())
+            flag(_bool(pc.is_null(col)), field, f"missing {field}", f"column {spec!r} is empty")
+            blank = _bool(pc.equal(pc.utf8_trim_whitespace(col), ""))
+            flag(blank, field, f"missing {field}" if field in PATH_FIELDS else "empty text", f"{spec!r} has no visible character")
+        if check_files if check_files is not None else n <= CHECK_FILES_UP_TO:
+            for field in (f for f in required if f in PATH_FIELDS and isinstance(m.get(f), str)):
+                col = self._col(m[field])
+                for i in np.flatnonzero(~bad):
+                    value = self._media(col.value(int(i)))
+                    if isinstance(value, str) and not Path(value).is_file():
+                        flag(np.eye(1, n, int(i), dtype=bool)[0], field, "missing file", f"no such file {value}")
+        if on_error == "error" and problems:  # the first bad row of the table is the one raised
+            problems = [min(problems, key=lambda p: int(np.argmax(p[0])))]
+        for mask, field, reason, detail in problems:
+            for i in np.flatnonzero(mask):
+                self.report.handle(RowError(self.path, int(i), self._base_id(int(i)), field, reason, detail), on_error)
+        keep = ~bad
+        # wide text: one row per (table row, slot, list element)
+        self._slots: list[tuple[str, str, str]] = []  # (field, lang, column)
+        wide = next((f for f in TEXT_FIELDS if isinstance(m.get(f), dict)), None)
+        if wide is not None:
+            base, slot, elem = [], [], []
+            for lang, cols in m[wide].items():
+                for c in cols:
+                    s = len(self._slots)
+                    self._slots.append((wide, lang, c))
+                    col = t.column(c)
+                    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+                        flat = pc.list_flatten(col)
+                        parents = np.asarray(pc.list_parent_indices(col).to_numpy(zero_copy_only=False), dtype=np.int64)
+                        first = np.asarray(pc.list_value_length(col).fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
+                        starts = np.concatenate([[0], np.cumsum(first)[:-1]])
+                        pos = np.arange(len(parents), dtype=np.int64) - starts[parents]
+                        ok = ~_bool(pc.is_null(flat)) & ~_bool(pc.equal(pc.utf8_trim_whitespace(flat.cast(pa.string())), ""))
+                        ok &= keep[parents]
+                        base.append(parents[ok]); slot.append(np.full(ok.sum(), s, np.int16)); elem.append(pos[ok].astype(np.int32))
+                    else:
+                        sc = col.cast(pa.string())
+                        ok = keep & ~_bool(pc.is_null(sc)) & ~_bool(pc.equal(pc.utf8_trim_whitespace(sc), ""))
+                        idx = np.flatnonzero(ok)
+                        base.append(idx); slot.append(np.full(len(idx), s, np.int16)); elem.append(np.full(len(idx), -1, np.int32))
+            b, s, e = np.concatenate(base), np.concatenate(slot), np.concatenate(elem)
+            order = np.lexsort((e, s, b))  # table order, then language slots, then list position
+            self._index, self._slot, self._elem = b[order], s[order], e[order]
+        else:
+            self._index = np.flatnonzero(keep) if bad.any() else None
+            self._slot = self._elem = None
+        if languages is not None:
+            self._filter_languages(set(languages))
+        if len(self) == 0:
+            raise ManifestError(f"{self.path}: no rows left after filtering (languages={languages}, fields={required}; "
+                                f"{self.report.summary()})")
+
+    def _row_langs(self) -> np.ndarray:
+        """``[len(self)]`` language of each row (object array; only built to filter or list languages)."""
+        import pyarrow as pa
+
+        if self._slot is not None:
+            return np.array([s[1] for s in self._slots], dtype=object)[self._slot]
+        lang_col = self.fields.get("lang") if isinstance(self.fields.get("lang"), str) else None
+        if lang_col is None:
+            return np.full(len(self), self.lang or "und", dtype=object)
+        col = self.table.column(lang_col)
+        if self._index is not None:
+            col = col.take(pa.array(self._index))
+        return np.asarray(col.fill_null(self.lang or "und").to_numpy(zero_copy_only=False), dtype=object)
+
+    def _filter_languages(self, langs: set[str]) -> None:
+        row_langs = self._row_langs()
+        present = set(np.unique(row_langs).tolist())
+        if unknown := sorted(langs - present):
+            raise ManifestError(f"{self.path}: no rows in language(s) {unknown}; the source has {sorted(present)}")
+        keep = np.isin(row_langs, list(langs))
+        positions = np.flatnonzero(keep)
+        self._index = positions if self._index is None else self._index[positions]
+        if self._slot is not None:
+            self._slot, self._elem = self._slot[positions], self._elem[positions]
+
+    @property
+    def languages(self) -> list[str]:
+        return sorted(set(np.unique(self._row_langs()).tolist()))
+
+    # -- rows --------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.table.num_rows if self._index is None else len(self._index)
+
+    def _base_id(self, i: int) -> str:
+        return str(self._col(self._id_col).value(i)) if self._id_col else f"{self.path.stem}-{i}"
+
+    def _media(self, value: Any) -> Any:
+        if isinstance(value, dict):  # HF Image/Audio struct
+            if value.get("bytes"):
+                from PIL import Image
+
+                return Image.open(io.BytesIO(value["bytes"]))
+            value = value.get("path")
+        return resolve_media(value, self.root)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        i = int(self._index[index]) if self._index is not None else index
+        row: dict[str, Any] = {}
+        for field, spec in self.fields.items():
+            if isinstance(spec, str):
+                value = self._col(spec).value(i)
+                if value is None:
+                    continue
+                row[field] = self._media(value) if field in PATH_FIELDS else (value if field in TEXT_FIELDS else
+                                                                              (str(value) if field in ("id", "concept", "lang") else value))
+        base_id = row.get("id", f"{self.path.stem}-{i}")
+        row["id"] = base_id
+        row.setdefault("concept", base_id)
+        row.setdefault("lang", self.lang or "und")
+        if self._slot is not None:
+            field, lang, col = self._slots[int(self._slot[index])]
+            value = self._col(col).value(i)
+            k = int(self._elem[index])
+            row[field] = value[k] if k >= 0 else value
+            row["lang"] = lang
+            row["id"] = f"{base_id}#{col}" + (f"[{k}]" if k >= 0 else "")
+        return row
