@@ -180,3 +180,36 @@ def test_fit_and_validation_on_partial_rows(partial_data, tmp_path):
     assert counts["image|text"] == sum("image" in r for r in rows) < n_val
     assert counts["speech|text"] == sum("audio" in r for r in rows) < n_val
     assert "image|speech" not in results or counts["image|speech"] == sum("image" in r and "audio" in r for r in rows)
+
+
+def test_retrieval_names_are_checked_with_a_suggestion():
+    with pytest.raises(ValueError, match="'speach'.*did you mean 'speech'"):
+        make_module(retrieval=[["image", "speach"]])
+
+
+def test_every_pair_is_evaluated_by_default_and_labelled():
+    module = make_module()
+    assert module.retrieval_pairs == [("image", "text"), ("speech", "text"), ("image", "speech")]
+    assert module.pair_kinds == {"image|text": "trained", "speech|text": "trained", "image|speech": "emergent"}
+    explicit = make_module(retrieval=[["text", "image"], ["speech", "image"]])
+    assert explicit.pair_kinds == {"text|image": "trained", "speech|image": "emergent"}
+
+
+def test_monitor_averages_trained_pairs_only(partial_data, tmp_path):
+    import lightning as L
+
+    logged = {}
+    for retrieval in (None, [["image", "text"], ["speech", "text"]]):
+        module = make_module(retrieval=retrieval)
+        data = _datamodule(partial_data, module, batch_size=8)
+        trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+        trainer.validate(module, data, verbose=False)
+        logged[retrieval is None] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if retrieval is None:
+            assert module.last_eval["kinds"]["image|speech"] == "emergent"
+    with_emergent, trained_only = logged[True], logged[False]
+    assert "val/emergent/R@1" in with_emergent and "val/emergent/R@1" not in trained_only
+    assert with_emergent["val/R@1"] == pytest.approx(trained_only["val/R@1"])
+    trained = [with_emergent[f"val/all/{d}/R@1"] for d in ("image->text", "text->image", "speech->text", "text->speech")]
+    assert with_emergent["val/R@1"] == pytest.approx(sum(trained) / 4)

@@ -42,15 +42,20 @@ def evaluation_results(module: Any, collected: dict[str, Any], xsim_margin: str 
     """Retrieval, xsim and cross-lingual results from the embeddings an evaluation epoch collected."""
     from mmalign.evaluation import cross_lingual_retrieval, xsim_error_rate
 
+    from mmalign.training.module import _rows_with
+
     embeds, meta, keys = collected["embeds"], collected["meta"], collected["keys"]
-    results: dict[str, Any] = {"retrieval": {}, "xsim": {}, "cross_lingual": {}}
+    results: dict[str, Any] = {"retrieval": {}, "xsim": {}, "cross_lingual": {}, "pairs": {}}
     for pair, per_lang in module.evaluate_collected(collected).items():
         for lang, directions in per_lang.items():
             results["retrieval"].setdefault(lang, {}).update(directions)
+        results["pairs"][pair] = getattr(module, "pair_kinds", {}).get(pair, "trained")  # trained | emergent
         a, b = pair.split("|")
+        embeds, meta, keys = _rows_with(collected, (a, b))  # the rows holding both towers
         ka, kb = keys.get(module.towers[a].field), keys.get(module.towers[b].field)
         for lang, xa, xb in _aligned_per_language(embeds[a], embeds[b], meta, ka, kb):
             results["xsim"][f"{lang}: {a}->{b}"] = xsim_error_rate(xa, xb, margin=xsim_margin)
+    embeds, meta, keys = collected["embeds"], collected["meta"], collected["keys"]
     if len(set(meta["lang"])) > 1:
         for name, tower in module.towers.items():
             field_keys = keys.get(tower.field)
@@ -98,7 +103,8 @@ def zero_shot_results(module: Any, collected: dict[str, Any]) -> dict[str, Any]:
     other_keys = keys.get(module.towers[other].field) or list(range(len(meta["concept"])))
     first = {}
     for i, k in enumerate(other_keys):
-        first.setdefault(k, i)
+        if k is not None:  # None: the row lacks that field (partial-modality rows)
+            first.setdefault(k, i)
     rows = torch.as_tensor(sorted(first.values()))
     labels = torch.as_tensor([index[meta["concept"][i]] for i in rows.tolist()])
     return zero_shot_accuracy(embeds[other][rows], labels, weights)

@@ -40,6 +40,45 @@ def scatter_rows(x: Tensor, mask: Tensor) -> Tensor:
     return x.new_zeros((mask.shape[0],) + tuple(x.shape[1:])).index_copy(0, idx, x)
 
 
+def retrieval_pairs(
+    towers: list[str], trained: list[list[str]], retrieval: list[list[str]] | None = None
+) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """The tower pairs evaluated and their kind: ``([(a, b)], {"a|b": "trained" | "emergent"})``.
+
+    Args:
+        towers: Tower names of the space.
+        trained: The objectives' tower pairs.
+        retrieval: Pairs asked for (``None``: the trained pairs, then every other pair of towers, emergent).
+
+    Raises:
+        ValueError: A name in ``retrieval`` is not a tower (with the closest tower name), or a pair is not two
+            distinct towers.
+    """
+    import difflib
+    import itertools
+
+    bound = {frozenset(p) for p in trained}
+    if retrieval is None:
+        pairs = [tuple(p) for p in trained] + list(itertools.combinations(towers, 2))
+    else:
+        pairs = []
+        for pair in retrieval:
+            pair = list(pair) if isinstance(pair, (list, tuple)) else [pair]
+            for name in pair:
+                if name not in towers:
+                    close = difflib.get_close_matches(str(name), towers, n=1)
+                    hint = f"; did you mean {close[0]!r}?" if close else ""
+                    raise ValueError(f"retrieval names tower {name!r}, which is not a tower (towers: {towers}){hint}")
+            if len(pair) != 2 or pair[0] == pair[1]:
+                raise ValueError(f"a retrieval pair is two distinct towers, got {pair}")
+            pairs.append(tuple(pair))
+    out: list[tuple[str, str]] = []
+    for a, b in pairs:  # one order per pair: the first seen (objectives' order for trained pairs)
+        if not any({a, b} == set(p) for p in out):
+            out.append((a, b))
+    return out, {f"{a}|{b}": ("trained" if frozenset((a, b)) in bound else "emergent") for a, b in out}
+
+
 def in_batch_r1(a: Tensor, b: Tensor) -> Tensor:
     """Fraction of rows of ``a`` whose most similar row of ``b`` (cosine) is the paired one."""
     a, b = nn.functional.normalize(a.float(), dim=-1), nn.functional.normalize(b.float(), dim=-1)
@@ -56,8 +95,12 @@ class AlignmentModule(FrozenBackboneModule):
             without projector (a frozen teacher defines the space).
         optimizer: Optimizer factory over the trainable parameters (projectors, temperatures).
         scheduler: Optional LR scheduler factory (stepped every optimizer step).
-        retrieval: Tower pairs evaluated in validation/test (both directions, per language). Default:
-            the pairs of the objectives.
+        retrieval: Tower pairs evaluated in validation/test (both directions, per language), each on the
+            rows that hold both towers. Default: every pair of towers in the space. A pair that an objective
+            binds is *trained*, any other *emergent* (:attr:`pair_kinds`); names are checked against the towers.
+            The checkpoint monitor ``val/R@1`` is the mean R@1 (both directions, ``all`` rows) over the
+            TRAINED pairs only, so adding an emergent pair never changes it; emergent pairs are averaged into
+            ``val/emergent/R@1``.
         grad_cache_chunk: Rows per chunk for GradCache (Gao et al., 2021; :mod:`mmalign.training.gradcache`):
             the training step projects the whole batch without a graph, takes the gradient of the
             full-batch loss w.r.t. the embeddings, then re-projects ``grad_cache_chunk`` rows at a time
@@ -87,8 +130,7 @@ class AlignmentModule(FrozenBackboneModule):
             for name in obj.towers:
                 if name not in self.towers:
                     raise ValueError(f"objective names tower {name!r}; towers are {sorted(self.towers)}")
-        pairs = retrieval if retrieval is not None else [o.towers for o in self.objectives]
-        self.retrieval_pairs = list(dict.fromkeys(tuple(p) for p in pairs))
+        self.retrieval_pairs, self.pair_kinds = retrieval_pairs(list(self.towers), [o.towers for o in self.objectives], retrieval)
         self._eval_store: dict[str, list[Any]] = defaultdict(list)
         if grad_cache_chunk is not None:
             chunk_ranges(1, grad_cache_chunk)  # validates the size
@@ -361,18 +403,23 @@ class AlignmentModule(FrozenBackboneModule):
             return
         results = self.evaluate_collected(collected)
         self.last_eval = {"stage": stage, "results": results, "collected": collected}
+        self.last_eval["kinds"] = {pair: self.pair_kinds.get(pair, "emergent") for pair in results}
         flat: dict[str, float] = {}
-        r1s = []
+        r1s: dict[str, list[float]] = {"trained": [], "emergent": []}
         for pair, per_lang in results.items():
+            kind = self.pair_kinds.get(pair, "emergent")
             for lang, directions in per_lang.items():
                 for direction, metrics in directions.items():
                     for metric, value in metrics.items():
                         if metric in ("R@1", "R@5", "MRR"):
                             flat[f"{stage}/{lang}/{direction}/{metric}"] = float(value)
                     if lang == "all":
-                        r1s.append(float(metrics["R@1"]))
-        if r1s:
-            flat[f"{stage}/R@1"] = sum(r1s) / len(r1s)
+                        r1s[kind].append(float(metrics["R@1"]))
+        # The checkpoint monitor: trained pairs only (an emergent pair added to `retrieval` never moves it).
+        if r1s["trained"]:
+            flat[f"{stage}/R@1"] = sum(r1s["trained"]) / len(r1s["trained"])
+        if r1s["emergent"]:
+            flat[f"{stage}/emergent/R@1"] = sum(r1s["emergent"]) / len(r1s["emergent"])
         self.log_dict(flat, sync_dist=False)
 
 
