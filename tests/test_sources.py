@@ -223,3 +223,52 @@ def test_manifest_paths_still_read_by_manifest_dataset(tmp_path):
     assert [r["id"] for r in both] == ["a", "b"]
     with pytest.raises(ManifestError, match="no rows in language"):
         open_source(str(tmp_path / "t.parquet"), languages=["de"])
+
+
+# -- the DataModule and `mmalign cache` read every source -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_module():
+    import torch
+
+    import encoders
+    import projectors
+    from mmalign import AlignmentModule, ClipLoss, Objective, Tower
+
+    image = Tower(encoders.TimmImageEncoder("tiny:timm-vit"), field="image", projector=projectors.Linear)
+    text = Tower(encoders.HFTextEncoder("tiny:xlmr-text", pooling="mean"), field="text", projector=projectors.Linear)
+    return AlignmentModule(towers={"image": image, "text": text}, objectives=[Objective(ClipLoss(), ["image", "text"])],
+                           embed_dim=16, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+
+
+def test_datamodule_fit_and_cache_from_parquet_and_webdataset(tmp_path, tiny_module):
+    import lightning as L
+
+    from mmalign.cache.command import cache
+    from mmalign.data import AlignmentDataModule
+
+    imgs = _images(tmp_path, 6)
+    pq.write_table(pa.table({"file_name": [p.split("/")[1] for p in imgs], "de": [f"Bild {i}" for i in range(6)],
+                             "en": [f"picture {i}" for i in range(6)]}), tmp_path / "wide.parquet")
+    spec = {"path": str(tmp_path / "wide.parquet"), "root": "img", "fields": {"image": "file_name", "text": {"de": "de", "en": "en"}}}
+    dm = AlignmentDataModule(train=spec, val=spec, batch_size=4, cache_dir=str(tmp_path / "cache"))
+    summary = cache(tiny_module, dm, output=str(tmp_path / "cache"), progress=False, device="cpu")
+    assert summary["train"]["num_rows"] == 12
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=1)
+    trainer.fit(tiny_module, dm)
+    assert len(dm.datasets["train"]) == 12
+    stream = AlignmentDataModule(train=_shards(tmp_path), val=spec, batch_size=4)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=1)
+    trainer.fit(tiny_module, stream)
+    assert trainer.fit_loop.total_batch_idx + 1 == 3  # 12 samples / 4
+
+
+def test_embed_reads_a_source(tmp_path, monkeypatch):
+    from mmalign.export.embed import _read_input
+
+    pq.write_table(pa.table({"text": ["a", "b"], "lang": ["en", "de"]}), tmp_path / "t.parquet")
+    items, langs = _read_input(tmp_path / "t.parquet", "text")
+    assert items == ["a", "b"] and langs == ["en", "de"]

@@ -104,7 +104,10 @@ def cache(
     max_image_pixels = data.hparams.get("max_image_pixels")
     for name in _splits(split, available):
         dataset = data.manifest_dataset(name)
-        rows = dataset.rows
+        if not hasattr(dataset, "rows"):  # a streaming source cannot be planned into shards of unique items
+            raise ValueError(f"{name}: mmalign cache needs a map-style source (manifest, Parquet/Arrow/HF folder, text corpus, "
+                             f"audio folder), not WebDataset shards ({getattr(dataset, 'path', '?')}); train on shards raw")
+        rows = dataset.rows  # a lazy view for tables: rows are built as the writer reads them
         if dataset.report:  # rows the manifest reader dropped under on_error=skip never reach the cache
             print(f"[mmalign cache] {name}: " + dataset.report.summary("manifest rows skipped"))
         report = BadInputReport()

@@ -9,11 +9,12 @@ from typing import Any, Callable
 import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from mmalign.data.collate import TowerCollator, tower_fields
 from mmalign.data.manifest import ManifestDataset
+from mmalign.data.sources import ListSource, open_source
 
 # Splits each Lightning stage reads: a cache need not hold the test split to fit, nor train to test.
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
@@ -26,8 +27,10 @@ class AlignmentDataModule(L.LightningDataModule):
     recipe's YAML never repeats them.
 
     Args:
-        train: Training manifest (``.jsonl``/``.csv``), or a list of them concatenated in order (e.g.
-            the emoji names plus extra spoken vocabulary from ``mmalign data words``).
+        train: Training data: a manifest (``.jsonl``/``.csv``) or any source spec of :mod:`mmalign.data.sources`
+            (Parquet/Arrow/HF folder, wide table with ``fields:``, text corpus, audio folder, WebDataset
+            shards; see docs/data.md), or a list of them concatenated in order (e.g. the emoji names plus
+            extra spoken vocabulary from ``mmalign data words``).
         val: Validation manifest (or a list).
         test: Test manifest or list (defaults to ``val``).
         batch_size: Samples per batch.
@@ -48,9 +51,9 @@ class AlignmentDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        train: str | list[str] | None = None,
-        val: str | list[str] | None = None,
-        test: str | list[str] | None = None,
+        train: str | dict[str, Any] | list[Any] | None = None,
+        val: str | dict[str, Any] | list[Any] | None = None,
+        test: str | dict[str, Any] | list[Any] | None = None,
         batch_size: int = 32,
         num_workers: int = 0,
         train_languages: list[str] | None = None,
@@ -87,7 +90,7 @@ class AlignmentDataModule(L.LightningDataModule):
         """Folder of ``split`` in the cache: ``test`` without its own manifest reuses ``val``'s features."""
         return "val" if split == "test" and not self.hparams.test else split
 
-    def manifest_dataset(self, split: str) -> ManifestDataset:
+    def manifest_dataset(self, split: str) -> Any:
         """The raw rows of ``split``, filtered by language and required fields (what the cache is keyed on)."""
         if self._towers is None:
             raise RuntimeError("AlignmentDataModule needs the model's towers: call connect(module) first")
@@ -98,11 +101,13 @@ class AlignmentDataModule(L.LightningDataModule):
         fields = sorted({f for f, _ in self._towers.values()})
         field_sets = getattr(self, "_field_sets", None)
         if not field_sets or len(fields) <= 2:  # one pair: every field is needed by every row
-            return ManifestDataset(path, langs, fields, self.hparams.on_error)
+            return open_source(path, langs, fields, self.hparams.on_error)
         from mmalign.data.collate import usable_rows
         from mmalign.data.manifest import ManifestError
 
-        rows = ManifestDataset(path, langs, (), self.hparams.on_error)
+        rows = open_source(path, langs, (), self.hparams.on_error)
+        if not isinstance(rows, ManifestDataset):  # a table's lazy rows: keep the usable ones in a list
+            rows = ListSource.of(rows.rows, rows)
         rows.rows = usable_rows(rows.rows, fields, field_sets, rows.path, rows.report, self.hparams.on_error)
         if not rows.rows:
             raise ManifestError(f"{rows.path}: no usable rows (each needs the fields of one of {field_sets}; "
@@ -122,6 +127,8 @@ class AlignmentDataModule(L.LightningDataModule):
             self._skipped[split] = rows.skipped
             if self.hparams.cache_dir is None:
                 self.datasets[split] = rows
+            elif isinstance(rows, IterableDataset):
+                raise ValueError(f"{split}: a streaming source (WebDataset shards) has no feature cache; train on it raw")
             else:
                 from mmalign.cache.reader import CachedSplit
 
@@ -143,11 +150,12 @@ class AlignmentDataModule(L.LightningDataModule):
             collate = passthrough
         # torchdata's StatefulDataLoader checkpoints its sampler position and shuffle state: Lightning then
         # resumes a killed fit mid-epoch on exactly the batches the uninterrupted run would have seen.
+        stream = isinstance(ds, IterableDataset)  # WebDataset shards: shuffled by shard, split by rank and worker
         return StatefulDataLoader(
             ds,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle and len(ds) > self.hparams.batch_size,
+            shuffle=shuffle and not stream,
+            drop_last=shuffle and not stream and len(ds) > self.hparams.batch_size,
             num_workers=self.hparams.num_workers,
             collate_fn=collate,
             persistent_workers=self.hparams.num_workers > 0,

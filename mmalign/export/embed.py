@@ -39,21 +39,23 @@ def _read_input(path: Path, field: str, on_error: str = "error") -> tuple[list[A
     from mmalign.data.policy import ON_ERROR, check_choice
 
     check_choice("on_error", on_error, ON_ERROR)
-    if not path.is_file():
-        raise FileNotFoundError(f"input file not found: {path}")
-    if path.suffix in (".jsonl", ".csv"):
-        from mmalign.data.manifest import read_manifest
-        from mmalign.data.policy import BadInputReport
+    if path.suffix != ".txt" and not (path.is_dir() or "{" in str(path) or str(path).endswith(".yaml")):
+        if not path.is_file():
+            raise FileNotFoundError(f"input file not found: {path}")
+    if path.suffix != ".txt":  # a manifest or any source of mmalign.data.sources (Parquet, HF folder, shards...)
+        from mmalign.data.sources import open_source
 
-        report = BadInputReport()
-        rows = read_manifest(path, on_error, report)
-        if report:
-            print(f"[mmalign embed] {path}: " + report.summary("rows skipped"))
+        source = open_source(str(path), on_error=on_error)
+        rows = list(source)
+        if source.report:
+            print(f"[mmalign embed] {path}: " + source.report.summary("rows skipped"))
         missing = [r["id"] for r in rows if r.get(field) in (None, "")]
         if missing:
             raise ValueError(f"{path}: {len(missing)} row(s) have no field {field!r}, e.g. id={missing[0]!r}")
         langs = [r["lang"] for r in rows]
         return [r[field] for r in rows], (None if set(langs) == {"und"} else langs)
+    if not path.is_file():
+        raise FileNotFoundError(f"input file not found: {path}")
     numbered = _read_lines(path, on_error)
     while numbered and not numbered[-1][1].strip():
         numbered.pop()
@@ -83,8 +85,9 @@ def embed(
     Args:
         model: Export directory (``mmalign export`` output), or a list of them (seeds of one recipe,
             e.g. ``--model '[exports/s0, exports/s1]'``): embedded as one :class:`AlignedEnsemble`.
-        input: ``.txt`` (one item per line: texts, or image/audio paths relative to the file) or a
-            ``.jsonl``/``.csv`` manifest (the ``field`` column is embedded; rows keep their order).
+        input: ``.txt`` (one item per line: texts, or image/audio paths relative to the file), a
+            ``.jsonl``/``.csv`` manifest or any data source (Parquet/Arrow, HF folder, ``.yaml`` source spec,
+            audio folder, WebDataset shards; docs/data.md): the ``field`` column is embedded, rows keep their order.
         output: ``.npy`` file to write.
         field: Manifest column to embed; also picks the tower (the one reading this field, else the
             one of its modality: ``image`` -> image, ``audio`` -> speech).
