@@ -28,6 +28,7 @@ QUICK: dict[str, list[str]] = {
     "bench_encode": ["--repeats", "2"],
     "bench_precision": ["--steps", "30"],
     "bench_loop": ["--rounds", "3"],
+    "bench_retrieval": ["--n", "20000", "--rounds", "2"],
 }
 
 
