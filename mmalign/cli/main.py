@@ -22,6 +22,7 @@ TOOLS: dict[str, str] = {
     "export": "mmalign.export.checkpoint:export",
     "embed": "mmalign.export.embed:embed",
     "cache": "mmalign.cache.command:cache",
+    "classify": "mmalign.evaluation.classify:classify",
 }
 
 

@@ -1,6 +1,7 @@
 """``mmalign eval``: evaluate a recipe (optionally from a checkpoint) and write a per-language report.
 
     mmalign eval --config configs/uclip_pivot.yaml --config configs/offline/uclip_pivot.yaml --ckpt_path runs/x/last.ckpt --output eval/
+    mmalign eval --benchmark xm3600 --root data/xm3600 --model exports/x --output eval/   # standard benchmarks
 
 Any LightningCLI option of the recipe (``--data.init_args.test=...``) may follow. The report has, for every
 retrieval pair of the recipe, both directions per language (R@1/5/10, MRR, median rank), xsim error rates per
@@ -111,7 +112,12 @@ def zero_shot_results(module: Any, collected: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate(argv: list[str]) -> dict[str, Any]:
-    """Entry point of ``mmalign eval`` (see the module docstring)."""
+    """Entry point of ``mmalign eval`` (see the module docstring); ``--benchmark`` scores an export on a standard
+    benchmark instead (:mod:`mmalign.evaluation.benchmarks`)."""
+    if any(a == "--benchmark" or a.startswith("--benchmark=") for a in argv):
+        from mmalign.evaluation.benchmarks import benchmark_command
+
+        return benchmark_command(argv)
     parser = argparse.ArgumentParser(prog="mmalign eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="eval", help="report folder")
     parser.add_argument("--ckpt_path", default=None, help="Lightning checkpoint with the trained projectors")

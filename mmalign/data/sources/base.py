@@ -160,6 +160,17 @@ class ListSource(RowSource):
     def rows(self) -> list[dict[str, Any]]:
         return self._rows
 
+    @rows.setter
+    def rows(self, rows: list[dict[str, Any]]) -> None:
+        self._rows = list(rows)
+
+    @classmethod
+    def of(cls, rows: Sequence[dict[str, Any]], like: Any) -> "ListSource":
+        """Already checked ``rows`` (e.g. a source's rows filtered further) with ``like``'s path and report."""
+        out = cls.__new__(cls)
+        out.path, out.report, out._rows = like.path, like.report, list(rows)
+        return out
+
 
 def resolve_media(value: Any, root: Path) -> Any:
     """A media path relative to ``root`` made absolute; other values (PIL images, arrays) unchanged."""

@@ -93,6 +93,10 @@ class WebDatasetSource(IterableDataset):
             raise TypeError(f"{self.path}: the number of samples is unknown; give `size:` in the source spec")
         return self.size
 
+    @property
+    def skipped(self) -> dict[str, int]:
+        return self.report.as_dict()
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch - 1
 
