@@ -82,6 +82,46 @@ def masked_row_mean(row_losses: Tensor, count: Tensor) -> Tensor:
 FALSE_NEGATIVES = ("keep", "mask")
 
 
+def _check_block_size(value: int | None) -> int | None:
+    if value is not None and (not isinstance(value, int) or value < 1):
+        raise ValueError(f"block_size must be a positive int or None, got {value!r}")
+    return value
+
+
+def row_blocked_sum(fn, rows: int, block_size: int | None, *args: Tensor) -> Tensor:
+    """``sum_k fn(start_k, stop_k, *args)`` over row blocks, keeping one block's graph at a time.
+
+    ``fn(start, stop, *args)`` returns the (scalar) loss sum of rows ``start:stop``; the rows of a
+    contrastive loss are independent given the columns (each row's logsumexp spans all columns), so
+    the row blocks add up to the dense loss exactly. With gradients on, every block runs under
+    activation checkpointing: the forward keeps no ``[block, N]`` logits, the backward recomputes one
+    block at a time, so peak memory is ``O(block_size * N)`` instead of ``O(B * N)`` (for one extra
+    logits matmul per block). ``block_size=None`` (or ``>= rows``): one dense call, as before.
+    """
+    if block_size is None or block_size >= rows:
+        return fn(0, rows, *args)
+    from torch.utils.checkpoint import checkpoint
+
+    grad = torch.is_grad_enabled() and any(a.requires_grad for a in args)
+    total = None
+    for start in range(0, rows, block_size):
+        stop = min(start + block_size, rows)
+        part = checkpoint(fn, start, stop, *args, use_reentrant=False) if grad else fn(start, stop, *args)
+        total = part if total is None else total + part
+    return total
+
+
+def contrastive_memory_bytes(batch_size: int, block_size: int | None = None, world_size: int = 1) -> int:
+    """Bytes of logits-sized buffers one contrastive loss call needs on one rank (fp32).
+
+    Dense: about 4 ``[B, W*B]`` fp32 buffers live at the backward's peak (logits, softmax/sigmoid,
+    mask or targets, their gradient) per direction; blocked: the same for ``[block, W*B]``. A batch of
+    32,768 needs ~17 GB dense and ~0.5 GB with ``block_size=1024`` (what ``block_size`` is for).
+    """
+    rows = batch_size if block_size is None else min(block_size, batch_size)
+    return 4 * 4 * rows * batch_size * world_size
+
+
 def _check_false_negatives(value: str) -> str:
     if value not in FALSE_NEGATIVES:
         raise ValueError(f"false_negatives must be one of {FALSE_NEGATIVES}, got {value!r}")
@@ -119,18 +159,23 @@ class ClipLoss(nn.Module):
             can hold one concept several times (the same picture captioned in several languages, one name
             spoken in several languages): they are not negatives, and pushing them apart fights the
             alignment.
+        block_size: Compute the logits in ``[block_size, W*B]`` row blocks (see :func:`row_blocked_sum`):
+            same loss and gradients as dense, memory ``O(block_size * W*B)``; for batches of many
+            thousands of rows (32k: ``block_size: 1024``; :func:`contrastive_memory_bytes` gives the
+            figure). ``None`` (default): dense.
 
     Returns: ``{"clip_loss": scalar}``.
     """
 
     def __init__(
         self, logit_scale: float = 1 / 0.07, learnable_scale: bool = True, max_scale: float = 100.0, gather: bool = True,
-        false_negatives: str = "keep",
+        false_negatives: str = "keep", block_size: int | None = None,
     ) -> None:
         super().__init__()
         self.logit_scale = LogitScale(logit_scale, learnable_scale, max_scale)
         self.gather = gather
         self.false_negatives = _check_false_negatives(false_negatives)
+        self.block_size = _check_block_size(block_size)
 
     def forward(
         self, a_embeds: Tensor, b_embeds: Tensor, groups: Tensor | None = None, mask: Tensor | None = None
@@ -145,23 +190,34 @@ class ClipLoss(nn.Module):
         if self.gather:
             all_a, rank = gather_with_grad(a)
             all_b, _ = gather_with_grad(b)
-        logits_per_a = scale * a @ all_b.T  # [B, W*B]
-        logits_per_b = scale * b @ all_a.T  # [B, W*B]
-        labels = torch.arange(a.shape[0], device=a.device) + rank * a.shape[0]  # offset by rank
+        offset = rank * a.shape[0]
+        same = None
         if self.false_negatives == "mask" and groups is not None:
             all_groups = gather_groups(groups) if self.gather else groups
-            same = same_group_mask(groups, all_groups, rank * a.shape[0])
-            logits_per_a = logits_per_a.masked_fill(same, float("-inf"))
-            logits_per_b = logits_per_b.masked_fill(same, float("-inf"))
-        if mask is not None:
-            mask = mask.bool()
-            all_mask = gather_groups(mask.long()).bool() if self.gather else mask  # [W*B]
-            logits_per_a = logits_per_a.masked_fill(~all_mask[None, :], float("-inf"))[mask]
-            logits_per_b = logits_per_b.masked_fill(~all_mask[None, :], float("-inf"))[mask]
-            rows = F.cross_entropy(logits_per_a, labels[mask], reduction="none") + F.cross_entropy(
-                logits_per_b, labels[mask], reduction="none")
-            return {"clip_loss": masked_row_mean(rows / 2, mask.sum())}
-        loss = (F.cross_entropy(logits_per_a, labels) + F.cross_entropy(logits_per_b, labels)) / 2
+            same = (groups, all_groups)
+        if self.block_size is None or self.block_size >= a.shape[0]:
+            logits_per_a = scale * a @ all_b.T  # [B, W*B]
+            logits_per_b = scale * b @ all_a.T  # [B, W*B]
+            labels = torch.arange(a.shape[0], device=a.device) + offset  # offset by rank
+            if same is not None:
+                mask = same_group_mask(same[0], same[1], offset)
+                logits_per_a = logits_per_a.masked_fill(mask, float("-inf"))
+                logits_per_b = logits_per_b.masked_fill(mask, float("-inf"))
+            loss = (F.cross_entropy(logits_per_a, labels) + F.cross_entropy(logits_per_b, labels)) / 2
+            return {"clip_loss": loss}
+
+        def rows_loss(start: int, stop: int, x: Tensor, y: Tensor, s: Tensor) -> Tensor:
+            logits = s * x[start:stop] @ y.T  # [block, W*B]
+            labels = torch.arange(start, stop, device=x.device) + offset
+            if same is not None:
+                mask = same[0][start:stop, None] == same[1][None, :]
+                mask[torch.arange(stop - start, device=x.device), labels] = False
+                logits = logits.masked_fill(mask, float("-inf"))
+            return F.cross_entropy(logits, labels, reduction="sum")
+
+        n = a.shape[0]
+        loss = (row_blocked_sum(rows_loss, n, self.block_size, a, all_b, scale)
+                + row_blocked_sum(rows_loss, n, self.block_size, b, all_a, scale)) / (2 * n)
         return {"clip_loss": loss}
 
 
@@ -177,19 +233,21 @@ class SigLipLoss(nn.Module):
         logit_bias: Initial bias ``b`` (paper: -10).
         false_negatives: ``"keep"`` (paper) or ``"mask"``: pairs of different rows of the same group
             (``groups``, the manifest's ``concept``) are left out of the sum (see :class:`ClipLoss`).
+        block_size: Row blocks of ``[block_size, W*B]`` logits (see :class:`ClipLoss`); ``None``: dense.
 
     Returns: ``{"siglip_loss": scalar}``.
     """
 
     def __init__(
         self, logit_scale: float = 10.0, logit_bias: float = -10.0, learnable: bool = True, gather: bool = True,
-        false_negatives: str = "keep",
+        false_negatives: str = "keep", block_size: int | None = None,
     ) -> None:
         super().__init__()
         self.logit_scale = LogitScale(logit_scale, learnable, max_scale=100.0)
         self.logit_bias = nn.Parameter(torch.tensor(float(logit_bias)), requires_grad=learnable)
         self.gather = gather
         self.false_negatives = _check_false_negatives(false_negatives)
+        self.block_size = _check_block_size(block_size)
 
     def forward(
         self, a_embeds: Tensor, b_embeds: Tensor, groups: Tensor | None = None, mask: Tensor | None = None
@@ -199,20 +257,24 @@ class SigLipLoss(nn.Module):
         rank, all_b = 0, b
         if self.gather:
             all_b, rank = gather_with_grad(b)
-        logits = self.logit_scale() * a @ all_b.T + self.logit_bias  # [B, W*B]
-        targets = -torch.ones_like(logits)
-        idx = torch.arange(a.shape[0], device=a.device)
-        targets[idx, idx + rank * a.shape[0]] = 1.0
-        terms = -F.logsigmoid(targets * logits)  # [B, W*B]
+        all_groups = None
         if self.false_negatives == "mask" and groups is not None:
             all_groups = gather_groups(groups) if self.gather else groups
-            terms = terms.masked_fill(same_group_mask(groups, all_groups, rank * a.shape[0]), 0.0)
-        if mask is not None:
-            mask = mask.bool()
-            all_mask = gather_groups(mask.long()).bool() if self.gather else mask  # [W*B]
-            rows = terms.masked_fill(~all_mask[None, :], 0.0)[mask].sum(dim=1)
-            return {"siglip_loss": masked_row_mean(rows, mask.sum())}
-        loss = terms.sum(dim=1).mean()
+        offset = rank * a.shape[0]
+
+        def rows_loss(start: int, stop: int, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
+            logits = scale * x[start:stop] @ y.T + bias  # [block, W*B]
+            targets = -torch.ones_like(logits)
+            idx = torch.arange(stop - start, device=x.device)
+            targets[idx, idx + start + offset] = 1.0
+            terms = -F.logsigmoid(targets * logits)  # [block, W*B]
+            if all_groups is not None:
+                mask = groups[start:stop, None] == all_groups[None, :]
+                mask[idx, idx + start + offset] = False
+                terms = terms.masked_fill(mask, 0.0)
+            return terms.sum()
+
+        loss = row_blocked_sum(rows_loss, a.shape[0], self.block_size, a, all_b, self.logit_scale(), self.logit_bias) / a.shape[0]
         return {"siglip_loss": loss}
 
 
