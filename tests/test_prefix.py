@@ -254,17 +254,18 @@ def test_short_fit_lowers_loss_and_captions_depend_on_image(image_encoder, synth
 
 
 # -- configs and CLI ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("config", ["configs/mblip_prefix.yaml", "configs/tiny/mblip_prefix.yaml"])
+@pytest.mark.parametrize("config", [["configs/mblip_prefix.yaml"], ["configs/mblip_prefix.yaml", "configs/tiny/mblip_prefix.yaml"]])
 def test_configs_parse_against_signatures(config):
     import lightning as L
-    from jsonargparse import ArgumentParser
+    from jsonargparse import ActionConfigFile, ArgumentParser
 
     parser = ArgumentParser()
+    parser.add_argument("--config", action=ActionConfigFile)  # the recipe, then its tiny overlay
     parser.add_argument("--seed_everything", type=int)
     parser.add_class_arguments(L.Trainer, "trainer", instantiate=False)
     parser.add_subclass_arguments(L.LightningModule, "model", instantiate=False)
     parser.add_subclass_arguments(L.LightningDataModule, "data", instantiate=False)
-    cfg = parser.parse_path(str(ROOT / config))
+    cfg = parser.parse_args([f"--config={ROOT / c}" for c in config])
     assert cfg.model.class_path == "mmalign.captioning.PrefixCaptioningModule"
     assert cfg.data.class_path == "mmalign.data.captions.CaptionDataModule"
 
@@ -273,13 +274,13 @@ def test_cli_fast_dev_run_exports_and_predict_writes_captions(synthetic_data, tm
     from mmalign.cli import main
 
     monkeypatch.chdir(tmp_path)  # the config's relative outputs/ land here
-    config = str(ROOT / "configs/tiny/mblip_prefix.yaml")
-    data = [f"--data.init_args.train={synthetic_data / 'train.jsonl'}", f"--data.init_args.val={synthetic_data / 'val.jsonl'}"]
-    main(["fit", "--config", config, "--trainer.fast_dev_run=true", *data])
+    config = ["--config", str(ROOT / "configs/mblip_prefix.yaml"), "--config", str(ROOT / "configs/tiny/mblip_prefix.yaml")]
+    data = [f"--data.init_args.{s}={synthetic_data / f'{s}.jsonl'}" for s in ("train", "val", "test")]
+    main(["fit", *config, "--trainer.fast_dev_run=true", *data])
     export = tmp_path / "outputs/tiny_mblip/export"
     assert (export / "model.safetensors").is_file() and (export / "config.json").is_file()
 
-    main(["predict", "--config", config, *data, "--trainer.limit_predict_batches=1"])
+    main(["predict", *config, *data, "--trainer.limit_predict_batches=1"])
     lines = (tmp_path / "outputs/tiny_mblip/captions.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]
     assert len(rows) == 16  # one batch

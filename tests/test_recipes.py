@@ -61,8 +61,8 @@ def test_every_shipped_yaml_is_a_recipe_an_overlay_or_a_snippet():
     known = {f"{n}.yaml" for n in RECIPES} | {f"{v}/{n}.yaml" for n, v in OVERLAYS}
     known |= {p.relative_to(CONFIGS).as_posix() for p in SNIPPETS}
     assert shipped == known
-    assert len(RECIPES) == 6 and all(set(list_variants(n)) >= {"tiny"} for n in RECIPES), OVERLAYS
-    assert {n for n, v in OVERLAYS if v == "offline"} == {"lit_contrastive", "sonar_speech", "uclip_pivot"}
+    assert all("tiny" in list_variants(n) for n in RECIPES), "every recipe has a tiny overlay (the tests run it)"
+    assert {"lit_contrastive", "sonar_speech", "uclip_pivot"} <= {n for n, v in OVERLAYS if v == "offline"}
 
 
 @pytest.mark.parametrize("name", RECIPES)

@@ -1,6 +1,6 @@
 """``mmalign cache``: encode a recipe's dataset once with its frozen encoders.
 
-    mmalign cache --config configs/tiny/lit_contrastive.yaml --output cache/lit
+    mmalign cache --config configs/lit_contrastive.yaml --config configs/tiny/lit_contrastive.yaml --output cache/lit
     mmalign cache --config recipe.yaml --split train,val --rank 0 --world_size 4   # one of 4 writers
     torchrun --nproc_per_node 4 -m mmalign.cli cache --config recipe.yaml          # rank from the env
 

@@ -17,6 +17,7 @@ from typing import Callable
 #: Plain-function subcommands (``module:function``), parsed from the function's signature by jsonargparse.
 TOOLS: dict[str, str] = {
     "quickstart": "mmalign.cli.quickstart:quickstart",
+    "recipes": "mmalign.recipe:recipes",
     "data": "mmalign.datasets.commands:data",
     "convert": "encoders.commands:convert",
     "export": "mmalign.export.checkpoint:export",
