@@ -13,4 +13,4 @@ if [ ${#need[@]} -gt 0 ]; then
     echo "mmalign setup: please install ${need[*]} (e.g. sudo apt-get install ${need[*]})" >&2
   fi
 fi
-python -m pip install -q -e ".[offline,dev,generate]"
+python -m pip install -q -e ".[offline,dev,generate,data]"

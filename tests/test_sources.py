@@ -85,6 +85,10 @@ def test_table_bad_rows_follow_policy(tmp_path):
     src = open_source(str(tmp_path / "bad.parquet"), required_fields=["text"], on_error="skip")
     assert [r["id"] for r in src] == ["a"]
     assert src.skipped == {"unknown language": 1, "duplicate id": 1, "empty text": 1}
+    again = open_source(str(tmp_path / "bad.parquet"), required_fields=["text"], on_error="skip")  # checks from the cache
+    assert [r["id"] for r in again] == ["a"] and again.skipped == src.skipped
+    with pytest.raises(ManifestRowError, match=r"id='b'.*unknown language"):
+        open_source(str(tmp_path / "bad.parquet"), required_fields=["text"])
 
 
 def test_arrow_file_and_hf_folder(tmp_path):

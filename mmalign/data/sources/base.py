@@ -10,6 +10,7 @@ same row dicts.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -174,8 +175,8 @@ class ListSource(RowSource):
 
 def resolve_media(value: Any, root: Path) -> Any:
     """A media path relative to ``root`` made absolute; other values (PIL images, arrays) unchanged."""
-    if isinstance(value, str) and value and "://" not in value:
-        return str((root / value).resolve()) if not Path(value).is_absolute() else value
+    if isinstance(value, str) and value and "://" not in value:  # no syscall per row (``root`` is absolute)
+        return value if os.path.isabs(value) else os.path.normpath(os.path.join(root, value))
     return value
 
 

@@ -21,6 +21,7 @@ text, missing media), vectorised over the columns; bad rows follow ``on_error``.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import json
@@ -140,11 +141,13 @@ class _Column:
 
     def __init__(self, col) -> None:
         self.chunks = col.chunks
-        self.offsets = np.cumsum([0] + [len(c) for c in self.chunks])
+        self.offsets = [0]
+        for c in self.chunks:
+            self.offsets.append(self.offsets[-1] + len(c))
 
     def value(self, i: int) -> Any:
-        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
-        return self.chunks[k][i - int(self.offsets[k])].as_py()
+        k = bisect.bisect_right(self.offsets, i) - 1
+        return self.chunks[k][i - self.offsets[k]].as_py()
 
 
 def _bool(arr) -> np.ndarray:
@@ -193,8 +196,9 @@ class TableSource(RowSource):
         self.path = Path(path) if path is not None else Path(f"hf:{name}")
         self._open_args = (None if path is None else Path(path), format, split, name, config)
         base = self.path.parent if self.path.is_file() else self.path
-        self.root = (base / root) if root is not None else base
+        self.root = str(((base / root) if root is not None else base).resolve())
         self.lang = lang
+        self._stem = self.path.stem
         self.report = BadInputReport()
         self._open()
         columns = set(self.table.column_names)
@@ -256,61 +260,69 @@ class TableSource(RowSource):
         t, n = self.table, self.table.num_rows
         m = self.fields
         bad = np.zeros(n, dtype=bool)
-        problems: list[tuple[np.ndarray, str, str, str]] = []  # (mask, field, reason, detail)
-
-        def flag(mask: np.ndarray, field: str, reason: str, detail: str) -> None:
-            mask = mask & ~bad
-            if mask.any():
-                problems.append((mask, field, reason, detail))
-                bad[mask] = True
-
         self._id_col = m.get("id") if isinstance(m.get("id"), str) else None
-        if self._id_col is not None:
-            ids = t.column(self._id_col).cast(pa.string())
-            if pc.count_distinct(ids, mode="all").as_py() != n:
-                vc = pc.value_counts(ids)
-                dups = vc.field("values").filter(pc.greater(vc.field("counts"), 1))
-                mask = _bool(pc.is_in(ids, value_set=dups))
-                first: set[Any] = set()
-                for i in np.flatnonzero(mask):  # the first of each repeated id is kept
-                    v = ids[int(i)].as_py()
-                    if v not in first:
-                        first.add(v)
-                        mask[i] = False
-                flag(mask, "id", "duplicate id", "the id repeats an earlier row")
-        lang_col = m.get("lang") if isinstance(m.get("lang"), str) else None
-        if lang_col is not None:
-            col = t.column(lang_col)
-            uniques = pc.unique(col).to_pylist()
-            wrong = [u for u in uniques if u is not None and not is_known_language(u)]
-            if wrong:
-                flag(_bool(pc.is_in(col, value_set=pa.array(wrong, col.type))), "lang", "unknown language",
-                     f"not an ISO 639-1 code or 'und' (e.g. {wrong[0]!r})")
-        if self.lang is not None and not is_known_language(self.lang):
-            raise SourceError(f"{self.path}: lang: {self.lang!r} is not an ISO 639-1 code or 'und'")
-        for field in required:
-            spec = m.get(field)
-            if field in TEXT_FIELDS and isinstance(spec, dict):
-                continue  # wide captions: an empty cell is no caption (checked per slot below)
-            if spec is None:
-                raise SourceError(f"{self.path}: the towers read {field!r}, which no column provides; "
-                                  f"map one in `fields:` (columns: {t.column_names})")
-            col = t.column(spec)
-            if pa.types.is_struct(col.type):
-                flag(_bool(pc.is_null(col)), field, f"missing {field}", f"column {spec!r} is null")
-                continue
-            if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
-                col = col.cast(pa.string())
-            flag(_bool(pc.is_null(col)), field, f"missing {field}", f"column {spec!r} is empty")
-            blank = _bool(pc.equal(pc.utf8_trim_whitespace(col), ""))
-            flag(blank, field, f"missing {field}" if field in PATH_FIELDS else "empty text", f"{spec!r} has no visible character")
-        if check_files if check_files is not None else n <= CHECK_FILES_UP_TO:
-            for field in (f for f in required if f in PATH_FIELDS and isinstance(m.get(f), str)):
-                col = self._col(m[field])
-                for i in np.flatnonzero(~bad):
-                    value = self._media(col.value(int(i)))
-                    if isinstance(value, str) and not Path(value).is_file():
-                        flag(np.eye(1, n, int(i), dtype=bool)[0], field, "missing file", f"no such file {value}")
+        check_key = self._check_key(required, check_files)
+        problems = self._load_checks(check_key, n) if check_key else None
+        if problems is not None:
+            for mask, *_ in problems:
+                bad |= mask
+        else:
+            problems = []  # (mask, field, reason, detail)
+
+            def flag(mask: np.ndarray, field: str, reason: str, detail: str) -> None:
+                mask = mask & ~bad
+                if mask.any():
+                    problems.append((mask, field, reason, detail))
+                    bad[mask] = True
+
+            if self._id_col is not None:
+                ids = t.column(self._id_col).cast(pa.string())
+                if pc.count_distinct(ids, mode="all").as_py() != n:
+                    vc = pc.value_counts(ids)
+                    dups = vc.field("values").filter(pc.greater(vc.field("counts"), 1))
+                    mask = _bool(pc.is_in(ids, value_set=dups))
+                    first: set[Any] = set()
+                    for i in np.flatnonzero(mask):  # the first of each repeated id is kept
+                        v = ids[int(i)].as_py()
+                        if v not in first:
+                            first.add(v)
+                            mask[i] = False
+                    flag(mask, "id", "duplicate id", "the id repeats an earlier row")
+            lang_col = m.get("lang") if isinstance(m.get("lang"), str) else None
+            if lang_col is not None:
+                col = t.column(lang_col)
+                uniques = pc.unique(col).to_pylist()
+                wrong = [u for u in uniques if u is not None and not is_known_language(u)]
+                if wrong:
+                    flag(_bool(pc.is_in(col, value_set=pa.array(wrong, col.type))), "lang", "unknown language",
+                         f"not an ISO 639-1 code or 'und' (e.g. {wrong[0]!r})")
+            if self.lang is not None and not is_known_language(self.lang):
+                raise SourceError(f"{self.path}: lang: {self.lang!r} is not an ISO 639-1 code or 'und'")
+            for field in required:
+                spec = m.get(field)
+                if field in TEXT_FIELDS and isinstance(spec, dict):
+                    continue  # wide captions: an empty cell is no caption (checked per slot below)
+                if spec is None:
+                    raise SourceError(f"{self.path}: the towers read {field!r}, which no column provides; "
+                                      f"map one in `fields:` (columns: {t.column_names})")
+                col = t.column(spec)
+                if pa.types.is_struct(col.type):
+                    flag(_bool(pc.is_null(col)), field, f"missing {field}", f"column {spec!r} is null")
+                    continue
+                if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+                    col = col.cast(pa.string())
+                flag(_bool(pc.is_null(col)), field, f"missing {field}", f"column {spec!r} is empty")
+                blank = _bool(pc.equal(pc.utf8_trim_whitespace(col), ""))
+                flag(blank, field, f"missing {field}" if field in PATH_FIELDS else "empty text", f"{spec!r} has no visible character")
+            if check_files if check_files is not None else n <= CHECK_FILES_UP_TO:
+                for field in (f for f in required if f in PATH_FIELDS and isinstance(m.get(f), str)):
+                    col = self._col(m[field])
+                    for i in np.flatnonzero(~bad):
+                        value = self._media(col.value(int(i)))
+                        if isinstance(value, str) and not Path(value).is_file():
+                            flag(np.eye(1, n, int(i), dtype=bool)[0], field, "missing file", f"no such file {value}")
+            if check_key:
+                self._save_checks(check_key, problems)
         if on_error == "error" and problems:  # the first bad row of the table is the one raised
             problems = [min(problems, key=lambda p: int(np.argmax(p[0])))]
         for mask, field, reason, detail in problems:
@@ -353,6 +365,42 @@ class TableSource(RowSource):
             raise ManifestError(f"{self.path}: no rows left after filtering (languages={languages}, fields={required}; "
                                 f"{self.report.summary()})")
 
+    # -- the checks are computed once per file version (a 10M-row id uniqueness check costs seconds) --------
+    def _check_key(self, required: list[str], check_files: bool | None) -> str | None:
+        path, fmt, split, name, config = self._open_args
+        if path is None or fmt not in ("parquet", "arrow", "hf"):
+            return None
+        media = [f for f in required if f in PATH_FIELDS]
+        if media and (check_files if check_files is not None else self.table.num_rows <= CHECK_FILES_UP_TO):
+            return None  # media files come and go: checked every time
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in (".arrow", ".json"))
+        ident = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+        spec = json.dumps([ident, split, self.fields, sorted(required), self.lang, check_files, str(self.root)], sort_keys=True, default=str)
+        return hashlib.sha256(spec.encode()).hexdigest()[:24]
+
+    def _load_checks(self, key: str, n: int) -> list | None:
+        f = arrow_cache_dir() / "checks" / f"{key}.json"
+        try:
+            saved = json.loads(f.read_text())
+        except (OSError, ValueError):
+            return None
+        out = []
+        for rows, field, reason, detail in saved:
+            mask = np.zeros(n, dtype=bool)
+            mask[np.asarray(rows, dtype=np.int64)] = True
+            out.append((mask, field, reason, detail))
+        return out
+
+    def _save_checks(self, key: str, problems: list) -> None:
+        folder = arrow_cache_dir() / "checks"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".{key}.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps([[np.flatnonzero(m).tolist(), f, r, d] for m, f, r, d in problems]))
+            os.replace(tmp, folder / f"{key}.json")
+        except OSError:  # a read-only cache folder: the checks are simply redone next time
+            pass
+
     def _row_langs(self) -> np.ndarray:
         """``[len(self)]`` language of each row (object array; only built to filter or list languages)."""
         import pyarrow as pa
@@ -387,7 +435,7 @@ class TableSource(RowSource):
         return self.table.num_rows if self._index is None else len(self._index)
 
     def _base_id(self, i: int) -> str:
-        return str(self._col(self._id_col).value(i)) if self._id_col else f"{self.path.stem}-{i}"
+        return str(self._col(self._id_col).value(i)) if self._id_col else f"{self._stem}-{i}"
 
     def _media(self, value: Any) -> Any:
         if isinstance(value, dict):  # HF Image/Audio struct
@@ -412,7 +460,7 @@ class TableSource(RowSource):
                     continue
                 row[field] = self._media(value) if field in PATH_FIELDS else (value if field in TEXT_FIELDS else
                                                                               (str(value) if field in ("id", "concept", "lang") else value))
-        base_id = row.get("id", f"{self.path.stem}-{i}")
+        base_id = row.get("id", f"{self._stem}-{i}")
         row["id"] = base_id
         row.setdefault("concept", base_id)
         row.setdefault("lang", self.lang or "und")
