@@ -276,3 +276,18 @@ def test_embed_reads_a_source(tmp_path, monkeypatch):
     pq.write_table(pa.table({"text": ["a", "b"], "lang": ["en", "de"]}), tmp_path / "t.parquet")
     items, langs = _read_input(tmp_path / "t.parquet", "text")
     assert items == ["a", "b"] and langs == ["en", "de"]
+
+
+def test_hf_image_feature_and_cached_dataset_by_name(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    _png(tmp_path / "p.png")
+    ds = datasets.Dataset.from_dict({"image": [str(tmp_path / "p.png")], "text": ["red"]}).cast_column("image", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "hfimg"))
+    row = open_source(str(tmp_path / "hfimg"), required_fields=["image", "text"])[0]
+    assert isinstance(row["image"], Image.Image) and row["image"].size == (4, 4)  # the embedded bytes
+    (tmp_path / "local").mkdir()
+    pq.write_table(pa.table({"text": ["x", "y"], "lang": ["en", "en"]}), tmp_path / "local" / "train.parquet")
+    src = open_source({"format": "hf", "name": str(tmp_path / "local"), "split": "train"})
+    assert [r["text"] for r in src] == ["x", "y"]
+    with pytest.raises(SourceError, match="not in the local Hugging Face cache"):
+        open_source({"format": "hf", "name": "no-such-user/no-such-dataset"})
