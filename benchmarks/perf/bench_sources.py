@@ -25,10 +25,11 @@ from pathlib import Path
 LANGS = ["en", "de", "fr", "es", "ja", "zh", "ar", "ru"]
 
 
-def rss_mb() -> float:
+def rss_mb(kind: str = "VmRSS") -> float:
+    """Resident MB: ``VmRSS`` (all), ``RssAnon`` (process memory) or ``RssFile`` (mapped file pages, shared)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(kind + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
@@ -62,7 +63,7 @@ def measure(path: str, check_rows: int) -> dict:
 
     out = {}
     for phase in ("cold", "warm"):
-        base = rss_mb()
+        base, base_anon = rss_mb(), rss_mb("RssAnon")
         t = time.perf_counter()
         src = open_source(path)
         out[f"open_{phase}_s"] = round(time.perf_counter() - t, 2)
@@ -80,6 +81,7 @@ def measure(path: str, check_rows: int) -> dict:
     unique_items(sub, "text")
     out["plan_rows_per_s"] = int(len(sub) / (time.perf_counter() - t))
     out["rss_after_pass_mb"] = round(rss_mb() - base, 1)
+    out["rss_anon_after_pass_mb"] = round(rss_mb("RssAnon") - base_anon, 1)
     out["rows"] = n
     return out
 
