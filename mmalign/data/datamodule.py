@@ -47,6 +47,13 @@ class AlignmentDataModule(L.LightningDataModule):
         max_image_pixels: Image files with more pixels are bad input (``huge image``), refused before
             decoding; default ``None``: ``MMALIGN_MAX_IMAGE_PIXELS`` or 50 MP (:mod:`encoders.image_io`);
             ``0``: no limit. ``mmalign cache`` follows it too.
+        resident: With ``cache_dir``: load the training split's features once into device memory and draw
+            batches by index there (:mod:`mmalign.cache.resident`): ``"auto"`` when they fit
+            ``resident_budget`` (else pinned host memory on CUDA, else memory-mapped reading, with the
+            reason printed), ``true`` (the same, but an error instead of memory-mapped reading), ``false``
+            (default: memory-mapped reading). Resumable mid-epoch, sharded over DDP ranks.
+        resident_dtype: Dtype of resident features: ``float16`` (default, as cached), ``bfloat16``, ``float32``.
+        resident_budget: Fraction of the free device memory (CPU: available RAM) resident features may take.
     """
 
     def __init__(
@@ -63,6 +70,9 @@ class AlignmentDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         verify_cache: bool = True,
         max_image_pixels: int | None = None,
+        resident: str | bool = False,
+        resident_dtype: str = "float16",
+        resident_budget: float = 0.5,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -70,6 +80,12 @@ class AlignmentDataModule(L.LightningDataModule):
         self._towers: dict[str, tuple[str, Callable]] | None = None
         self._module_towers: dict[str, Any] | None = None
         self._skipped: dict[str, dict[str, int]] = {}
+        self._resident: dict[str, Any] = {}  # split -> ResidentStore (or None: memory-mapped)
+        from mmalign.cache.resident import DTYPES, parse_resident
+
+        self.hparams.resident = parse_resident(resident)
+        if resident_dtype not in DTYPES:
+            raise ValueError(f"resident_dtype must be one of {sorted(DTYPES)}, got {resident_dtype!r}")
 
     def connect(self, module: Any) -> None:
         """Bind the towers whose encoders preprocess the data (done automatically in ``setup``)."""
@@ -142,6 +158,10 @@ class AlignmentDataModule(L.LightningDataModule):
         if split not in self.datasets:
             raise ValueError(f"no {split} manifest configured (data.init_args.{split})")
         ds = self.datasets[split]
+        if shuffle and self.hparams.cache_dir is not None and self.hparams.resident is not False:
+            loader = self._resident_loader(split, ds)
+            if loader is not None:
+                return loader
         collate: Callable = TowerCollator(self._towers, self.hparams.on_error, self.hparams.silent_audio,
                                           max_image_pixels=self.hparams.max_image_pixels)
         if self.hparams.cache_dir is not None:
@@ -162,6 +182,25 @@ class AlignmentDataModule(L.LightningDataModule):
             # page-locked host batches let Lightning's transfer to the GPU overlap with compute
             pin_memory=torch.cuda.is_available(),
         )
+
+    def _resident_loader(self, split: str, ds: Any) -> Any:
+        """A :class:`~mmalign.cache.resident.ResidentLoader` over ``split``, or None (memory-mapped reading)."""
+        from mmalign.cache.resident import DTYPES, ResidentLoader, ResidentStore, choose_placement
+
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        if split not in self._resident:
+            dtype = DTYPES[self.hparams.resident_dtype]
+            placement, reason = choose_placement(ds, device, self.hparams.resident, dtype, self.hparams.resident_budget)
+            print(f"[mmalign] {split} features: {reason}", flush=True)
+            self._resident[split] = None if placement == "memmap" else ResidentStore(
+                ds, torch.device("cpu") if placement == "pinned" else device, dtype, pin=placement == "pinned")
+        store = self._resident[split]
+        if store is None:
+            return None
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return ResidentLoader(store, self.hparams.batch_size, shuffle=True, drop_last=True, rank=rank,
+                              world_size=world, target=device)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """Move the batch's tensors; ``meta`` and ``keys`` (lists of strings) are passed through unwalked.
