@@ -172,3 +172,24 @@ def test_babel_imagenet_and_classify(tmp_path, monkeypatch, capsys):
     assert res["top1"] == 0.0 and res["top2"] == 1.0
     with pytest.raises(ValueError, match="no prompt templates"):
         classify(model="x", labels=str(tmp_path / "labels.txt"), images=str(tmp_path / "folder"), lang="xx")
+
+
+def test_eval_benchmark_and_classify_with_a_real_tiny_export(xm3600, tmp_path):
+    """End to end on tiny random encoders: the commands run an actual export (values are not checked)."""
+    import encoders
+    import projectors
+    from mmalign import AlignmentModule, ClipLoss, Objective, Tower
+    from mmalign.evaluation.classify import classify
+    from mmalign.evaluation.command import evaluate
+    from mmalign.export import export_module
+
+    image = Tower(encoders.TimmImageEncoder("tiny:timm-vit"), field="image", projector=projectors.Linear)
+    text = Tower(encoders.HFTextEncoder("tiny:xlmr-text", pooling="mean"), field="text", projector=projectors.Linear)
+    module = AlignmentModule(towers={"image": image, "text": text}, objectives=[Objective(ClipLoss(), ["image", "text"])], embed_dim=8)
+    export = export_module(module, tmp_path / "export", languages=["en", "de"])
+    res = evaluate(["--benchmark", "xm3600", "--root", str(xm3600), "--model", str(export), "--output", str(tmp_path / "ev"),
+                    "--device", "cpu"])
+    assert set(res["retrieval"]) == {"en", "de"} and 0 <= res["retrieval"]["en"]["image->text/R@10"] <= 100
+    (tmp_path / "labels.txt").write_text("Hund\nKatze\n")
+    out = classify(model=str(export), labels=str(tmp_path / "labels.txt"), images=str(xm3600 / "images"), lang="de", device="cpu")
+    assert len(out["predictions"]) == 3 and out["predictions"][0]["top"][0]["label"] in ("Hund", "Katze")
