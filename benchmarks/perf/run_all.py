@@ -29,6 +29,8 @@ QUICK: dict[str, list[str]] = {
     "bench_precision": ["--steps", "30"],
     "bench_loop": ["--rounds", "3"],
     "bench_retrieval": ["--n", "20000", "--rounds", "2"],
+    "bench_resident": ["--rounds", "2"],
+    "bench_blockwise_loss": ["--sizes", "4096", "--big", "16384"],
 }
 
 
