@@ -157,7 +157,7 @@ def _shard(path, samples):
 
 
 def _shards(tmp_path, n_shards=4, per=3):
-    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards").mkdir(parents=True)
     for s in range(n_shards):
         _shard(tmp_path / "shards" / f"{s:05d}.tar", [
             (f"{s:05d}{i:04d}", {"jpg": _png(), "txt": f"caption {s}-{i}".encode(),
@@ -268,6 +268,14 @@ def test_datamodule_fit_and_cache_from_parquet_and_webdataset(tmp_path, tiny_mod
                         enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=1)
     trainer.fit(tiny_module, stream)
     assert trainer.fit_loop.total_batch_idx + 1 == 3  # 12 samples / 4
+    # shards through the feature cache: images extracted once beside it, then training reads the cache
+    shards = AlignmentDataModule(train=_shards(tmp_path / "again"), val=spec, batch_size=4, cache_dir=str(tmp_path / "wcache"))
+    summary = cache(tiny_module, shards, output=str(tmp_path / "wcache"), progress=False, device="cpu")
+    assert summary["train"]["num_rows"] == 12 and len(list((tmp_path / "wcache" / "_media" / "train").rglob("*.jpg"))) == 12
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=1)
+    trainer.fit(tiny_module, shards)
+    assert len(shards.datasets["train"]) == 12
 
 
 def test_embed_reads_a_source(tmp_path, monkeypatch):

@@ -104,16 +104,15 @@ def cache(
     max_image_pixels = data.hparams.get("max_image_pixels")
     for name in _splits(split, available):
         dataset = data.manifest_dataset(name)
-        if not hasattr(dataset, "rows"):  # a streaming source cannot be planned into shards of unique items
-            raise ValueError(f"{name}: mmalign cache needs a map-style source (manifest, Parquet/Arrow/HF folder, text corpus, "
-                             f"audio folder), not WebDataset shards ({getattr(dataset, 'path', '?')}); train on shards raw")
+        if hasattr(dataset, "materialize"):  # WebDataset shards: media extracted once beside the cache, rows listed
+            dataset = dataset.materialize(Path(out_dir) / "_media" / name)
         rows = dataset.rows  # a lazy view for tables: rows are built as the writer reads them
         if dataset.report:  # rows the manifest reader dropped under on_error=skip never reach the cache
             print(f"[mmalign cache] {name}: " + dataset.report.summary("manifest rows skipped"))
         report = BadInputReport()
         manifest = write_split(
             rows, dict(model.towers.items()), Path(out_dir) / name, split=name,
-            batch_size=batch_size or data.hparams.batch_size,
+            batch_size=batch_size or (lambda enc: encode_batch_size(enc, _device(device), memory_budget_gb)),
             num_workers=data.hparams.num_workers if num_workers is None else num_workers,
             shard_size=shard_size, dtype=dtype, fingerprint=fingerprint, rank=rank, world_size=world_size,
             device=_device(device), progress=progress, on_error=on_error, report=report,

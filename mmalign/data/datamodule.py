@@ -143,9 +143,9 @@ class AlignmentDataModule(L.LightningDataModule):
             self._skipped[split] = rows.skipped
             if self.hparams.cache_dir is None:
                 self.datasets[split] = rows
-            elif isinstance(rows, IterableDataset):
-                raise ValueError(f"{split}: a streaming source (WebDataset shards) has no feature cache; train on it raw")
             else:
+                if isinstance(rows, IterableDataset):  # WebDataset shards: the rows `mmalign cache` listed
+                    rows = rows.materialize(Path(self.hparams.cache_dir) / "_media" / self.cache_split(split))
                 from mmalign.cache.reader import CachedSplit
 
                 cached = CachedSplit(Path(self.hparams.cache_dir) / self.cache_split(split), rows.rows, self._module_towers,

@@ -13,6 +13,9 @@ Sample -> row: ``id`` = the sample key, ``image`` = the ``jpg``/``jpeg``/``png``
 ``text`` = ``txt`` (else ``json["caption"]``), and ``lang``, ``concept``, ``text_en``, ``id`` from the ``json``
 member when present (img2dataset's ``caption``/``url``/``key`` are kept under those names). ``fields:`` maps a
 field to a member extension or ``json.<key>`` instead. Audio members are not decoded here (use an audio folder).
+
+``mmalign cache`` (and training from that cache) reads shards through :meth:`WebDatasetSource.materialize`: the
+image members are extracted once beside the cache (``<cache>/_media/<split>/``) and rows point at them.
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ class WebDatasetSource(IterableDataset):
             raise SourceError(f"{self.path}: audio members of WebDataset shards are not decoded; use an audio folder source")
         self.on_error = on_error
         self.report = BadInputReport()
+        self._extract: Path | None = None  # materialize(): media members written here instead of decoded
         self.epoch = -1  # incremented when an epoch's iteration starts
         self._position = (0, 0)  # (index into this reader's shards, samples consumed in that shard)
         self._resume: dict[str, int] | None = None
@@ -137,6 +141,44 @@ class WebDatasetSource(IterableDataset):
                     yield row
             self._position = (pos + 1, 0)
 
+    def materialize(self, folder: str | Path) -> Any:
+        """All samples (every shard, in order, whatever the rank) as a map-style source for the feature cache.
+
+        Media members are written once to ``folder/<shard>/<key>.<ext>`` (kept: a re-run or the cached reader
+        finds them) and rows point at those files, so the cache's fingerprints and bad-media policy work as
+        for a manifest; only the rows' metadata is held in memory.
+        """
+        from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+        from mmalign.data.sources.base import ListSource
+
+        self._extract = Path(folder)
+        rows = []
+        try:
+            for shard in self.shards:
+                for sample in group_by_keys(tar_file_expander(url_opener([{"url": shard}]))):
+                    row = self._row(sample)
+                    if row is not None:
+                        rows.append(row)
+        finally:
+            self._extract = None
+        if not rows:
+            from mmalign.data.manifest import ManifestError
+
+            raise ManifestError(f"{self.path}: no samples left ({self.report.summary()})")
+        return ListSource.of(rows, self)
+
+    def _write_member(self, sample: dict[str, Any], ext: str) -> str:
+        url = str(sample.get("__url__") or "shard")
+        folder = self._extract / Path(url.split("::")[-1]).name.split(".")[0]
+        target = folder / f"{sample['__key__']}.{ext}"
+        if not target.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(sample[ext])
+            os.replace(tmp, target)
+        return str(target)
+
     # -- one sample -------------------------------------------------------------------------------
     def _member(self, sample: dict[str, Any], spec: str, meta: dict[str, Any]) -> Any:
         if spec.startswith("json."):
@@ -159,7 +201,7 @@ class WebDatasetSource(IterableDataset):
             row.setdefault("id", key)
             image = next((e for e in IMAGE_EXTS if e in sample), None)
             if image is not None:
-                row["image"] = sample[image]
+                row["image"] = sample[image] if self._extract is None else self._write_member(sample, image)
             if "txt" in sample:
                 row["text"] = sample["txt"]
             elif "caption" in meta:
