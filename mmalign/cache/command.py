@@ -31,6 +31,30 @@ def _device(device: str) -> torch.device:
     return torch.device("cpu")
 
 
+#: Items per encoder forward when ``--batch_size`` is not given, by modality: ``(CPU, GPU)``. Features never
+#: depend on it (a speed and memory knob only). CPU: throughput peaks near 8-16 images
+#: (docs/benchmarks.md, batch-size rule) and larger batches only add activation memory; GPU: large
+#: batches keep the device busy and still take a few GB of activations at most for these encoders in fp16/bf16.
+ENCODE_BATCH: dict[str, tuple[int, int]] = {"image": (16, 256), "speech": (8, 64), "text": (32, 512)}
+
+
+def encode_batch_size(encoder: Any, device: torch.device, memory_budget_gb: float | None = None) -> int:
+    """Items per forward of ``encoder`` on ``device``: the encoder's own ``cache_batch_size`` when it sets
+    one, else :data:`ENCODE_BATCH` by modality, halved until its estimated activations fit
+    ``memory_budget_gb`` (estimate: ``encoder.cache_item_bytes`` when set, else 8 MB per image,
+    16 MB per speech clip, 1 MB per text; the measured peak RSS of the LiT recipe is in docs/benchmarks.md).
+    """
+    gpu = device.type == "cuda"
+    own = getattr(encoder, "cache_batch_size", None)
+    modality = str(getattr(encoder, "modality", "text"))
+    size = int(own) if own else ENCODE_BATCH.get(modality, (16, 128))[1 if gpu else 0]
+    if memory_budget_gb is not None:
+        per_item = getattr(encoder, "cache_item_bytes", None) or {"image": 8 << 20, "speech": 16 << 20}.get(modality, 1 << 20)
+        while size > 1 and size * per_item > memory_budget_gb * 2**30:
+            size //= 2
+    return max(1, size)
+
+
 def _splits(split: str | list[str] | None, available: list[str]) -> list[str]:
     if split is None:
         return available
@@ -47,6 +71,7 @@ def cache(
     split: str | list[str] | None = None,
     output: str | None = None,
     batch_size: int | None = None,
+    memory_budget_gb: float | None = None,
     num_workers: int | None = None,
     shard_size: int = 4096,
     dtype: str = "float16",
@@ -74,7 +99,13 @@ def cache(
         split: Splits to cache, ``train,val`` or ``[train, val]`` (default: every configured split;
             ``test`` without its own manifest shares ``val``'s features).
         output: Cache folder (default: the recipe's ``data.init_args.cache_dir``).
-        batch_size: Items per encoder forward (default: the recipe's batch size).
+        batch_size: Items per encoder forward (default: chosen per encoder and device by
+            :func:`encode_batch_size`, never the recipe's training batch: a LiT recipe's batch 256 of
+            images took 6.1 GB of RSS on a CPU for no speed).
+        memory_budget_gb: Cap the automatic forward batch so its estimated activations fit this many
+            GB (ignored with ``batch_size``). Peak memory is then about: encoder weights + forward
+            activations of one batch + one shard's features in float32 (``shard_size`` items of
+            pooled and token features); it does not grow with the dataset (docs/cache.md).
         num_workers: Preprocessing workers (default: the recipe's).
         shard_size: Unique items per shard file.
         dtype: Storage dtype, ``float16`` (default) or ``float32``.

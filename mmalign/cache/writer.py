@@ -143,7 +143,7 @@ def write_split(
     split_dir: str | Path,
     *,
     split: str = "",
-    batch_size: int = 32,
+    batch_size: int | Callable[[Encoder], int] = 32,
     num_workers: int = 0,
     shard_size: int = 4096,
     dtype: str = "float16",
@@ -170,7 +170,8 @@ def write_split(
         towers: ``{name: Tower}`` with projectors built.
         split_dir: ``<cache_dir>/<split>``.
         split: Split name recorded in the manifest.
-        batch_size: Items per encoder forward.
+        batch_size: Items per encoder forward, or a function of the entry's encoder giving it
+            (``mmalign cache`` passes :func:`~mmalign.cache.command.encode_batch_size`).
         num_workers: DataLoader workers for preprocessing (decoding) the items.
         shard_size: Items per shard file.
         dtype: Storage dtype: ``"float16"`` (default) or ``"float32"``.
@@ -228,7 +229,7 @@ def write_split(
             for k in todo:
                 claim.ensure()  # first write: announce our settings; later: stop if an older writer differs
                 arrays, bad = encode_shard(
-                    plan, k, batch_size=batch_size, num_workers=num_workers, device=device, dtype=dtype,
+                    plan, k, batch_size=batch_size(plan.encoder) if callable(batch_size) else batch_size, num_workers=num_workers, device=device, dtype=dtype,
                     on_error=on_error, bar=bar, silent_audio=silent_audio, max_image_pixels=max_image_pixels,
                 )
                 start, count = plan.shards[k]
@@ -302,6 +303,8 @@ def merge_split(
             return None
         dims = {m["dim"] for m in markers}
         token_dims = {m["token_dim"] for m in markers}
+        if not markers:  # no row of the split has this field (partial-modality rows): an entry without items
+            dims, token_dims = {int(plan.encoder.output_dim)}, {getattr(plan.encoder, "token_dim", None) if plan.tokens else None}
         if len(dims) != 1 or len(token_dims) != 1:
             raise CacheError(f"{entry_dir}: shards disagree on feature sizes {sorted(dims)} / {sorted(token_dims, key=str)}")
         skipped, reasons = _skipped_rows(plan, markers, on_error)
