@@ -213,3 +213,20 @@ def test_monitor_averages_trained_pairs_only(partial_data, tmp_path):
     assert with_emergent["val/R@1"] == pytest.approx(trained_only["val/R@1"])
     trained = [with_emergent[f"val/all/{d}/R@1"] for d in ("image->text", "text->image", "speech->text", "text->speech")]
     assert with_emergent["val/R@1"] == pytest.approx(sum(trained) / 4)
+
+
+def test_cache_of_a_split_where_no_row_has_a_field(partial_data, tmp_path):
+    from mmalign.cache.command import cache
+
+    rows = [json.loads(x) for x in (partial_data / "val.jsonl").read_text().splitlines()]
+    for r in rows:
+        r.pop("audio", None)
+        r.setdefault("image", next(q["image"] for q in rows if "image" in q))
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "train.jsonl").write_text((partial_data / "train.jsonl").read_text())
+    module = make_module()
+    cache(module, _datamodule(tmp_path, module), output=str(tmp_path / "cache"), progress=False)
+    cached = _datamodule(tmp_path, make_module(), cache_dir=str(tmp_path / "cache"))
+    batch = cached.datasets["val"].__getitems__([0, 1, 2])
+    assert "speech" not in batch["features"] and not batch["present"]["speech"].any()
+    assert set(module(batch)) == {"image", "speech", "text"}  # speech: zero rows, tied to its parameters

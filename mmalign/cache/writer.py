@@ -366,6 +366,7 @@ def merge_split(
         if before_write is not None:
             before_write()
         for path in changed:
+            path.parent.mkdir(parents=True, exist_ok=True)  # an entry without items has no shard folder yet
             atomic_save_npy(path, arrays[path])
         atomic_write_json(split_dir / MANIFEST, manifest)  # last: its presence makes the split a cache
     return manifest
