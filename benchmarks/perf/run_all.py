@@ -31,6 +31,8 @@ QUICK: dict[str, list[str]] = {
     "bench_retrieval": ["--n", "20000", "--rounds", "2"],
     "bench_resident": ["--rounds", "2"],
     "bench_blockwise_loss": ["--sizes", "4096", "--big", "16384"],
+    "bench_sweep": ["--steps", "10", "--rounds", "2"],
+    "bench_cache_memory": ["--sizes", "1000", "20000"],
 }
 
 
