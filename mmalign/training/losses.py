@@ -195,14 +195,18 @@ class ClipLoss(nn.Module):
         if self.false_negatives == "mask" and groups is not None:
             all_groups = gather_groups(groups) if self.gather else groups
             same = (groups, all_groups)
-        if self.block_size is None or self.block_size >= a.shape[0]:
+        valid = all_valid = None
+        if mask is not None:  # partial-modality batch: rows without both towers are neither queries nor negatives
+            valid = mask.bool()
+            all_valid = gather_groups(valid.long()).bool() if self.gather else valid  # [W*B]
+        if valid is None and (self.block_size is None or self.block_size >= a.shape[0]):
             logits_per_a = scale * a @ all_b.T  # [B, W*B]
             logits_per_b = scale * b @ all_a.T  # [B, W*B]
             labels = torch.arange(a.shape[0], device=a.device) + offset  # offset by rank
             if same is not None:
-                mask = same_group_mask(same[0], same[1], offset)
-                logits_per_a = logits_per_a.masked_fill(mask, float("-inf"))
-                logits_per_b = logits_per_b.masked_fill(mask, float("-inf"))
+                same_mask = same_group_mask(same[0], same[1], offset)
+                logits_per_a = logits_per_a.masked_fill(same_mask, float("-inf"))
+                logits_per_b = logits_per_b.masked_fill(same_mask, float("-inf"))
             loss = (F.cross_entropy(logits_per_a, labels) + F.cross_entropy(logits_per_b, labels)) / 2
             return {"clip_loss": loss}
 
@@ -210,14 +214,19 @@ class ClipLoss(nn.Module):
             logits = s * x[start:stop] @ y.T  # [block, W*B]
             labels = torch.arange(start, stop, device=x.device) + offset
             if same is not None:
-                mask = same[0][start:stop, None] == same[1][None, :]
-                mask[torch.arange(stop - start, device=x.device), labels] = False
-                logits = logits.masked_fill(mask, float("-inf"))
+                same_mask = same[0][start:stop, None] == same[1][None, :]
+                same_mask[torch.arange(stop - start, device=x.device), labels] = False
+                logits = logits.masked_fill(same_mask, float("-inf"))
+            if valid is not None:
+                keep = valid[start:stop]
+                logits = logits.masked_fill(~all_valid[None, :], float("-inf"))[keep]
+                labels = labels[keep]
             return F.cross_entropy(logits, labels, reduction="sum")
 
         n = a.shape[0]
-        loss = (row_blocked_sum(rows_loss, n, self.block_size, a, all_b, scale)
-                + row_blocked_sum(rows_loss, n, self.block_size, b, all_a, scale)) / (2 * n)
+        total = (row_blocked_sum(rows_loss, n, self.block_size, a, all_b, scale)
+                 + row_blocked_sum(rows_loss, n, self.block_size, b, all_a, scale)) / 2
+        loss = total / n if valid is None else masked_row_mean(total.reshape(1), valid.sum())
         return {"clip_loss": loss}
 
 
@@ -262,6 +271,11 @@ class SigLipLoss(nn.Module):
             all_groups = gather_groups(groups) if self.gather else groups
         offset = rank * a.shape[0]
 
+        valid = all_valid = None
+        if mask is not None:  # partial-modality batch: rows without both towers are neither queries nor negatives
+            valid = mask.bool()
+            all_valid = gather_groups(valid.long()).bool() if self.gather else valid  # [W*B]
+
         def rows_loss(start: int, stop: int, x: Tensor, y: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
             logits = scale * x[start:stop] @ y.T + bias  # [block, W*B]
             targets = -torch.ones_like(logits)
@@ -269,12 +283,15 @@ class SigLipLoss(nn.Module):
             targets[idx, idx + start + offset] = 1.0
             terms = -F.logsigmoid(targets * logits)  # [block, W*B]
             if all_groups is not None:
-                mask = groups[start:stop, None] == all_groups[None, :]
-                mask[idx, idx + start + offset] = False
-                terms = terms.masked_fill(mask, 0.0)
+                same_mask = groups[start:stop, None] == all_groups[None, :]
+                same_mask[idx, idx + start + offset] = False
+                terms = terms.masked_fill(same_mask, 0.0)
+            if valid is not None:
+                terms = terms.masked_fill(~all_valid[None, :], 0.0)[valid[start:stop]]
             return terms.sum()
 
-        loss = row_blocked_sum(rows_loss, a.shape[0], self.block_size, a, all_b, self.logit_scale(), self.logit_bias) / a.shape[0]
+        total = row_blocked_sum(rows_loss, a.shape[0], self.block_size, a, all_b, self.logit_scale(), self.logit_bias)
+        loss = total / a.shape[0] if valid is None else masked_row_mean(total.reshape(1), valid.sum())
         return {"siglip_loss": loss}
 
 
