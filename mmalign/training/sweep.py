@@ -124,8 +124,8 @@ class Sweep:
                 p.mul_(1 - lr * wd)
                 self.exp_avg[k].lerp_(g, 1 - b1)
                 self.exp_avg_sq[k].mul_(b2).addcmul_(g, g, value=1 - b2)
-                denom = (self.exp_avg_sq[k].sqrt() / (c2 ** 0.5)).add_(self.eps)
-                p.sub_((lr / c1) * self.exp_avg[k] / denom)
+                denom = self.exp_avg_sq[k].sqrt().div_(c2 ** 0.5).add_(self.eps)
+                p.sub_(denom.reciprocal_().mul_(self.exp_avg[k]).mul_(lr / c1))  # in place: no [N, ...] temporaries
         return losses.detach()
 
     def member_state(self, i: int) -> dict[str, Tensor]:
