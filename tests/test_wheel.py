@@ -29,7 +29,7 @@ config = load_config(RECIPE)
 print(json.dumps({
     "mmalign": mmalign.__file__, "encoders": encoders.__file__, "files": [str(f) for f in files],
     "recipes": list_recipes(),
-    "student": config["model"]["init_args"]["towers"]["student"]["init_args"]["encoder"]["class_path"],
+    "anchor": config["model"]["init_args"]["towers"]["text"]["init_args"]["encoder"]["class_path"],
     "epochs": config["trainer"]["max_epochs"],
 }))
 """
@@ -101,7 +101,7 @@ def test_wheel_ships_the_recipes_and_the_quickstart_resolves_them(tmp_path):
     assert [Path(f).relative_to(Path(got["mmalign"]).parent / "recipes").as_posix() for f in got["files"]] == [
         "uclip_pivot.yaml", "offline/uclip_pivot.yaml"]
     assert got["recipes"] == sorted(p.stem for p in CONFIGS.glob("*.yaml"))
-    assert got["student"] == "encoders.UniversalSentenceEncoderM" and got["epochs"] == 60  # the offline overlay applied
+    assert got["anchor"] == "encoders.UniversalSentenceEncoderM" and got["epochs"] == 40  # the offline overlay applied
 
     listing = subprocess.run([str(tmp_path / "venv" / "bin" / "mmalign"), "recipes"], cwd=outside, capture_output=True, text=True)
     assert listing.returncode == 0 and "uclip_pivot" in listing.stdout and site in listing.stdout, listing.stderr[-2000:]
@@ -117,4 +117,4 @@ def test_editable_install_resolves_the_recipes_through_the_link(tmp_path):
     got = _probe(python, outside)
     assert got["mmalign"] == str(src / "mmalign" / "__init__.py"), got
     assert got["files"] == [str(src / "configs" / "uclip_pivot.yaml"), str(src / "configs" / "offline" / "uclip_pivot.yaml")]
-    assert got["student"] == "encoders.UniversalSentenceEncoderM"
+    assert got["anchor"] == "encoders.UniversalSentenceEncoderM"
