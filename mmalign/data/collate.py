@@ -260,7 +260,7 @@ def usable_rows(
 ) -> list[dict[str, Any]]:
     """Rows a partial-modality recipe can use: the fields a row has are checked, a field it lacks is absent.
 
-    A row is kept when it holds both fields of at least one objective (or evaluated pair): ``field_sets``.
+    A row is kept when it holds both fields of at least one objective: ``field_sets``.
     Missing fields no such pair needs are not bad input (an image-text row in an image-text + speech-text
     recipe). A row no pair can use is ``missing <field>`` (the first absent field of the first pair); a
     present field that is unusable (blank text, missing file) is bad input as before.
@@ -268,7 +268,7 @@ def usable_rows(
     Args:
         rows: Manifest rows (already filtered by language).
         fields: Every field the towers read.
-        field_sets: Field sets of the objectives and evaluated tower pairs.
+        field_sets: Field sets of the objectives.
         path: The manifest (named in errors).
         report: Where skipped rows are counted.
         on_error: ``"error"`` raises the first bad row; ``"skip"`` drops it.

@@ -91,8 +91,8 @@ class AlignmentDataModule(L.LightningDataModule):
         """Bind the towers whose encoders preprocess the data (done automatically in ``setup``)."""
         self._towers = tower_fields(module)
         self._module_towers = dict(module.towers.items())
-        # Field pairs a row may hold to be usable (partial-modality rows): the objectives' and evaluated pairs'.
-        pairs = [tuple(o.towers) for o in getattr(module, "objectives", [])] + list(getattr(module, "retrieval_pairs", []))
+        # Field pairs a row may hold to be usable (partial-modality rows): the objectives'.
+        pairs = [tuple(o.towers) for o in getattr(module, "objectives", [])]
         self._field_sets = [sorted({module.towers[t].field for t in p}) for p in pairs if all(t in module.towers for t in p)]
 
     def split_manifests(self) -> dict[str, tuple[str | list[str], list[str] | None]]:
