@@ -14,8 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from mmalign.cli.quickstart import RECIPE
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
+#: The quickstart's recipe name (``offline/anchor_bind`` -> ``anchor_bind``).
+QUICKSTART = RECIPE.split("/")[-1]
 
 # Run in the fresh venv from outside the repository: where mmalign comes from, and the quickstart's recipe.
 PROBE = """
@@ -99,12 +103,12 @@ def test_wheel_ships_the_recipes_and_the_quickstart_resolves_them(tmp_path):
     site = str(tmp_path / "venv")
     assert got["mmalign"].startswith(site) and got["encoders"].startswith(site), got
     assert [Path(f).relative_to(Path(got["mmalign"]).parent / "recipes").as_posix() for f in got["files"]] == [
-        "uclip_pivot.yaml", "offline/uclip_pivot.yaml"]
+        f"{QUICKSTART}.yaml", f"offline/{QUICKSTART}.yaml"]
     assert got["recipes"] == sorted(p.stem for p in CONFIGS.glob("*.yaml"))
     assert got["anchor"] == "encoders.UniversalSentenceEncoderM" and got["epochs"] == 40  # the offline overlay applied
 
     listing = subprocess.run([str(tmp_path / "venv" / "bin" / "mmalign"), "recipes"], cwd=outside, capture_output=True, text=True)
-    assert listing.returncode == 0 and "uclip_pivot" in listing.stdout and site in listing.stdout, listing.stderr[-2000:]
+    assert listing.returncode == 0 and QUICKSTART in listing.stdout and site in listing.stdout, listing.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -116,5 +120,5 @@ def test_editable_install_resolves_the_recipes_through_the_link(tmp_path):
     outside.mkdir()
     got = _probe(python, outside)
     assert got["mmalign"] == str(src / "mmalign" / "__init__.py"), got
-    assert got["files"] == [str(src / "configs" / "uclip_pivot.yaml"), str(src / "configs" / "offline" / "uclip_pivot.yaml")]
+    assert got["files"] == [str(src / "configs" / f"{QUICKSTART}.yaml"), str(src / "configs" / "offline" / f"{QUICKSTART}.yaml")]
     assert got["anchor"] == "encoders.UniversalSentenceEncoderM"
