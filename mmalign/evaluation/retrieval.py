@@ -1,5 +1,8 @@
 """Retrieval metrics over embeddings: R@k, MRR, median and mean rank.
 
+Over 400 lines on purpose: the exact blocked rank kernels and the per-language wrappers that call them belong
+together (one place decides blocks, ties and deduplication).
+
 Everything here is a plain function over embedding tensors and label sequences, so the
 LightningModule (validation epoch end) and the ``mmalign eval`` CLI call the same code.
 

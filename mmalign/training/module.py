@@ -1,4 +1,8 @@
-"""The LightningModule shared by every embedding recipe: towers + objectives, set from YAML."""
+"""The LightningModule shared by every embedding recipe: towers + objectives, set from YAML.
+
+Over 400 lines on purpose: the training step, its GradCache variant, presence masks and the evaluation routing
+share the same tower/objective bookkeeping; split apart they would pass that state between modules.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """Columnar sources: Parquet, Arrow/Feather, Hugging Face ``save_to_disk`` folders and cached datasets, wide CSVs.
 
+Over 400 lines on purpose: every columnar format shares one memory-mapped row view, its cached row checks and
+the wide-table column mapping.
+
 The table stays in Arrow memory: Arrow IPC files (and HF folders, which are Arrow streams) are memory-mapped,
 so a 10M-row table costs pages of the OS cache, not Python objects, and DataLoader workers (forked or spawned:
 the source pickles as its path and reopens) share those pages. A Parquet file is compressed and cannot be
