@@ -69,9 +69,13 @@ def _pip_install(python: Path, *args: str) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
+def _clean_env() -> dict:
+    """The environment without PYTHONPATH: the fresh venv must find mmalign where it was installed."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
 def _probe(python: Path, cwd: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([str(python), "-c", PROBE], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([str(python), "-c", PROBE], cwd=cwd, env=_clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -107,7 +111,8 @@ def test_wheel_ships_the_recipes_and_the_quickstart_resolves_them(tmp_path):
     assert got["recipes"] == sorted(p.stem for p in CONFIGS.glob("*.yaml"))
     assert got["anchor"] == "encoders.UniversalSentenceEncoderM" and got["epochs"] == 40  # the offline overlay applied
 
-    listing = subprocess.run([str(tmp_path / "venv" / "bin" / "mmalign"), "recipes"], cwd=outside, capture_output=True, text=True)
+    listing = subprocess.run([str(tmp_path / "venv" / "bin" / "mmalign"), "recipes"], cwd=outside, env=_clean_env(),
+                             capture_output=True, text=True)
     assert listing.returncode == 0 and QUICKSTART in listing.stdout and site in listing.stdout, listing.stderr[-2000:]
 
 
