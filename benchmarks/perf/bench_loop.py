@@ -140,21 +140,13 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
 
-    from mmalign.cache.command import cache
-    from mmalign.recipe import build, load_config
+    from cached_recipe import cached_recipe_config  # beside this script (run as python benchmarks/perf/X.py)
+    from mmalign.recipe import build
 
-    config = load_config(a.recipe)
+    # the recipe's fused AdamW and CPU accelerator are CPU settings
+    config = cached_recipe_config(a.recipe, a.data, a.cache, a.batch_size, progress=True,
+                                  accelerator="cuda" if device.type == "cuda" else None)
     d = config["data"]["init_args"]
-    for split in ("train", "val", "test"):
-        d[split] = str(Path(a.data).resolve() / f"{split}.jsonl")
-    if a.batch_size:
-        d["batch_size"] = a.batch_size
-    if device.type == "cuda":  # the recipe's fused AdamW and CPU accelerator are CPU settings
-        config["trainer"]["accelerator"] = "cuda"
-    model, dm = build(config)
-    cache_dir = Path(a.cache) / a.recipe.replace("/", "-")
-    cache(model, dm, output=str(cache_dir), shard_size=256, progress=True)
-    d["cache_dir"] = str(cache_dir)
     base, _ = build(config)
 
     rounds = []

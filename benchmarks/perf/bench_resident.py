@@ -60,19 +60,11 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
-    from mmalign.cache.command import cache
-    from mmalign.recipe import build, load_config
+    from cached_recipe import cached_recipe_config  # beside this script (run as python benchmarks/perf/X.py)
+    from mmalign.recipe import build
 
-    config = load_config(a.recipe)
+    config = cached_recipe_config(a.recipe, a.data, a.cache, a.batch_size, progress=False)
     d = config["data"]["init_args"]
-    for split in ("train", "val", "test"):
-        d[split] = str(Path(a.data).resolve() / f"{split}.jsonl")
-    if a.batch_size:
-        d["batch_size"] = a.batch_size
-    model, dm = build(config)
-    cache_dir = Path(a.cache) / a.recipe.replace("/", "-")
-    cache(model, dm, output=str(cache_dir), shard_size=256, progress=False)
-    d["cache_dir"] = str(cache_dir)
     base, _ = build(config)
 
     def data(resident):
