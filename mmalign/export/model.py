@@ -273,8 +273,11 @@ class AlignedModel(_ModalityShortcuts, nn.Module):
             tower: Tower name; default: the only tower matching ``modality``/``field``.
             modality: ``"text"``, ``"image"`` or ``"speech"`` (used to pick the tower).
             field: Manifest field (``"text"``, ``"text_en"``...; used to pick the tower).
-            lang: Language code of all items, or one per item. Checked against the training languages
-                (a warning for unseen ones); the projectors of this format do not condition on it.
+            lang: ISO 639-1 code of all items, or one per item. An invalid code (``"english"``) is a
+                ``ValueError`` with "did you mean 'en'?"; a language the tower's encoder does not cover (an
+                encoder with ``check_languages``, e.g. USE-m's 16) is a ``ValueError`` from the encoder; one it
+                covers but training did not see is a warning (zero-shot transfer). The projectors of this
+                format do not condition on it.
             batch_size: Items per encoder call.
             progress: Show a tqdm bar (default: when there are more than 10 batches).
             sampling_rate: Sampling rate of waveform items (speech towers).
@@ -292,7 +295,7 @@ class AlignedModel(_ModalityShortcuts, nn.Module):
         """Preprocess + encode ``items`` with tower ``name``'s encoder, batch by batch; ``project(features, name)``."""
         t = self.towers[name]
         items = _items_list(items, str(t.encoder.modality))
-        self._check_langs(lang, len(items))
+        self._check_langs(lang, len(items), name)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         kwargs: dict[str, Any] = {}
@@ -307,11 +310,13 @@ class AlignedModel(_ModalityShortcuts, nn.Module):
         starts = range(0, len(items), batch_size)
         show = progress if progress is not None else len(starts) > 10
         out = []
-        for start in tqdm(starts, desc=f"embed {name}", unit="batch", disable=not show):
-            batch = items[start : start + batch_size]
-            inputs = self._preprocess(t.encoder, batch, start, name, kwargs)
-            with torch.inference_mode():
-                out.append(project(t.encoder(inputs), name))
+        with tqdm(total=len(items), desc=f"embed {name}", unit="item", disable=not show) as bar:
+            for start in starts:
+                batch = items[start : start + batch_size]
+                inputs = self._preprocess(t.encoder, batch, start, name, kwargs)
+                with torch.inference_mode():
+                    out.append(project(t.encoder(inputs), name))
+                bar.update(len(batch))
         return torch.cat(out)  # [N, D]
 
     @staticmethod
@@ -341,21 +346,34 @@ class AlignedModel(_ModalityShortcuts, nn.Module):
                     raise exc from item_err
             raise
 
-    def _check_langs(self, lang: str | Sequence[str] | None, n: int) -> None:
+    def _check_langs(self, lang: str | Sequence[str] | None, n: int, name: str) -> None:
+        """Codes must be ISO 639-1 (as in manifests); tower ``name``'s encoder must cover them (an error from
+        the encoder); languages it covers but training did not see get a zero-shot warning."""
         if lang is None:
             return
+        from mmalign.data.langs import check_language
+
         langs = [lang] * n if isinstance(lang, str) else list(lang)
         if len(langs) != n:
             raise ValueError(f"lang has {len(langs)} entries for {n} items")
+        for code in dict.fromkeys(langs):  # each distinct code once, in order
+            check_language(code, "lang" if isinstance(lang, str) else f"lang[{langs.index(code)}]")
+        encoder = self.towers[name].encoder
+        check = getattr(encoder, "check_languages", None)  # encoders that declare the languages they cover
+        if check is not None:
+            try:
+                check([None if c == "und" else c for c in langs], n)  # undetermined: nothing to check
+            except ValueError as err:
+                raise ValueError(f"tower {name!r}: {err}") from err
         seen = self.languages
-        if seen is None:
+        if seen is None or str(encoder.modality) != "text":
             return
-        unseen = sorted(set(langs) - set(seen) - self._warned_langs)
+        unseen = sorted(set(langs) - set(seen) - {"und"} - self._warned_langs)
         if unseen:
             self._warned_langs.update(unseen)
             warnings.warn(f"language(s) {unseen} were not seen in training (seen: {seen}): their embeddings are "
                           "zero-shot transfer (the point of pivot recipes; check docs/results.md for how well it holds)",
-                          stacklevel=3)
+                          stacklevel=4)
 
 
 def _check_paths(root: Path, config: Mapping[str, Any]) -> None:
