@@ -15,132 +15,35 @@ caption tokens only. Checkpoints and exports hold the projector (and LoRA) weigh
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from encoders.base import Encoder, EncoderOutput
 from mmalign.data.langs import language_name
 from mmalign.training.base import FrozenBackboneModule
+from mmalign.captioning.layout import IGNORE, CaptionLoss, LMInputs, build_lm_inputs, caption_token_losses
 from mmalign.captioning.lm import FrozenLM
 from mmalign.captioning.metrics import caption_metrics, merge_eval_stores
 from mmalign.export.format import CAPTIONER_FORMAT as EXPORT_FORMAT
 from projectors.base import Projector
 
 ProjectorFactory = Callable[[int, int], Projector]
-IGNORE = -100
-
-
-@dataclass
-class LMInputs:
-    """What the frozen LM receives.
-
-    Attributes:
-        inputs_embeds: ``[B, L, H]`` (causal: whole sequence; seq2seq: encoder input).
-        attention_mask: ``[B, L]`` long, 1 on real positions.
-        labels: Causal: ``[B, L]`` aligned with ``inputs_embeds`` (``-100`` on prefix, prompt and padding);
-            seq2seq: ``[B, C]`` decoder targets; ``None`` when building generation inputs.
-    """
-
-    inputs_embeds: Tensor
-    attention_mask: Tensor
-    labels: Tensor | None = None
-
-
-@dataclass
-class CaptionLoss:
-    """Per-sample caption cross-entropy: ``loss_sum [B]`` (nats, summed over caption tokens), ``count [B]``."""
-
-    loss_sum: Tensor
-    count: Tensor
-
-    @property
-    def loss(self) -> Tensor:
-        """Mean over every caption token of the batch."""
-        return self.loss_sum.sum() / self.count.sum().clamp_min(1)
-
-
-def build_lm_inputs(
-    embed: Callable[[Tensor], Tensor],
-    pad_id: int,
-    prefix: Tensor,
-    prefix_mask: Tensor,
-    prompt_ids: Sequence[Sequence[int]],
-    caption_ids: Sequence[Sequence[int]] | None,
-    seq2seq: bool,
-) -> LMInputs:
-    """Concatenate prefix, prompt (and caption) embeddings and build masks and labels.
-
-    Training sequences are right-padded; causal generation inputs (``caption_ids=None``) are left-padded so
-    every row ends at its last prompt token. Positions that the LM derives from the attention mask are the
-    same in both layouts.
-
-    Args:
-        embed: The LM's token embedding (``ids [B, T] -> [B, T, H]``).
-        pad_id: Padding token id.
-        prefix: ``[B, K, H]`` visual prefix.
-        prefix_mask: ``[B, K]`` bool, True on real prefix tokens.
-        prompt_ids: Token ids of each row's prompt.
-        caption_ids: Token ids of each row's caption (ending with eos), or ``None`` for generation.
-        seq2seq: Build encoder inputs + decoder labels instead of one decoder-only sequence.
-    """
-    B, K, _ = prefix.shape
-    device = prefix.device
-    joint = caption_ids is not None and not seq2seq
-    texts = [list(p) + list(c) for p, c in zip(prompt_ids, caption_ids)] if joint else [list(p) for p in prompt_ids]
-    T = max(len(t) for t in texts)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    text_labels = torch.full((B, T), IGNORE, dtype=torch.long)
-    for i, t in enumerate(texts):
-        ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-        if joint:
-            start = len(prompt_ids[i])
-            text_labels[i, start : len(t)] = torch.tensor(caption_ids[i], dtype=torch.long)
-    ids, text_labels = ids.to(device), text_labels.to(device)
-    text_mask = torch.arange(T, device=device)[None] < torch.tensor([len(t) for t in texts], device=device)[:, None]
-    embeds = torch.cat([prefix, embed(ids).to(prefix.dtype)], dim=1)  # [B, K+T, H]
-    mask = torch.cat([prefix_mask.bool(), text_mask], dim=1).long()  # [B, K+T]
-    if joint:
-        labels = torch.cat([torch.full((B, K), IGNORE, dtype=torch.long, device=device), text_labels], dim=1)
-        return LMInputs(embeds, mask, labels)
-    if seq2seq:
-        labels = None
-        if caption_ids is not None:
-            C = max(len(c) for c in caption_ids)
-            labels = torch.full((B, C), IGNORE, dtype=torch.long)
-            for i, c in enumerate(caption_ids):
-                labels[i, : len(c)] = torch.tensor(c, dtype=torch.long)
-            labels = labels.to(device)
-        return LMInputs(embeds, mask, labels)
-    # Causal generation: roll each row right by its padding so the padding comes first.
-    shift = (T - text_mask.sum(1))[:, None]  # [B, 1]
-    index = (torch.arange(K + T, device=device)[None] - shift) % (K + T)  # [B, K+T]
-    embeds = embeds.gather(1, index[..., None].expand_as(embeds))
-    return LMInputs(embeds, mask.gather(1, index))
-
-
-def caption_token_losses(logits: Tensor, labels: Tensor, shift: bool) -> CaptionLoss:
-    """Cross-entropy summed per row over positions whose label is not ``-100``.
-
-    Args:
-        logits: ``[B, L, V]``.
-        labels: ``[B, L]``.
-        shift: Causal LM: logits at position ``t`` predict the label at ``t + 1``.
-    """
-    if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    ce = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")  # [B, L]
-    valid = labels.ne(IGNORE)
-    return CaptionLoss(loss_sum=(ce * valid).sum(1), count=valid.sum(1))
+__all__ = ["EXPORT_FORMAT", "IGNORE", "CaptionLoss", "LMInputs", "PrefixCaptioningModule", "build_lm_inputs",
+           "caption_token_losses"]
 
 
 class PrefixCaptioningModule(FrozenBackboneModule):
     """Visual prefix captioning with a frozen image encoder and a frozen multilingual LM.
+
+    It is also the base of every prefix-LM recipe: the encoder is any token encoder, named by the class
+    attributes :attr:`encoder_arg` (constructor argument and attribute, ``image_encoder`` here) and
+    :attr:`input_key` (batch key of its raw inputs and cached features, ``image``);
+    :class:`mmalign.captioning.speech.SpeechPrefixModule` is the speech subclass (Whisper/wav2vec2 frames,
+    transcripts or translations, WER). ``self.encoder`` is the encoder whatever its argument's name.
 
     Args:
         image_encoder: Frozen image encoder; its tokens (or pooled vector) feed the projector.
@@ -183,19 +86,56 @@ class PrefixCaptioningModule(FrozenBackboneModule):
     ) -> None:
         super().__init__(optimizer, scheduler)
         self.save_hyperparameters(ignore=["image_encoder", "lm", "projector", "optimizer", "scheduler"])
-        self.image_encoder = image_encoder
+        self._build(image_encoder, lm, projector, prompt=prompt, prompts=prompts, input_field=image_field,
+                    target_field=caption_field, max_target_tokens=max_caption_tokens, eval_generate=eval_generate,
+                    eval_max_new_tokens=eval_max_new_tokens, predict_languages=predict_languages,
+                    predict_max_new_tokens=predict_max_new_tokens, export_dir=export_dir)
+
+    #: Constructor argument and attribute of the frozen encoder (an export records the encoder under this name).
+    encoder_arg = "image_encoder"
+    #: Batch key of the encoder's raw inputs (``batch["inputs"]``) and cached features (``batch["features"]``).
+    input_key = "image"
+    #: What :meth:`generate` calls its items in messages.
+    item_noun = "images"
+    #: Key of the generated text in ``predict`` rows.
+    output_key = "caption"
+
+    def _build(self, encoder: Encoder, lm: FrozenLM, projector: ProjectorFactory, *, prompt: str,
+               prompts: dict[str, str] | None, input_field: str, target_field: str, max_target_tokens: int,
+               eval_generate: bool, eval_max_new_tokens: int, predict_languages: list[str] | None,
+               predict_max_new_tokens: int, export_dir: str | None) -> None:
+        """Set up encoder, LM, projector and the text options (shared by every prefix-LM subclass)."""
+        setattr(self, self.encoder_arg, encoder)
         self.lm = lm
-        projector_in = image_encoder.output_dim
-        if getattr(image_encoder, "has_tokens", False):
-            projector_in = int(getattr(image_encoder, "token_dim", image_encoder.output_dim))
+        projector_in = encoder.output_dim
+        if getattr(encoder, "has_tokens", False):
+            projector_in = int(getattr(encoder, "token_dim", encoder.output_dim))
         self.projector = projector(projector_in, lm.hidden_size)
         self.prompt, self.prompts = prompt, dict(prompts or {})
-        self.image_field, self.caption_field = image_field, caption_field
-        self.max_caption_tokens = max_caption_tokens
+        self.input_field, self.target_field = input_field, target_field
+        self.max_target_tokens = max_target_tokens
         self.eval_generate, self.eval_max_new_tokens = eval_generate, eval_max_new_tokens
         self.predict_languages, self.predict_max_new_tokens = predict_languages, predict_max_new_tokens
         self.export_dir = export_dir
         self._eval_store: dict[str, dict[str, Any]] = {}
+
+    @property
+    def encoder(self) -> Encoder:
+        """The frozen encoder (``image_encoder``, ``speech_encoder``...)."""
+        return getattr(self, self.encoder_arg)
+
+    # Names of the image recipe (kept: CaptionDataModule and users read them).
+    @property
+    def image_field(self) -> str:
+        return self.input_field
+
+    @property
+    def caption_field(self) -> str:
+        return self.target_field
+
+    @property
+    def max_caption_tokens(self) -> int:
+        return self.max_target_tokens
 
     # -- text -------------------------------------------------------------------------------
     @property
@@ -216,17 +156,22 @@ class PrefixCaptioningModule(FrozenBackboneModule):
         texts = [c.strip() if self.lm.is_seq2seq else " " + c.strip() for c in captions]
         enc = self.tokenizer(texts, add_special_tokens=False)
         eos = self.tokenizer.eos_token_id
-        return [list(ids)[: self.max_caption_tokens] + [eos] for ids in enc["input_ids"]]
+        return [list(ids)[: self.max_target_tokens] + [eos] for ids in enc["input_ids"]]
 
     # -- forward ----------------------------------------------------------------------------
-    def image_features(self, batch: dict[str, Any]) -> EncoderOutput:
-        """Encoder output from cached features (``batch["features"]["image"]``) or raw inputs."""
-        cached = batch.get("features", {}).get("image")
+    def encoder_features(self, batch: dict[str, Any]) -> EncoderOutput:
+        """Encoder output from cached features (``batch["features"][input_key]``) or raw inputs."""
+        key = self.input_key
+        cached = batch.get("features", {}).get(key)
         if cached is not None:
             return (EncoderOutput(**cached) if isinstance(cached, dict) else cached).float()
-        if "image" not in batch.get("inputs", {}):
-            raise KeyError("batch has neither inputs['image'] nor features['image']")
-        return self.image_encoder(batch["inputs"]["image"])
+        if key not in batch.get("inputs", {}):
+            raise KeyError(f"batch has neither inputs[{key!r}] nor features[{key!r}]")
+        return self.encoder(batch["inputs"][key])
+
+    def image_features(self, batch: dict[str, Any]) -> EncoderOutput:
+        """:meth:`encoder_features` (the image recipe's name for it)."""
+        return self.encoder_features(batch)
 
     def prefix_embeds(self, features: EncoderOutput) -> tuple[Tensor, Tensor]:
         """``(prefix [B, K, H] in the LM's dtype, prefix_mask [B, K] bool)``."""
@@ -236,6 +181,8 @@ class PrefixCaptioningModule(FrozenBackboneModule):
         B, K, _ = prefix.shape
         if getattr(self.projector, "per_token", False) and features.mask is not None:
             mask = features.mask.bool().to(prefix.device)
+            if hasattr(self.projector, "output_mask"):  # a projector that downsamples tokens maps the mask too
+                mask = self.projector.output_mask(mask)
         else:
             mask = torch.ones(B, K, dtype=torch.bool, device=prefix.device)
         return prefix.to(self.lm.dtype), mask
@@ -251,8 +198,8 @@ class PrefixCaptioningModule(FrozenBackboneModule):
 
     def caption_loss(self, batch: dict[str, Any], features: EncoderOutput | None = None) -> CaptionLoss:
         """Next-token cross-entropy over the caption tokens of each row."""
-        features = self.image_features(batch) if features is None else features
-        inputs = self.lm_inputs(features, batch["meta"]["lang"], batch["keys"][self.caption_field])
+        features = self.encoder_features(batch) if features is None else features
+        inputs = self.lm_inputs(features, batch["meta"]["lang"], batch["keys"][self.target_field])
         if self.lm.is_seq2seq:
             decoder_ids = self.lm.model.prepare_decoder_input_ids_from_labels(labels=inputs.labels)
             out = self.lm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask, decoder_input_ids=decoder_ids)
@@ -289,13 +236,18 @@ class PrefixCaptioningModule(FrozenBackboneModule):
             max_new_tokens: Longest caption in tokens.
             generate_kwargs: Passed to transformers ``generate`` (``num_beams``, ``do_sample``...).
         """
-        images = list(images)
-        langs = [lang] * len(images) if isinstance(lang, str) else list(lang)
-        if len(langs) != len(images):
-            raise ValueError(f"got {len(images)} images but {len(langs)} languages")
-        prompts = None if prompt is None else [prompt] * len(images)
-        inputs = {k: v.to(self.device) for k, v in self.image_encoder.preprocess(images).items()}
-        features = self.image_encoder(inputs)
+        return self._generate_raw(images, lang, prompt, max_new_tokens, **generate_kwargs)
+
+    def _generate_raw(self, items: Sequence[Any], lang: str | Sequence[str], prompt: str | None, max_new_tokens: int,
+                      preprocess_kwargs: dict[str, Any] | None = None, **generate_kwargs: Any) -> list[str]:
+        """Preprocess raw ``items`` with the encoder, encode them and generate (one text per item)."""
+        items = list(items)
+        langs = [lang] * len(items) if isinstance(lang, str) else list(lang)
+        if len(langs) != len(items):
+            raise ValueError(f"got {len(items)} {self.item_noun} but {len(langs)} languages")
+        prompts = None if prompt is None else [prompt] * len(items)
+        inputs = {k: v.to(self.device) for k, v in self.encoder.preprocess(items, **(preprocess_kwargs or {})).items()}
+        features = self.encoder(inputs)
         return self.generate_from_features(features, langs, prompts, max_new_tokens, **generate_kwargs)
 
     # -- Lightning hooks ---------------------------------------------------------------------
@@ -305,9 +257,9 @@ class PrefixCaptioningModule(FrozenBackboneModule):
         return loss
 
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
-        features = self.image_features(batch)
+        features = self.encoder_features(batch)
         out = self.caption_loss(batch, features)
-        langs, refs = batch["meta"]["lang"], batch["keys"][self.caption_field]
+        langs, refs = batch["meta"]["lang"], batch["keys"][self.target_field]
         self.log(f"{stage}/loss", out.loss, batch_size=len(langs), sync_dist=True, prog_bar=True)
         hyps = self.generate_from_features(features, langs, max_new_tokens=self.eval_max_new_tokens) if self.eval_generate else None
         for i, lang in enumerate(langs):
@@ -326,20 +278,24 @@ class PrefixCaptioningModule(FrozenBackboneModule):
             gathered: list[Any] = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(gathered, store)
             store = merge_eval_stores(gathered)
-        metrics = caption_metrics(store, stage)
+        metrics = self.eval_metrics(store, stage)
         self.last_eval = {"stage": stage, "metrics": metrics, "samples": store}
         self.log_dict(metrics, sync_dist=False)
 
+    def eval_metrics(self, store: dict[str, dict[str, Any]], stage: str) -> dict[str, float]:
+        """Metrics of one evaluation epoch from the per-language store (loss, ppl, chrF)."""
+        return caption_metrics(store, stage)
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
-        features = self.image_features(batch)
+        features = self.encoder_features(batch)
         meta, n = batch["meta"], len(batch["meta"]["id"])
-        refs = batch.get("keys", {}).get(self.caption_field, [None] * n)
+        refs = batch.get("keys", {}).get(self.target_field, [None] * n)
         rows = []
         for lang_set in ([[lang] * n for lang in self.predict_languages] if self.predict_languages else [meta["lang"]]):
             caps = self.generate_from_features(features, lang_set, max_new_tokens=self.predict_max_new_tokens)
             for i in range(n):
                 same_lang = lang_set[i] == meta["lang"][i]
-                rows.append({"id": meta["id"][i], "lang": lang_set[i], "caption": caps[i],
+                rows.append({"id": meta["id"][i], "lang": lang_set[i], self.output_key: caps[i],
                              "reference": refs[i] if same_lang else None, "prompt": self.prompt_text(lang_set[i])})
         return rows
 
