@@ -84,6 +84,8 @@ class AlignedModel(_ModalityShortcuts, nn.Module):
         self.logit_scales = dict(logit_scales)
         self._dtype: torch.dtype | None = None
         self._warned_langs: set[str] = set()
+        self._extra_tensors: dict[str, Tensor] = {}  # objective tensors (temperatures), kept for save_pretrained
+        self.source: str | None = None  # the directory or "owner/name@<commit>" it was loaded from
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -96,15 +98,23 @@ class AlignedModel(_ModalityShortcuts, nn.Module):
         encoder_overrides: Mapping[str, Mapping[str, Any]] | None = None,
         strict: bool = True,
         trusted_classes: ClassList | None = None,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool | None = None,
+        token: str | bool | None = None,
     ) -> "AlignedModel":
-        """Rebuild an exported model and check it is the one that was trained.
+        """Rebuild an exported model (a directory or a hub repo) and check it is the one that was trained.
 
         The export is treated as untrusted (see :mod:`mmalign.export.format`): only the project's own
         encoder and projector classes are imported, paths stay inside ``path``, projector sizes are checked
         against the weights header before anything is allocated, and the weights' sha256 must match.
 
         Args:
-            path: Export directory (``config.json`` + ``model.safetensors``).
+            path: Export directory (``config.json`` + ``model.safetensors``), or a Hugging Face Hub model repo
+                id ``"owner/name"`` (read from the local HF cache when offline or cached, else downloaded;
+                only the export's files). An existing local directory always wins over a repo of that name;
+                see :mod:`mmalign.export.hub`.
             device: Where to run (default: ``cuda`` if available, else ``cpu``).
             dtype: Projector dtype (e.g. ``"bfloat16"`` on GPU); encoder features are cast to it. Encoders
                 keep the dtype recorded in their ``init_args`` (it is part of their identity); change it
@@ -116,13 +126,30 @@ class AlignedModel(_ModalityShortcuts, nn.Module):
                 False). A different ``output_dim`` is always refused: the projector cannot take it.
             trusted_classes: Encoder/projector classes from outside mmalign's packages to accept
                 (``"mypkg.encoders.MyEncoder"`` or the class); they must still subclass ``Encoder``/``Projector``.
+            revision: Hub repos: branch, tag or commit (default ``main``).
+            cache_dir: Hub repos: the HF cache (default: ``HF_HUB_CACHE``, ``$HF_HOME/hub``, ~/.cache).
+            local_files_only: Hub repos: never download (default: when ``HF_HUB_OFFLINE=1``).
+            token: Hub repos: access token for private repos (default: the saved login).
 
         Raises:
-            ExportError: The directory is not an export or is unsafe (a refused class, a path leaving it, a
-                malformed config.json), an encoder differs from the recorded one, or the weights file does not
-                match the rebuilt projectors (keys, shapes, dtypes, checksum, NaN/Inf values).
+            ExportError: No such directory (nor repo), the directory is not an export or is unsafe (a refused
+                class, a path leaving it, a malformed config.json), an encoder differs from the recorded one,
+                or the weights file does not match the rebuilt projectors (keys, shapes, dtypes, checksum,
+                NaN/Inf values).
         """
-        root = Path(path)
+        from mmalign.export.hub import resolve_export
+
+        with resolve_export(path, revision, cache_dir, local_files_only, token) as (root, source):
+            model = cls._from_directory(root, towers, encoder_overrides, strict, trusted_classes)
+        model.source = source
+        return model.to_device(device, dtype)
+
+    @classmethod
+    def _from_directory(
+        cls, root: Path, towers: Sequence[str] | None, encoder_overrides: Mapping[str, Mapping[str, Any]] | None,
+        strict: bool, trusted_classes: ClassList | None,
+    ) -> "AlignedModel":
+        """:meth:`from_pretrained` on a plain local export folder (the safe loader proper)."""
         config = read_config(root)
         if config["format"] == CAPTIONER_FORMAT:
             raise ExportError(f"{root} is a visual-prefix captioner export: load it with mmalign.load({str(root)!r}) or "
@@ -172,8 +199,35 @@ class AlignedModel(_ModalityShortcuts, nn.Module):
         for name, tower in built.items():
             prefix = f"towers.{name}.projector."
             tower.projector.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-        model.eval()
-        return model.to_device(device, dtype)
+        model._extra_tensors = {k: v for k, v in tensors.items() if not k.startswith("towers.")}  # objectives
+        return model.eval()
+
+    # -- saving ----------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | os.PathLike, model_card: bool = True) -> Path:
+        """Write this model as an export directory (``config.json`` + ``model.safetensors`` + a ``README.md``
+        model card), atomically, with the export writer; it loads back with :meth:`from_pretrained`.
+
+        The current projector weights are written (cast to their recorded dtypes); ONNX graphs are not.
+
+        Raises:
+            ExportError: The model was loaded with a subset of its towers, or ``path`` is a non-export folder.
+        """
+        from mmalign.export.hub import save_aligned
+
+        return save_aligned(self, path, card=model_card)
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
+                    commit_message: str | None = None, revision: str | None = None, create_pr: bool = False) -> Any:
+        """:meth:`save_pretrained` into a temporary folder and upload it to the hub model repo ``repo_id``
+        (created if missing; ``HfApi.create_repo`` + ``upload_folder``). Returns the ``CommitInfo``."""
+        import tempfile
+
+        from mmalign.export.hub import push_folder, save_aligned
+
+        with tempfile.TemporaryDirectory(prefix="mmalign-push-") as tmp:
+            folder = save_aligned(self, Path(tmp) / "export", repo_id=repo_id)
+            return push_folder(folder, repo_id, private=private, token=token, commit_message=commit_message,
+                               revision=revision, create_pr=create_pr)
 
     def to_device(self, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None) -> "AlignedModel":
         """Move encoders to ``device`` and projectors to ``device``/``dtype`` (``None``: best device, keep dtype)."""
