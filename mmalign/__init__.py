@@ -24,6 +24,7 @@ _LAZY = {
     "MSELoss": "mmalign.training.losses",
     "SigLipLoss": "mmalign.training.losses",
     "AlignedModel": "mmalign.export.model",
+    "ExportTower": "mmalign.export.tower",
     "AlignedEnsemble": "mmalign.export.ensemble",
     "load": "mmalign.export.load",
     "PrefixCaptioningModule": "mmalign.captioning",

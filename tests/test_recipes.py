@@ -25,7 +25,8 @@ _LM = r"model\.init_args\.lm\.init_args\.(model_name|kind|revision|dtype|tokeniz
 _SIZES = r"model\.init_args\.(embed_dim|max_caption_tokens|eval_max_new_tokens|predict_max_new_tokens)"
 _PROJECTOR_SIZES = r"model\.init_args\.(towers\.\w+\.init_args\.)?projector\.init_args\.(hidden_dim|num_heads|num_queries|depth)"
 _OUTPUTS = r"model\.init_args\.export_dir"  # tiny runs never overwrite a real run's artifacts
-TINY_MAY_SET = re.compile("|".join(rf"({p})" for p in (r"trainer\.\w+", r"data\.init_args\.\w+", _ENCODER, _LM, _SIZES, _PROJECTOR_SIZES, _OUTPUTS)))
+_EXPORT = r"model\.init_args\.towers\.\w+\.init_args\.path"  # an ExportTower's space (tiny:space in tiny twins)
+TINY_MAY_SET = re.compile("|".join(rf"({p})" for p in (r"trainer\.\w+", r"data\.init_args\.\w+", _ENCODER, _LM, _SIZES, _PROJECTOR_SIZES, _OUTPUTS, _EXPORT)))
 # The offline overlays also swap encoder classes (packaged families) and carry the heads and loss weights
 # measured for their encoders (docs/results.md), commented in each overlay.
 _OFFLINE_ONLY = (r"model\.init_args\.towers\.\w+\.init_args\.encoder\.class_path",

@@ -24,6 +24,7 @@ TOOLS: dict[str, str] = {
     "embed": "mmalign.export.embed:embed",
     "cache": "mmalign.cache.command:cache",
     "classify": "mmalign.evaluation.classify:classify",
+    "extend": "mmalign.extend:extend",
 }
 
 

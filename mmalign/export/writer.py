@@ -214,8 +214,19 @@ def export_module(
     output = check_output_dir(output)
     meta = dict(languages=languages, recipe=recipe, metrics=metrics, checkpoint=checkpoint, epoch=epoch,
                 global_step=global_step)
+    state = None
     if hasattr(module, "towers"):
-        config = build_export_config(module, **meta)
+        from mmalign.export.tower import export_towers
+
+        if export_towers(module):  # a grown space: the source exports' towers copied unchanged + the new ones
+            from mmalign.extend import extended_export
+
+            if onnx:
+                raise ExportError("ONNX export of an extended space is not supported: export the new towers' "
+                                  "projectors from a module without ExportTowers")
+            config, state = extended_export(module, **meta)
+        else:
+            config = build_export_config(module, **meta)
     else:
         from mmalign.captioning.module import PrefixCaptioningModule
         from mmalign.export.captioner import captioner_config
@@ -226,7 +237,7 @@ def export_module(
         if onnx:
             raise ExportError("ONNX export covers embedding towers' projectors; a captioner's prefix feeds an LM")
         config = captioner_config(module, **meta)
-    state = export_state(module)
+    state = export_state(module) if state is None else state
     with atomic_directory(output) as tmp:
         config["weights"] = write_weights(state, tmp, f"the weights of {class_path(module)}")
         if onnx:
