@@ -369,7 +369,7 @@ def test_write_report_files(tmp_path):
         "extra": {"tensor": torch.tensor([1.0, float("nan")])},
     }
     paths = write_report(results, tmp_path / "out", embeddings={"text": a, "image": b}, langs={"text": langs, "image": langs})
-    assert set(paths) == {"metrics", "report", "recall_at_1", "cross_lingual", "projection", "similarity"}
+    assert set(paths) == {"metrics", "report", "recall_at_1", "cross_lingual", "projection"}
     for p in paths.values():
         assert p.exists() and p.stat().st_size > 0
         if p.suffix == ".png":

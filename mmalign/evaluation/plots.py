@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["pca_2d", "plot_heatmap", "plot_projection", "plot_recall_bars"]
+__all__ = ["pca_2d", "plot_heatmap", "plot_projection", "plot_recall_bars", "plot_retrieval_examples"]
 
 
 def _figure(width: float, height: float):
@@ -35,29 +35,58 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def plot_recall_bars(
-    retrieval: Mapping[str, Mapping[str, Mapping[str, float]]], path: str | Path, metric: str = "R@1"
+    retrieval: Mapping[str, Mapping[str, Mapping[str, float]]], path: str | Path, metric: str = "R@1",
+    means: Mapping[str, Mapping[str, float]] | None = None, title: str | None = None,
 ) -> Path:
-    """Grouped bar chart: one group per language, one bar per direction, height = ``metric`` in %.
+    """Grouped bar chart: one group per language, one bar per direction (or method), height = ``metric`` in %.
 
     Args:
-        retrieval: ``{lang: {direction: metrics}}`` as from ``per_language_retrieval``.
+        retrieval: ``{lang: {direction: metrics}}`` as from ``per_language_retrieval``; a pooled ``"all"`` entry
+            is left out (it is not a language: see the report).
         path: Output PNG path.
         metric: Which metric to plot.
+        means: Optional ``{direction: metrics}`` drawn as a last, hatched group "mean" (the per-language mean).
+        title: Plot title (default ``"<metric> per language"``).
     """
-    langs = list(retrieval)
+    langs = [lang for lang in retrieval if lang != "all"]
     directions = list(dict.fromkeys(d for lang in langs for d in retrieval[lang]))
-    fig = _figure(min(16.0, max(6.0, 0.35 * len(langs) * max(1, len(directions)) + 2)), 4.0)
+    groups = langs + (["mean"] if means else [])
+    fig = _figure(min(18.0, max(6.0, 0.3 * len(groups) * max(1, len(directions)) + 3)), 4.2)
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / max(1, len(directions))
+    colours = _colours(len(directions))
     for j, direction in enumerate(directions):
         values = [100 * retrieval[lang].get(direction, {}).get(metric, float("nan")) for lang in langs]
-        ax.bar([i + (j - (len(directions) - 1) / 2) * width for i in range(len(langs))], values, width, label=direction)
-    ax.set_xticks(range(len(langs)), langs)
+        x = [i + (j - (len(directions) - 1) / 2) * width for i in range(len(langs))]
+        ax.bar(x, values, width, label=direction, color=colours[j])
+        if means and direction in means and metric in means[direction]:
+            ax.bar(len(langs) + (j - (len(directions) - 1) / 2) * width + 0.3, 100 * means[direction][metric], width,
+                   color=colours[j], hatch="//", edgecolor="k", linewidth=0.5)
+    ticks = list(range(len(langs))) + ([len(langs) + 0.3] if means else [])
+    ax.set_xticks(ticks, groups)
+    if means:
+        ax.axvline(len(langs) - 0.35, color="0.6", linewidth=0.8, linestyle=":")
+    ax.set_xlim(-0.6, ticks[-1] + 0.6 if ticks else 0.6)
     ax.set_ylabel(f"{metric} (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"{metric} per language")
-    ax.legend(fontsize="small")
+    ax.set_title(title or f"{metric} per language" + (" (hatched: mean over languages)" if means else ""))
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, path)
+
+
+def _colours(n: int) -> list:
+    """``n`` distinct colours: tab10 up to 10, tab20 up to 20, then tab20 + tab20b (40), cycling beyond."""
+    from matplotlib import colormaps
+
+    if n <= 10:
+        return [colormaps["tab10"](i) for i in range(n)]
+    pool = [colormaps["tab20"](i) for i in range(20)] + [colormaps["tab20b"](i) for i in range(20)]
+    return [pool[i % len(pool)] for i in range(n)]
+
+
+#: Markers of the modalities / groups in the projection (distinct shapes, readable at small sizes).
+MARKERS = ("o", "^", "s", "D", "v", "P", "X", "*")
 
 
 def plot_heatmap(
@@ -111,7 +140,8 @@ def plot_projection(
     max_points_per_group: int = 1000,
     normalize: bool = True,
 ) -> Path:
-    """2-D PCA of the shared space, coloured by modality (left) and by language (right, if given).
+    """2-D PCA of the shared space: by modality (left: one colour and marker per group) and by language (right, if
+    given: one colour per language from tab20/tab20b, enough for 40 languages, and the group's marker).
 
     Args:
         embeddings: ``{modality or group name: [N_i, D]}``, all in the same space.
@@ -130,23 +160,155 @@ def plot_projection(
             group_langs = list(langs.get(name, ["?"] * len(x)))
             if len(group_langs) != len(x):
                 raise ValueError(f"langs[{name!r}] has {len(group_langs)} entries but embeddings[{name!r}] has {len(x)} rows")
-            lang_list += [group_langs[i] for i in idx.tolist()]
+            lang_list += [str(group_langs[i]) for i in idx.tolist()]
     x = torch.cat(chunks)
     if len(x) < 2:
         raise ValueError(f"need at least two points to project, got {len(x)}")
     if normalize:
         x = F.normalize(x, dim=-1)
     xy = pca_2d(x).numpy()
-    panels = [("modality", names)] + ([("language", lang_list)] if langs is not None else [])
-    fig = _figure(6.0 * len(panels), 5.0)
-    for p, (title, colours) in enumerate(panels, start=1):
-        ax = fig.add_subplot(1, len(panels), p)
-        groups = list(dict.fromkeys(colours))
+    groups = list(dict.fromkeys(names))
+    marker = {g: MARKERS[i % len(MARKERS)] for i, g in enumerate(groups)}
+    by_lang = langs is not None
+    fig = _figure(13.0 if by_lang else 6.5, 5.5)
+    ax = fig.add_subplot(1, 2 if by_lang else 1, 1)
+    for g, colour in zip(groups, _colours(len(groups))):
+        sel = [i for i, n in enumerate(names) if n == g]
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=10, alpha=0.6, marker=marker[g], color=colour, label=f"{g} ({len(sel)})")
+    ax.set_title("PCA of the shared space, by tower")
+    ax.set_xlabel("PC1")
+    ax.set_ylabel("PC2")
+    ax.legend(fontsize="small", markerscale=1.5, title="tower (points)")
+    if by_lang:
+        from matplotlib.lines import Line2D
+
+        ax2 = fig.add_subplot(1, 2, 2, sharex=ax, sharey=ax)
+        languages = [lang for lang in dict.fromkeys(lang_list) if lang != "shared"]
+        colour = dict(zip(languages, _colours(len(languages))))
+        if "shared" in lang_list:  # one input for several languages (an image, an English anchor): grey, drawn first
+            languages.insert(0, "shared")
+            colour["shared"] = (0.6, 0.6, 0.6, 1.0)
         for g in groups:
-            sel = [i for i, c in enumerate(colours) if c == g]
-            ax.scatter(xy[sel, 0], xy[sel, 1], s=6, alpha=0.6, label=str(g))
-        ax.set_title(f"PCA of the shared space, by {title}")
-        ax.set_xlabel("PC1")
-        ax.set_ylabel("PC2")
-        ax.legend(fontsize="x-small", markerscale=2, ncol=1 if len(groups) <= 14 else 2)
+            for lang in languages:
+                sel = [i for i, (n, l) in enumerate(zip(names, lang_list)) if n == g and l == lang]
+                if sel:
+                    ax2.scatter(xy[sel, 0], xy[sel, 1], s=10, alpha=0.7, marker=marker[g], color=colour[lang])
+        ax2.set_title("the same points, coloured by language, marker = tower")
+        ax2.set_xlabel("PC1")
+        handles = [Line2D([], [], linestyle="", marker="o", color=colour[lang],
+                          label="shared by all languages" if lang == "shared" else lang) for lang in languages]
+        leg = ax2.legend(handles=handles, fontsize="small", title="language", loc="upper left", bbox_to_anchor=(1.0, 1.0),
+                         ncol=1 if len(languages) <= 20 else 2)
+        ax2.add_artist(leg)
+        if len(groups) > 1:
+            shapes = [Line2D([], [], linestyle="", marker=marker[g], color="0.3", label=g) for g in groups]
+            ax2.legend(handles=shapes, fontsize="small", title="tower", loc="lower left", bbox_to_anchor=(1.0, 0.0))
     return _save(fig, path)
+
+
+def _renderable(text: str) -> bool:
+    """Whether matplotlib's default font draws ``text`` correctly: every glyph present, and no script that needs
+    shaping or right-to-left layout (Arabic, Hebrew, Indic), which matplotlib does not do."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    if any(0x0590 <= ord(c) <= 0x08FF or 0x0900 <= ord(c) <= 0x0DFF or 0xFB1D <= ord(c) <= 0xFEFF for c in text):
+        return False
+    font = _renderable.__dict__.get("font")
+    if font is None:
+        font = _renderable.__dict__["font"] = FT2Font(font_manager.findfont(font_manager.FontProperties()))
+    return all(c.isspace() or font.get_char_index(ord(c)) for c in text)
+
+
+def _caption(item: Any, label: Any, width: int = 22) -> str:
+    """A short caption of an example item: its text when drawable, else its concept label (file names shortened)."""
+    import textwrap
+
+    text = str(item)
+    if _is_file(text):
+        text = Path(text).name
+    elif not _renderable(text):
+        text = f"[{label}]"  # the font cannot draw it: show the concept id (report.md has the real text)
+    return "\n".join(textwrap.wrap(text, width)[:3]) or " "
+
+
+def _is_file(item: Any) -> bool:
+    return isinstance(item, str) and len(item) < 4096 and Path(item).suffix.lower() in IMAGE_SUFFIXES + AUDIO_SUFFIXES
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".m4a")
+
+
+def plot_retrieval_examples(examples: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, thumb: int = 96) -> Path:
+    """A retrieval gallery: one row per example query (its language, the query, then its top-k gallery items),
+    green frames on correct items (the query's concept), red on wrong ones; images drawn as thumbnails.
+
+    Args:
+        examples: ``{direction: [example]}`` with examples as from
+            :func:`~mmalign.evaluation.retrieval.top_k_examples` (plus ``"lang"``).
+        path: Output PNG path.
+        thumb: Thumbnail size in pixels.
+    """
+    rows = [(direction, ex) for direction, exs in examples.items() for ex in exs]
+    if not rows:
+        raise ValueError("no retrieval examples to draw")
+    k = max(len(ex["top"]) for _, ex in rows)
+    fig = _figure(1.9 * (k + 1) + 0.4, 1.75 * len(rows) + 0.5)
+    grid = fig.add_gridspec(len(rows), k + 1, wspace=0.12, hspace=0.75)
+    for r, (direction, ex) in enumerate(rows):
+        cells = [(ex["query"], ex["label"], None)] + [(t["item"], t["label"], t["hit"]) for t in ex["top"]]
+        for c, (item, label, hit) in enumerate(cells):
+            ax = fig.add_subplot(grid[r, c])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            frame = "0.4" if hit is None else ("#1a9850" if hit else "#d73027")
+            for spine in ax.spines.values():
+                spine.set_edgecolor(frame)
+                spine.set_linewidth(1.0 if hit is None else 3.0)
+            image = _thumbnail(item, thumb)
+            if image is not None:
+                ax.imshow(image)
+                caption = str(label)
+            else:
+                ax.set_facecolor("0.97")
+                ax.text(0.5, 0.5, _caption(item, label), ha="center", va="center", fontsize=8, transform=ax.transAxes)
+                caption = "" if hit is None else str(label)
+            if c == 0:
+                rank = ex.get("rank")
+                ax.set_title(f"{direction} [{ex.get('lang', '')}]\nquery: {label}"
+                             + (f"  (rank {rank:g} of {ex['gallery_size']})" if rank is not None else ""),
+                             fontsize=7.5, loc="left")
+            else:
+                ax.set_title(f"#{c} {'ok' if hit else 'wrong'}  {t_score(ex, c):.2f}", fontsize=7.5,
+                             color=frame)
+                ax.set_xlabel(caption[:28], fontsize=7)
+    fig.suptitle("Top retrievals for a few test queries (green: the query's concept, red: another; cosine score)",
+                 fontsize=9)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", bbox_inches="tight")
+    return path
+
+
+def t_score(example: Mapping[str, Any], c: int) -> float:
+    return float(example["top"][c - 1]["score"])
+
+
+def _thumbnail(item: Any, size: int):
+    """An RGB array of an image file item (None for anything else, or an unreadable file)."""
+    if not (isinstance(item, str) and Path(item).suffix.lower() in IMAGE_SUFFIXES and Path(item).is_file()):
+        return None
+    try:
+        from PIL import Image
+
+        with Image.open(item) as im:
+            im = im.convert("RGBA")
+            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(bg, im).convert("RGB")
+            im.thumbnail((size, size))
+            import numpy as np
+
+            return np.asarray(im)
+    except (OSError, ValueError):
+        return None

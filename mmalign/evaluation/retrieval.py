@@ -43,6 +43,7 @@ __all__ = [
     "per_language_retrieval",
     "retrieval_metrics",
     "retrieval_ranks",
+    "top_k_examples",
 ]
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
@@ -462,3 +463,51 @@ def cross_lingual_retrieval(
             pairs[f"{src}->{tgt}"] = m
             matrix[i][j] = m[metric]
     return {"languages": names, "metric": metric, "matrix": matrix, "pairs": pairs}
+
+
+def top_k_examples(
+    query_embeds: Tensor,
+    gallery_embeds: Tensor,
+    query_labels: Sequence[Hashable],
+    gallery_labels: Sequence[Hashable],
+    query_items: Sequence[Hashable],
+    gallery_items: Sequence[Hashable],
+    k: int = 5,
+    normalize: bool = True,
+) -> list[dict]:
+    """The top-``k`` gallery items of each query, for a report a person reads (a retrieval gallery).
+
+    Args:
+        query_embeds: ``[Q, D]``.
+        gallery_embeds: ``[G, D]``.
+        query_labels: ``Q`` concept labels.
+        gallery_labels: ``G`` concept labels (equal labels are positives).
+        query_items: ``Q`` things to show for the queries (texts, image paths...).
+        gallery_items: ``G`` things to show for the gallery items.
+        k: Neighbours listed per query.
+        normalize: Cosine similarity (True) or raw dot product.
+
+    Returns:
+        One dict per query: ``{"query", "label", "rank" (of its best positive, pessimistic ties, None if it has
+        none), "gallery_size", "top": [{"item", "label", "score", "hit"}]}`` (JSON-ready).
+    """
+    q = _check_embeds(query_embeds, "query_embeds")
+    g = _check_embeds(gallery_embeds, "gallery_embeds").to(q.device)
+    q_lab, g_lab = as_label_list(query_labels, "query_labels"), as_label_list(gallery_labels, "gallery_labels")
+    if not (len(q_lab) == len(q) == len(query_items)) or not (len(g_lab) == len(g) == len(gallery_items)):
+        raise ValueError(f"lengths differ: {len(q)} queries / {len(q_lab)} labels / {len(query_items)} items, "
+                         f"{len(g)} gallery / {len(g_lab)} labels / {len(gallery_items)} items")
+    ranks = retrieval_ranks(q, g, q_lab, g_lab, normalize=normalize, missing="drop")
+    if normalize:
+        q, g = F.normalize(q, dim=-1), F.normalize(g, dim=-1)
+    scores = q @ g.T  # [Q, G]
+    top = scores.topk(min(k, len(g)), dim=1)
+    out = []
+    for i in range(len(q)):
+        rank = ranks[i].item()
+        out.append({
+            "query": query_items[i], "label": q_lab[i], "rank": None if rank != rank else rank, "gallery_size": len(g),
+            "top": [{"item": gallery_items[j], "label": g_lab[j], "score": float(s), "hit": g_lab[j] == q_lab[i]}
+                    for s, j in zip(top.values[i].tolist(), top.indices[i].tolist())],
+        })
+    return out

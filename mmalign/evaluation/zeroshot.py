@@ -18,12 +18,35 @@ from torch import Tensor
 
 from .retrieval import retrieval_ranks
 
-__all__ = ["DEFAULT_TEMPLATES", "zero_shot_accuracy", "zero_shot_classifier"]
+__all__ = [
+    "DEFAULT_TEMPLATES", "EMOJI_TEMPLATES", "GENERAL_TEMPLATES", "NAME_TEMPLATES", "TEMPLATE_SETS", "zero_shot_accuracy",
+    "zero_shot_classifier",
+]
 
-#: Prompt templates for the 14 languages of the emoji data (``{}`` = the class name). Built to
-#: avoid grammatical agreement with the class name (no gendered article before it, no case
-#: ending on it) so any noun phrase fits.
-DEFAULT_TEMPLATES: dict[str, list[str]] = {
+#: General image prompts (the default) for the 14 languages of the packaged data (``{}`` = the class name): a
+#: photo, a picture, an image, the bare name, as in CLIP's and Babel-ImageNet's prompt sets. Built to avoid
+#: grammatical agreement with the class name (no gendered article before it, no case ending on it) so any noun
+#: phrase fits.
+GENERAL_TEMPLATES: dict[str, list[str]] = {
+    "en": ["a photo of a {}.", "a picture of {}.", "an image showing {}.", "{}."],
+    "es": ["una foto de {}.", "una imagen de {}.", "una imagen que muestra {}.", "{}."],
+    "pt": ["uma foto de {}.", "uma imagem de {}.", "uma imagem que mostra {}.", "{}."],
+    "it": ["una foto di {}.", "un'immagine di {}.", "un'immagine che mostra {}.", "{}."],
+    "fr": ["une photo de {}.", "une image de {}.", "une image représentant {}.", "{}."],
+    "de": ["ein Foto von {}.", "ein Bild von {}.", "ein Bild, das {} zeigt.", "{}."],
+    "ja": ["{}の写真。", "{}の画像。", "{}を写した画像。", "{}。"],
+    "ko": ["{}의 사진.", "{}의 이미지.", "{}을(를) 보여 주는 이미지.", "{}."],
+    "zh": ["{}的照片。", "{}的图片。", "显示{}的图像。", "{}。"],
+    "ru": ["фотография: {}.", "изображение: {}.", "на изображении: {}.", "{}."],
+    "tr": ["bir {} fotoğrafı.", "bir {} resmi.", "{} gösteren bir görüntü.", "{}."],
+    "ar": ["صورة {}.", "صورة تُظهر {}.", "صورة فيها {}.", "{}."],
+    "fa": ["عکسی از {}.", "تصویری از {}.", "تصویری که {} را نشان می‌دهد.", "{}."],
+    "id": ["foto {}.", "sebuah gambar {}.", "gambar yang menunjukkan {}.", "{}."],
+}
+
+#: Emoji-specific prompts (an emoji, an icon), used only when asked for (``mmalign eval --templates emoji``, or a
+#: dataset whose ``info.json`` names ``"prompt_templates": "emoji"``).
+EMOJI_TEMPLATES: dict[str, list[str]] = {
     "en": ["a photo of a {}.", "a picture of {}.", "an emoji of {}.", "an icon showing {}."],
     "es": ["una foto de {}.", "una imagen de {}.", "un emoji de {}.", "un icono que muestra {}."],
     "pt": ["uma foto de {}.", "uma imagem de {}.", "um emoji de {}.", "um ícone que mostra {}."],
@@ -39,6 +62,16 @@ DEFAULT_TEMPLATES: dict[str, list[str]] = {
     "fa": ["عکسی از {}.", "تصویری از {}.", "ایموجی {}.", "نمادی از {}."],
     "id": ["foto {}.", "sebuah gambar {}.", "emoji {}.", "ikon {}."],
 }
+
+#: The bare class name in every language: the prompt set for towers that are not pictures (speech: a spoken name
+#: is classified against the written names themselves).
+NAME_TEMPLATES: dict[str, list[str]] = {lang: ["{}"] for lang in GENERAL_TEMPLATES}
+
+#: Prompt sets by name (``mmalign eval --templates NAME``).
+TEMPLATE_SETS: dict[str, dict[str, list[str]]] = {"general": GENERAL_TEMPLATES, "emoji": EMOJI_TEMPLATES, "name": NAME_TEMPLATES}
+
+#: The default prompt set: general image prompts (not emoji-specific).
+DEFAULT_TEMPLATES: dict[str, list[str]] = GENERAL_TEMPLATES
 
 
 def _takes_lang(fn: Callable) -> bool:
