@@ -18,6 +18,7 @@ from encoders.base import EncoderOutput
 from mmalign.training.gradcache import check_per_sample, chunk_ranges, grad_cache_backward, slice_rows
 from mmalign.training.base import FrozenBackboneModule
 from mmalign.training.losses import group_ids
+from mmalign.training.mixup import mixup_batch
 from mmalign.training.towers import Objective, Tower
 
 
@@ -113,6 +114,10 @@ class AlignmentModule(FrozenBackboneModule):
             Lightning manual optimization (``trainer.gradient_clip_val`` and
             ``trainer.accumulate_grad_batches`` are then unavailable: grow ``batch_size`` instead).
             ``None`` (default): plain step, automatic optimization.
+        mixup_alpha: Latent mixup of cached features in training steps (FuseMix, Vouitsis et al., CVPR 2024;
+            :mod:`mmalign.training.mixup`): each batch mixes every row with a partner row by one
+            ``lam ~ Beta(alpha, alpha)``, the same ``lam`` and partner for all towers of the row. FuseMix uses 1.
+            ``None`` (default): off. Needs cached features (``data.init_args.cache_dir``).
     """
 
     def __init__(
@@ -124,6 +129,7 @@ class AlignmentModule(FrozenBackboneModule):
         scheduler: LRSchedulerCallable | None = None,
         retrieval: list[list[str]] | None = None,
         grad_cache_chunk: int | None = None,
+        mixup_alpha: float | None = None,
     ) -> None:
         super().__init__(optimizer, scheduler)
         self.save_hyperparameters(ignore=["towers", "objectives", "optimizer", "scheduler"])
@@ -319,6 +325,8 @@ class AlignmentModule(FrozenBackboneModule):
             # Lightning skips the step. Under DDP every rank must agree, so use skip with single-process runs
             # or clean data first (``mmalign cache`` drops bad items once, before training).
             return None
+        if self.hparams.get("mixup_alpha"):
+            batch = mixup_batch(batch, self.hparams["mixup_alpha"])
         if self.automatic_optimization:
             embeds = self(batch)
             losses = self.compute_losses(embeds, self.batch_groups(batch), batch.get("present"))
