@@ -299,3 +299,33 @@ def test_hf_image_feature_and_cached_dataset_by_name(tmp_path):
     assert [r["text"] for r in src] == ["x", "y"]
     with pytest.raises(SourceError, match="not in the local Hugging Face cache"):
         open_source({"format": "hf", "name": "no-such-user/no-such-dataset"})
+
+
+def test_vectorised_column_checks_match_python():
+    """The numpy hash dedup and the blank check (used at open) agree with plain Python on random columns."""
+    import random
+
+    from mmalign.data.sources.columns import blank, repeated
+
+    rng = random.Random(0)
+    for _ in range(100):
+        vals = [rng.choice([None, "".join(rng.choice("ab \u3000") for _ in range(rng.randint(0, 19)))]) for _ in range(40)]
+        col = pa.chunked_array([pa.array(vals[:15]), pa.array(vals[15:]).slice(2)])  # chunked and sliced buffers
+        seen, want = set(), []
+        for v in col.to_pylist():
+            want.append(v is not None and v in seen)
+            seen.add(v)
+        got = repeated(col)
+        assert (list(got) if got is not None else [False] * len(col)) == want
+        assert list(blank(col)) == [v is not None and v.strip() == "" for v in col.to_pylist()]
+
+
+def test_big_jsonl_as_a_table_is_memory_mapped(tmp_path):
+    """A long-format JSONL given with `root:` is read columnar (converted once to a mapped Arrow file)."""
+    (tmp_path / "m.jsonl").write_text("".join(f'{{"id": "r{i}", "text": "t {i}", "lang": "de"}}\n' for i in range(5))
+                                      + '{"id": "r1", "text": "again", "lang": "de"}\n')
+    with pytest.raises(ManifestError, match="duplicate id"):
+        open_source({"path": str(tmp_path / "m.jsonl"), "root": "."}, required_fields=["text"])
+    src = open_source({"path": str(tmp_path / "m.jsonl"), "root": "."}, required_fields=["text"], on_error="skip")
+    assert len(src) == 5 and src.skipped == {"duplicate id": 1} and src.languages == ["de"]
+    assert list((tmp_path / "arrow-cache").glob("m-*.arrow"))

@@ -62,14 +62,20 @@ def measure(path: str, check_rows: int) -> dict:
     from mmalign.data.sources import open_source
 
     out = {}
-    for phase in ("cold", "warm"):
+    import resource
+
+    for phase in ("cold", "warm", "fields"):
+        # fields: as the DataModule opens it for a recipe reading text + image (blank/missing checks too)
         base, base_anon = rss_mb(), rss_mb("RssAnon")
-        t = time.perf_counter()
-        src = open_source(path)
+        t, c = time.perf_counter(), time.process_time()
+        src = open_source(path, required_fields=["text", "image"] if phase == "fields" else ())
         out[f"open_{phase}_s"] = round(time.perf_counter() - t, 2)
+        out[f"open_{phase}_cpu_s"] = round(time.process_time() - c, 2)
         out[f"rss_{phase}_mb"] = round(rss_mb() - base, 1)
-        if phase == "cold":
+        out[f"rss_anon_{phase}_mb"] = round(rss_mb("RssAnon") - base_anon, 1)
+        if phase != "fields":
             del src
+    out["peak_rss_anon_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base, 1)
     n = len(src)
     picks = [random.randrange(n) for _ in range(20000)]
     t = time.perf_counter()

@@ -37,6 +37,7 @@ import numpy as np
 from mmalign.data.manifest import PATH_FIELDS, ManifestError
 from mmalign.data.policy import ON_ERROR, BadInputReport, check_choice, is_known_language
 from mmalign.data.sources.base import RowError, RowSource, SourceError, resolve_media
+from mmalign.data.sources.columns import blank, repeated
 
 #: Fields taken from same-named columns when no ``fields`` mapping is given.
 DEFAULT_FIELDS = ("id", "concept", "lang", "text", "text_en", "image", "audio")
@@ -75,6 +76,37 @@ def parquet_as_arrow(path: Path) -> Path:
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, pf.schema_arrow) as writer:
         for batch in pf.iter_batches(batch_size=1 << 20):  # few large batches: few chunks to search per row
             writer.write_batch(batch)
+    os.replace(tmp, out)
+    return out
+
+
+def text_table_as_arrow(path: Path, fmt: str) -> Path:
+    """An Arrow IPC copy of a CSV or JSONL table, converted block by block (bounded memory), to be memory-mapped."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+
+    st = path.stat()
+    key = hashlib.sha256(f"{fmt}\0{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    out = arrow_cache_dir() / f"{path.stem}-{key}.arrow"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    block = 64 << 20  # the first block fixes the column types
+    try:
+        if fmt == "csv":
+            reader = pacsv.open_csv(str(path), read_options=pacsv.ReadOptions(block_size=block),
+                                    convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+        else:
+            reader = pajson.open_json(str(path), read_options=pajson.ReadOptions(block_size=block))
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, reader.schema) as writer:
+            for batch in reader:
+                writer.write_batch(batch)
+    except pa.ArrowInvalid as e:
+        tmp.unlink(missing_ok=True)
+        raise SourceError(f"{path}: cannot be read as a {fmt} table ({e}); as a long-format manifest (a plain path "
+                          "without fields/root/lang) every bad line is named instead") from e
     os.replace(tmp, out)
     return out
 
@@ -128,14 +160,8 @@ def open_table(path: Path | None, fmt: str, split: str | None = None, name: str 
         return _map_ipc(path)
     if fmt == "hf":
         return _hf_folder_table(path, split)
-    if fmt == "csv":
-        import pyarrow.csv as pacsv
-
-        return pacsv.read_csv(str(path), convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
-    if fmt == "jsonl":
-        import pyarrow.json as pajson
-
-        return pajson.read_json(str(path))
+    if fmt in ("csv", "jsonl"):
+        return _map_ipc(text_table_as_arrow(path, fmt))
     raise SourceError(f"{path}: not a table format: {fmt}")
 
 
@@ -279,17 +305,8 @@ class TableSource(RowSource):
                     bad[mask] = True
 
             if self._id_col is not None:
-                ids = t.column(self._id_col).cast(pa.string())
-                if pc.count_distinct(ids, mode="all").as_py() != n:
-                    vc = pc.value_counts(ids)
-                    dups = vc.field("values").filter(pc.greater(vc.field("counts"), 1))
-                    mask = _bool(pc.is_in(ids, value_set=dups))
-                    first: set[Any] = set()
-                    for i in np.flatnonzero(mask):  # the first of each repeated id is kept
-                        v = ids[int(i)].as_py()
-                        if v not in first:
-                            first.add(v)
-                            mask[i] = False
+                mask = repeated(t.column(self._id_col))  # hashed with numpy; the first of each repeated id is kept
+                if mask is not None:
                     flag(mask, "id", "duplicate id", "the id repeats an earlier row")
             lang_col = m.get("lang") if isinstance(m.get("lang"), str) else None
             if lang_col is not None:
@@ -312,11 +329,8 @@ class TableSource(RowSource):
                 if pa.types.is_struct(col.type):
                     flag(_bool(pc.is_null(col)), field, f"missing {field}", f"column {spec!r} is null")
                     continue
-                if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
-                    col = col.cast(pa.string())
                 flag(_bool(pc.is_null(col)), field, f"missing {field}", f"column {spec!r} is empty")
-                blank = _bool(pc.equal(pc.utf8_trim_whitespace(col), ""))
-                flag(blank, field, f"missing {field}" if field in PATH_FIELDS else "empty text", f"{spec!r} has no visible character")
+                flag(blank(col), field, f"missing {field}" if field in PATH_FIELDS else "empty text", f"{spec!r} has no visible character")
             if check_files if check_files is not None else n <= CHECK_FILES_UP_TO:
                 for field in (f for f in required if f in PATH_FIELDS and isinstance(m.get(f), str)):
                     col = self._col(m[field])
@@ -348,12 +362,11 @@ class TableSource(RowSource):
                         first = np.asarray(pc.list_value_length(col).fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
                         starts = np.concatenate([[0], np.cumsum(first)[:-1]])
                         pos = np.arange(len(parents), dtype=np.int64) - starts[parents]
-                        ok = ~_bool(pc.is_null(flat)) & ~_bool(pc.equal(pc.utf8_trim_whitespace(flat.cast(pa.string())), ""))
+                        ok = ~_bool(pc.is_null(flat)) & ~blank(flat)
                         ok &= keep[parents]
                         base.append(parents[ok]); slot.append(np.full(ok.sum(), s, np.int16)); elem.append(pos[ok].astype(np.int32))
                     else:
-                        sc = col.cast(pa.string())
-                        ok = keep & ~_bool(pc.is_null(sc)) & ~_bool(pc.equal(pc.utf8_trim_whitespace(sc), ""))
+                        ok = keep & ~_bool(pc.is_null(col)) & ~blank(col)
                         idx = np.flatnonzero(ok)
                         base.append(idx); slot.append(np.full(len(idx), s, np.int16)); elem.append(np.full(len(idx), -1, np.int32))
             b, s, e = np.concatenate(base), np.concatenate(slot), np.concatenate(elem)
@@ -371,7 +384,7 @@ class TableSource(RowSource):
     # -- the checks are computed once per file version (a 10M-row id uniqueness check costs seconds) --------
     def _check_key(self, required: list[str], check_files: bool | None) -> str | None:
         path, fmt, split, name, config = self._open_args
-        if path is None or fmt not in ("parquet", "arrow", "hf"):
+        if path is None or fmt not in ("parquet", "arrow", "hf", "csv", "jsonl"):
             return None
         media = [f for f in required if f in PATH_FIELDS]
         if media and (check_files if check_files is not None else self.table.num_rows <= CHECK_FILES_UP_TO):
@@ -404,26 +417,32 @@ class TableSource(RowSource):
         except OSError:  # a read-only cache folder: the checks are simply redone next time
             pass
 
-    def _row_langs(self) -> np.ndarray:
-        """``[len(self)]`` language of each row (object array; only built to filter or list languages)."""
+    def _row_langs(self, wanted: set[str] | None = None) -> tuple[list[str], np.ndarray | None]:
+        """``(languages present, [len(self)] bool: the row's language is in wanted)``, vectorised (no per-row object)."""
         import pyarrow as pa
+        import pyarrow.compute as pc
 
         if self._slot is not None:
-            return np.array([s[1] for s in self._slots], dtype=object)[self._slot]
+            slot_langs = np.array([s[1] for s in self._slots], dtype=object)
+            present = sorted(set(slot_langs[np.unique(self._slot)].tolist()))
+            keep = None if wanted is None else np.isin(slot_langs, list(wanted)).astype(bool)[self._slot]
+            return present, keep
         lang_col = self.fields.get("lang") if isinstance(self.fields.get("lang"), str) else None
         if lang_col is None:
-            return np.full(len(self), self.lang or "und", dtype=object)
+            lang = self.lang or "und"
+            return [lang], None if wanted is None else np.full(len(self), lang in wanted)
         col = self.table.column(lang_col)
         if self._index is not None:
             col = col.take(pa.array(self._index))
-        return np.asarray(col.fill_null(self.lang or "und").to_numpy(zero_copy_only=False), dtype=object)
+        col = col.cast(pa.string()).fill_null(self.lang or "und")
+        present = sorted(v for v in pc.unique(col).to_pylist())
+        keep = None if wanted is None else _bool(pc.is_in(col, value_set=pa.array(sorted(wanted), pa.string())))
+        return present, keep
 
     def _filter_languages(self, langs: set[str]) -> None:
-        row_langs = self._row_langs()
-        present = set(np.unique(row_langs).tolist())
-        if unknown := sorted(langs - present):
+        present, keep = self._row_langs(langs)
+        if unknown := sorted(langs - set(present)):
             raise ManifestError(f"{self.path}: no rows in language(s) {unknown}; the source has {sorted(present)}")
-        keep = np.isin(row_langs, list(langs))
         positions = np.flatnonzero(keep)
         self._index = positions if self._index is None else self._index[positions]
         if self._slot is not None:
@@ -431,7 +450,7 @@ class TableSource(RowSource):
 
     @property
     def languages(self) -> list[str]:
-        return sorted(set(np.unique(self._row_langs()).tolist()))
+        return self._row_langs()[0]
 
     # -- rows --------------------------------------------------------------------------------------
     def __len__(self) -> int:
