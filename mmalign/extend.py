@@ -142,14 +142,15 @@ def extended_export(
 
 # -- ``mmalign extend`` --------------------------------------------------------------------------
 
-def _export_tower_names(files: list[Path]) -> list[str]:
-    """Names of the towers a composed recipe declares as ExportTowers (parsed, nothing instantiated)."""
+def _recipe_towers(files: list[Path]) -> tuple[dict[str, Any], list[str]]:
+    """The composed recipe's towers (parsed, nothing instantiated) and the names of its ExportTowers."""
     from mmalign.recipe import load_config
 
     config = load_config([str(f) for f in files])
     towers = (((config.get("model") or {}).get("init_args") or {}).get("towers")) or {}
-    return [name for name, t in towers.items()
-            if isinstance(t, dict) and str(t.get("class_path", "")).rsplit(".", 1)[-1] == "ExportTower"]
+    names = [name for name, t in towers.items()
+             if isinstance(t, dict) and str(t.get("class_path", "")).rsplit(".", 1)[-1] == "ExportTower"]
+    return towers, names
 
 
 def extend(
@@ -199,15 +200,17 @@ def extend(
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     files = [f for item in ([recipe] if isinstance(recipe, (str, os.PathLike)) else recipe) for f in recipe_files(item)]
-    names = _export_tower_names(files)
+    towers, names = _recipe_towers(files)
     if not names:
         raise ValueError(f"recipe {[str(f) for f in files]} has no mmalign.ExportTower tower: there is no space to extend "
                          "(name the existing export's towers as ExportTowers; see configs/extend.yaml)")
     if base is not None:
         read_config(base)  # a clear error now rather than inside the CLI
+        # the whole towers mapping (an overlay naming only some towers would drop the others when merged)
+        for name in names:
+            towers[name]["init_args"]["path"] = str(base)
         overlay = out / "extend_base.yaml"
-        overlay.write_text(yaml.safe_dump(
-            {"model": {"init_args": {"towers": {n: {"init_args": {"path": str(base)}} for n in names}}}}), encoding="utf-8")
+        overlay.write_text(yaml.safe_dump({"model": {"init_args": {"towers": towers}}}, sort_keys=False), encoding="utf-8")
         files.append(overlay)
     cli_args = [a for f in files for a in ("--config", str(f))] + [f"--trainer.default_root_dir={out}"]
     cli_args += [f"--data.init_args.{k}={v}" for k, v in (("train", train), ("val", val), ("test", test)) if v]
