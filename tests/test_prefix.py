@@ -280,7 +280,7 @@ def test_cli_fast_dev_run_exports_and_predict_writes_captions(synthetic_data, tm
     export = tmp_path / "outputs/tiny_mblip/export"
     assert (export / "model.safetensors").is_file() and (export / "config.json").is_file()
 
-    main(["predict", *config, *data, "--trainer.limit_predict_batches=1"])
+    main(["predict", *config, *data, "--trainer.limit_predict_batches=1", "--allow_untrained=true"])  # the writer, not the weights
     lines = (tmp_path / "outputs/tiny_mblip/captions.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]
     assert len(rows) == 16  # one batch
@@ -302,7 +302,7 @@ def test_fit_export_reloads_in_a_fresh_process_and_captions_like_predict(synthet
     data = [f"--data.init_args.{s}={synthetic_data / f'{s}.jsonl'}" for s in ("train", "val", "test")]
     main(["fit", *config, *data, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0",
           "--trainer.enable_checkpointing=true", f"--trainer.default_root_dir={tmp_path / 'run'}"])
-    (ckpt,) = (tmp_path / "run").rglob("*.ckpt")
+    (ckpt,) = (tmp_path / "run").rglob("epoch=*.ckpt")  # (+ best.ckpt, a link to it)
     main(["predict", *config, *data, "--trainer.limit_predict_batches=1", f"--ckpt_path={ckpt}"])
     rows = [json.loads(line) for line in (tmp_path / "outputs/tiny_mblip/captions.jsonl").read_text().splitlines()]
     images = {r["id"]: r["image"] for r in read_manifest(synthetic_data / "test.jsonl")}

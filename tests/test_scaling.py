@@ -148,7 +148,7 @@ def test_two_process_ddp_fit_via_cli(synthetic_data, tmp_path):
     proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world_size: 2" in proc.stderr + proc.stdout or "MEMBER: 2/2" in proc.stderr + proc.stdout
-    ckpts = list(tmp_path.rglob("*.ckpt"))
+    ckpts = list(tmp_path.rglob("epoch=*.ckpt"))  # (+ best.ckpt, a link to it)
     assert len(ckpts) == 1, ckpts
     state = torch.load(ckpts[0], map_location="cpu", weights_only=False)
     assert state["global_step"] > 0 and not any(".encoder." in k for k in state["state_dict"])

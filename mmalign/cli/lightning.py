@@ -3,12 +3,34 @@ quickstart, benchmarks and tests, so a recipe YAML means the same thing everywhe
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_warn
 
+from mmalign.cli.errors import MMAlignParser
 from mmalign.data.policy import BadInputCallback
+from mmalign.training.callbacks import BestCheckpoint, resolve_ckpt_path
+
+
+class RunConfigCallback(SaveConfigCallback):
+    """LightningCLI's ``config.yaml``, written only into a run folder.
+
+    Lightning writes it to ``trainer.log_dir``, which is the working directory when the run has no logger
+    (``trainer.default_root_dir`` defaults to it): every tiny fit (``logger: false``, no checkpoints) replaced
+    ``./config.yaml``. A run that writes nothing else (no logger, no checkpoints, no ``default_root_dir`` given)
+    now writes no config either; the parsed config stays available to callbacks (``self.config``).
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        writes_elsewhere = bool(trainer.loggers or trainer.checkpoint_callbacks)
+        in_cwd = Path(trainer.default_root_dir).resolve() == Path.cwd().resolve()
+        if not writes_elsewhere and in_cwd:
+            self.already_saved = True
+            return
+        super().setup(trainer, pl_module, stage)
 
 
 class MMAlignCLI(LightningCLI):
@@ -16,10 +38,16 @@ class MMAlignCLI(LightningCLI):
 
     A :class:`~mmalign.data.policy.BadInputCallback` is always attached (``--bad_inputs.*``), so inputs skipped
     under ``on_error: skip`` are summed over DataLoader workers, logged and reported at the end of every run.
+    A :class:`~mmalign.training.callbacks.BestCheckpoint` keeps ``best.ckpt`` beside the ``ModelCheckpoint``
+    files, and ``--ckpt_path best|last|RUN_DIR`` is resolved from the run folders in a fresh process
+    (:func:`~mmalign.training.callbacks.resolve_ckpt_path`). ``predict`` without ``--ckpt_path`` is refused
+    (it would run untrained projectors) unless ``--allow_untrained true``; ``validate``/``test`` warn.
     """
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_callback", RunConfigCallback)
+        kwargs.setdefault("parser_class", MMAlignParser)
         super().__init__(
             L.LightningModule,
             L.LightningDataModule,
@@ -33,6 +61,62 @@ class MMAlignCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_lightning_class_args(BadInputCallback, "bad_inputs")
+        parser.add_argument("--allow_untrained", type=bool, default=False,
+                            help="predict (validate, test) without --ckpt_path: run the untrained projectors anyway")
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        if isinstance(args, list):
+            sub = self.config.get("subcommand")
+            _check_sections(args, self.config[sub] if sub else self.config, parser)
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(BestCheckpoint())
+        return trainer
+
+    def _resolve_ckpt(self) -> None:
+        sub = self.subcommand
+        config = self.config_init[sub]
+        config["ckpt_path"] = resolve_ckpt_path(self.trainer, config.get("ckpt_path"), sub)
+        if sub == "fit" or config["ckpt_path"] is not None or config.get("allow_untrained"):
+            return
+        if sub == "predict":
+            raise ValueError(
+                "predict without --ckpt_path would run the UNTRAINED projectors (captions/embeddings from random "
+                "weights): pass --ckpt_path best (the best checkpoint of this recipe's latest fit), last, a run "
+                "folder or a .ckpt file; or --allow_untrained true to do it anyway")
+        rank_zero_warn(f"mmalign {sub}: no --ckpt_path: evaluating the UNTRAINED projectors (pass --ckpt_path best "
+                       "for the latest fit's best checkpoint; --allow_untrained true silences this)")
+
+    before_fit = before_validate = before_test = before_predict = _resolve_ckpt
+
+
+def _check_sections(args: list[str], config: Any, parser: Any) -> None:
+    """A misspelled top-level section of a ``--config`` file (``modle:``) is an error, not silently dropped."""
+    import yaml
+
+    from mmalign.cli.errors import ConfigError, did_you_mean
+
+    known = {str(k).split(".")[0] for k in config.keys()}
+    sub = getattr(parser, "_subcommands_action", None)
+    for p in [parser, *(sub.choices.values() if sub is not None else ())]:
+        known |= {str(g).split(".")[0] for g in (getattr(p, "groups", None) or {})}
+    known.discard("subcommand")
+    files = [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    files += [b for a, b in zip(args, args[1:]) if a in ("--config", "-c")]
+    for f in files:
+        path = Path(f)
+        if not path.is_file():
+            continue
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            continue  # the parser already read it; nothing to add
+        for key in data if isinstance(data, dict) else ():
+            if str(key) not in known:
+                raise ConfigError(f"{path}: unknown section {key!r} (sections: {', '.join(sorted(known - {'config', 'fit', 'validate', 'test', 'predict'}))})"
+                                  + did_you_mean(str(key), known), parser)
 
 
 def load_recipe(args: list[str], **kwargs: Any) -> MMAlignCLI:

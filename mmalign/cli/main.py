@@ -1,9 +1,8 @@
 """``mmalign`` command line: LightningCLI for ``fit|validate|test|predict``, plain functions for the rest.
 
-    mmalign fit --config configs/uclip_pivot.yaml
-    mmalign test --config configs/uclip_pivot.yaml --ckpt_path best
-    mmalign eval --config configs/uclip_pivot.yaml --ckpt_path best.ckpt --output eval/
-    mmalign <tool> --help          # tools: see TOOLS below
+    mmalign fit  --config configs/uclip_pivot.yaml --config configs/offline/uclip_pivot.yaml
+    mmalign test --config configs/uclip_pivot.yaml --config configs/offline/uclip_pivot.yaml --ckpt_path best
+    mmalign <subcommand> --help
 """
 
 from __future__ import annotations
@@ -47,28 +46,142 @@ def _load(target: str) -> Callable:
     return getattr(importlib.import_module(module), fn)
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+#: The LightningCLI subcommands (a recipe: ``--config RECIPE.yaml [--config OVERLAY.yaml] [--key value ...]``).
+LIGHTNING = {
+    "fit": "train the projectors of a recipe (checkpoints: <run>/checkpoints/{best,last}.ckpt)",
+    "validate": "run the validation split (--ckpt_path best|last|RUN_DIR|FILE)",
+    "test": "run the test split: per-language retrieval (--ckpt_path best|last|RUN_DIR|FILE)",
+    "predict": "captions / embeddings of the predict split (needs --ckpt_path, or --allow_untrained true)",
+    "eval": "test + a per-language report with plots (--output DIR, --ckpt_path ...; --benchmark NAME)",
+}
+
+
+def _summary(target: str) -> str:
+    """First docstring line of a tool's function, read from its source (no import: ``--help`` stays fast)."""
+    import ast
+    import importlib.util
+
+    module, fn = target.split(":")
+    try:
+        spec = importlib.util.find_spec(module)
+        tree = ast.parse(open(spec.origin, encoding="utf-8").read())  # type: ignore[union-attr, arg-type]
+    except Exception:  # noqa: BLE001 - a listing never fails on one tool
+        return ""
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == fn:
+            doc = ast.get_docstring(node) or ""
+            return doc.strip().splitlines()[0].strip() if doc.strip() else ""
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == fn for t in node.targets) \
+                and isinstance(node.value, ast.Dict):  # a {name: function} table: jsonargparse subcommands
+            names = [k.value for k in node.value.keys if isinstance(k, ast.Constant)]
+            doc = (ast.get_docstring(tree) or "").strip()
+            head = doc.splitlines()[0].strip().rstrip(".") + ": " if doc else ""
+            return f"{head}{' | '.join(names)}"
+    return ""
+
+
+def usage() -> str:
+    """``mmalign --help``: every subcommand (the LightningCLI ones and every entry of :data:`TOOLS`)."""
+    width = max(map(len, [*LIGHTNING, *TOOLS]))
+    lines = [__doc__.strip().splitlines()[0], "", "usage: mmalign SUBCOMMAND [options]   (mmalign SUBCOMMAND --help: its options)", "",
+             "recipe subcommands (LightningCLI: --config RECIPE.yaml [--config OVERLAY.yaml] [--section.key value ...]):"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in LIGHTNING.items()]
+    lines += ["", "tools:"]
+    lines += [f"  {name:<{width}}  {_summary(target).replace('``', '')}" for name, target in sorted(TOOLS.items())]
+    lines += ["", "--ckpt_path best (or last): the newest best.ckpt (last.ckpt) of the recipe's runs under its",
+              "  default_root_dir (lightning_logs/version_*/checkpoints/); or a run folder, or a .ckpt file.",
+              "Errors: configuration mistakes print one line; --debug (or MMALIGN_DEBUG=1) shows the full traceback."]
+    return "\n".join(lines)
+
+
+def _quiet(argv: list[str]) -> None:
+    """Silence notices that say nothing about the user's run (each matched precisely)."""
+    import logging
+
     # Frozen encoders stay in eval mode by design; Lightning warns about it on every fit.
     warnings.filterwarnings("ignore", message=r"Found .* module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     # main() always hands LightningCLI an explicit argv (it is also called from Python and the tests)
     warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter")
-    if argv and argv[0] == "eval":  # LightningCLI recipe options + report options
+    # Lightning's logging step counter runs across epochs, so a recipe logging every 20 steps on a 7-batch epoch
+    # still logs every 20 steps: the warning's "you will not see logs for the training epoch" does not apply.
+    warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
+    # Without tensorboard, Lightning falls back to CSV with a 4-line notice; say it in one line instead.
+    warnings.filterwarnings("ignore", message=r"Starting from v1\.9\.0, `tensorboardX` has been removed")
+    if argv and argv[0] in ("validate", "test", "predict", "eval"):  # a fit's ModelCheckpoint state, restored outside fit
+        warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
+
+    class _NoCloudTips(logging.Filter):  # "Tip: ... try installing litlogger / litmodels" on every run
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip: For seamless cloud")
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoCloudTips) for f in logger.filters):
+            logger.addFilter(_NoCloudTips())
+
+
+def _tensorboard_notice(argv: list[str]) -> None:
+    from importlib.util import find_spec
+
+    if argv and argv[0] in ("fit", "validate", "test", "predict") and find_spec("tensorboard") is None \
+            and find_spec("tensorboardX") is None:
+        print("mmalign: tensorboard is not installed: logging to CSV (lightning_logs/version_*/metrics.csv); "
+              "`pip install tensorboard` (scripts/setup.sh installs it) for `tensorboard --logdir lightning_logs`",
+              file=sys.stderr)
+
+
+def main(argv: list[str] | None = None, readable_errors: bool | None = None) -> None:
+    """Run one ``mmalign`` subcommand.
+
+    Args:
+        argv: The arguments (default: ``sys.argv[1:]``).
+        readable_errors: Turn configuration mistakes into one short message and exit status 2
+            (:mod:`mmalign.cli.errors`). Default: on for the console script (``argv`` not given), off for Python
+            callers (they get the exception). ``--debug`` or ``MMALIGN_DEBUG=1`` turns it off.
+    """
+    from mmalign.cli.errors import ConfigError, debug_requested, readable
+
+    if readable_errors is None:
+        readable_errors = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if debug_requested(argv):
+        readable_errors = False
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet(argv)
+    command = argv[0] if argv and not argv[0].startswith("-") else ""
+    try:
+        _dispatch(argv)
+    except (KeyboardInterrupt, GeneratorExit):
+        raise
+    except BaseException as err:  # noqa: BLE001 - classified by readable(); anything else is re-raised
+        if isinstance(err, SystemExit) and not isinstance(err, ConfigError):
+            raise
+        message = readable(err) if readable_errors else None
+        if message is None:
+            raise
+        print(f"mmalign{' ' + command if command else ''}: error: {message}\n"
+              f"  (mmalign {command or ''} --help lists the options; --debug or MMALIGN_DEBUG=1 shows the full traceback)".replace("  --help", " --help"),
+              file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _dispatch(argv: list[str]) -> None:
+    if not argv or (argv[0] in ("-h", "--help") and len(argv) == 1):
+        print(usage())
+        return
+    if argv[0] == "eval":  # LightningCLI recipe options + report options
         from mmalign.evaluation.command import evaluate
 
         evaluate(argv[1:])
         return
-    if argv and argv[0] in TOOLS:
+    if argv[0] in TOOLS:
         from jsonargparse import CLI
 
         args = _rename_options(argv[1:], OPTION_RENAMES.get(argv[0], {}))
         CLI(_load(TOOLS[argv[0]]), args=args, as_positional=False)
         return
-    if argv and argv[0] in ("-h", "--help") and len(argv) == 1:
-        print(__doc__)
-        print("tools:", ", ".join(sorted(TOOLS)))
+    _tensorboard_notice(argv)
     from mmalign.recipe import MMAlignCLI  # imported late: tools above need no Lightning trainer
 
     MMAlignCLI(args=argv)

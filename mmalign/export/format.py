@@ -130,6 +130,10 @@ def read_config(root: str | os.PathLike) -> dict[str, Any]:
     """
     root = Path(root)
     path = root / CONFIG_NAME
+    if not root.exists():
+        raise ExportError(f"no such directory: {root} (an export is a folder holding {CONFIG_NAME} and model.safetensors)")
+    if not root.is_dir():
+        raise ExportError(f"{root} is a file, not an export folder (one holding {CONFIG_NAME} and model.safetensors)")
     if not path.is_file():
         raise ExportError(f"{root} is not an mmalign export: no {CONFIG_NAME}")
     size = path.stat().st_size

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
+
+#: The stable names a run's checkpoint folder holds (``--ckpt_path best`` / ``last`` resolve to them).
+BEST_NAME, LAST_NAME = "best.ckpt", "last.ckpt"
 
 
 class ExportOnFitEnd(L.Callback):
@@ -76,3 +81,144 @@ def _recipe_config(trainer: L.Trainer) -> dict[str, Any] | None:
         if isinstance(cb, SaveConfigCallback):
             return yaml.safe_load(cb.parser.dump(cb.config, skip_none=False, skip_validation=True))
     return None
+
+
+# -- best.ckpt: a stable name for the best checkpoint of a run ---------------------------------------------------
+
+def link_atomically(target: str | os.PathLike, link: str | os.PathLike) -> Path:
+    """Point ``link`` at ``target`` (a file in the same folder) in one ``os.replace``: readers see the old or the
+    new checkpoint, never a missing or half-written one. A relative symlink where the file system allows it
+    (``ls -l`` shows which epoch is best), else a copy."""
+    target, link = Path(target), Path(link)
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.symlink(os.path.relpath(target, link.parent), tmp)
+    except OSError:  # no symlinks here (some Windows and network file systems): copy, still atomically
+        shutil.copyfile(target, tmp)
+    os.replace(tmp, link)
+    return link
+
+
+class BestCheckpoint(L.Callback):
+    """Keep ``best.ckpt`` beside the trainer's ``ModelCheckpoint`` files, pointing at its current best.
+
+    ``ModelCheckpoint`` names its files by epoch and step (``epoch=44-step=315.ckpt``) and ``last.ckpt``
+    (``save_last: true``), so "the best checkpoint of a run" had no stable name, and ``--ckpt_path best`` only
+    worked in the process that trained. The mmalign CLI attaches this callback to every run: after each save it
+    re-points ``<checkpoint dir>/best.ckpt`` (atomically) when the best changes. Runs without a
+    ``ModelCheckpoint`` (the tiny overlays) write nothing.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._linked: str | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Lightning moves ModelCheckpoint callbacks to the end of the list; run after them, so best.ckpt follows
+        # a save within the same hook. (A new list: the loop calling setup iterates over the old one.)
+        if trainer.checkpoint_callbacks:
+            trainer.callbacks = [cb for cb in trainer.callbacks if cb is not self] + [self]
+
+    def _sync(self, trainer: L.Trainer) -> None:
+        cb = trainer.checkpoint_callback
+        best = getattr(cb, "best_model_path", "") or ""
+        if not trainer.is_global_zero or not best or not getattr(cb, "dirpath", None):
+            return
+        link = Path(cb.dirpath) / BEST_NAME
+        if Path(best).resolve() == link.resolve() and not link.is_symlink():
+            return  # ModelCheckpoint itself writes best.ckpt (filename: best)
+        if best == self._linked and link.exists():
+            return
+        if Path(best).is_file():
+            link_atomically(best, link)
+            self._linked = best
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._sync(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._sync(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._sync(trainer)
+
+
+#: ``--ckpt_path`` values resolved from the run folder, and the file each names.
+CKPT_ALIASES = {"best": BEST_NAME, BEST_NAME: BEST_NAME, "last": LAST_NAME, LAST_NAME: LAST_NAME}
+
+
+def checkpoint_dirs(trainer: L.Trainer) -> list[Path]:
+    """Where this recipe's runs keep checkpoints, as ``ModelCheckpoint`` lays them out: its ``dirpath`` when a
+    recipe sets one, else ``<logger root>/version_*/checkpoints`` (TensorBoard/CSV loggers, every version) and
+    ``<default_root_dir>/checkpoints`` (no logger), ``<default_root_dir>/lightning_logs/version_*/checkpoints``."""
+    dirs: list[Path] = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+    root = Path(trainer.default_root_dir)
+    roots = [Path(r) for r in (getattr(lg, "root_dir", None) for lg in trainer.loggers) if r] + [root / "lightning_logs"]
+    for r in roots:
+        dirs += sorted(p for p in r.glob("*/checkpoints") if p.is_dir())
+    dirs.append(root / "checkpoints")
+    seen, out = set(), []
+    for d in dirs:
+        if d.resolve() not in seen:
+            seen.add(d.resolve())
+            out.append(d)
+    return out
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def find_run_checkpoint(trainer: L.Trainer, name: str = BEST_NAME) -> Path | None:
+    """The newest ``name`` (``best.ckpt`` / ``last.ckpt``) among :func:`checkpoint_dirs` (by the checkpoint's
+    write time: the latest run of this recipe's root dir), or None. A link leaving its folder is ignored."""
+    found = [d / name for d in checkpoint_dirs(trainer) if (d / name).is_file() and _inside(d / name, d)]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def resolve_ckpt_path(trainer: L.Trainer, ckpt_path: str | os.PathLike | None, stage: str = "test") -> str | None:
+    """What ``--ckpt_path`` names, as a file, in a fresh process.
+
+    ``best`` / ``best.ckpt`` and ``last`` / ``last.ckpt`` (when no such file is in the working directory) are
+    the newest ones of this recipe's runs (:func:`find_run_checkpoint`); a run folder (``lightning_logs/version_0``)
+    or its ``checkpoints/`` folder means its ``best.ckpt``; a file is itself. ``fit --ckpt_path last`` with no
+    checkpoint yet starts from scratch (Lightning's "set and forget" resume); anything else that names no file
+    is a ``FileNotFoundError`` saying where it looked.
+    """
+    if ckpt_path is None:
+        return None
+    value = str(ckpt_path)
+    path = Path(value)
+    if path.is_file():
+        return value
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / BEST_NAME, path / BEST_NAME, path / "checkpoints" / LAST_NAME, path / LAST_NAME):
+            if candidate.is_file():
+                rank_zero_info(f"mmalign: --ckpt_path {value} -> {candidate}")
+                return str(candidate)
+        raise FileNotFoundError(f"--ckpt_path {value}: the folder holds no {BEST_NAME} or {LAST_NAME} "
+                                f"(nor checkpoints/{BEST_NAME}); give a checkpoint file")
+    if value in ("hpc", "registry") or value.startswith("registry:"):
+        return value  # Lightning's own
+    name = CKPT_ALIASES.get(value)
+    if name is None:
+        parent = path.parent
+        if str(parent) not in ("", ".") and not parent.is_dir():
+            raise FileNotFoundError(f"--ckpt_path {value}: no such directory: {parent}")
+        raise FileNotFoundError(f"--ckpt_path {value}: no such file (or give best, last, or a run folder)")
+    found = find_run_checkpoint(trainer, name)
+    if found is not None:
+        rank_zero_info(f"mmalign: --ckpt_path {value} -> {found}")
+        return str(found)
+    if stage == "fit" and name == LAST_NAME:
+        rank_zero_info(f"mmalign: --ckpt_path {value}: no {LAST_NAME} yet, training from scratch")
+        return None
+    where = ", ".join(str(d) for d in checkpoint_dirs(trainer)[:4])
+    raise FileNotFoundError(
+        f"--ckpt_path {value}: no {name} in this recipe's checkpoint folders ({where}); fit it first with a "
+        f"ModelCheckpoint (the offline recipes have one; it writes {BEST_NAME} and {LAST_NAME}), or give a checkpoint file")
