@@ -2,7 +2,8 @@
 
 The file is memory-mapped and indexed by line offsets (one int64 per line, no string held); a ``.txt.gz``
 is decompressed once into ``$MMALIGN_ARROW_CACHE`` (keyed by path, size, mtime) and mapped the same way.
-Row ``i`` is ``{"id": "<stem>-<line>", "concept": id, "lang": lang, "text": line}`` (``line`` 1-based).
+Row ``i`` is ``{"id": "<stem>-<line>", "concept": id, "lang": lang, "text": line}`` (``line`` 1-based), plus
+``text_en: line`` when ``lang`` is ``en`` (an English corpus feeds a pivot's English teacher tower).
 Blank lines are not rows; a line that is not UTF-8 is bad input (``invalid utf-8``), found when opening.
 """
 
@@ -57,9 +58,11 @@ class TextCorpusSource(RowSource):
         self.lang = lang or "und"
         if not is_known_language(self.lang):
             raise SourceError(f"{self.path}: lang: {self.lang!r} is not an ISO 639-1 code or 'und'")
-        other = sorted(set(required_fields) - {"text", "id", "concept", "lang"})
+        # an English corpus's text is its English text too: a pivot's teacher tower reads ``text_en``
+        fields = {"text", "id", "concept", "lang"} | ({"text_en"} if self.lang == "en" else set())
+        other = sorted(set(required_fields) - fields)
         if other:
-            raise SourceError(f"{self.path}: a text corpus has only `text`; the towers read {other}")
+            raise SourceError(f"{self.path}: a text corpus has only `text` (and `text_en` when lang is en); the towers read {other}")
         if languages is not None and self.lang not in set(languages):
             raise ManifestError(f"{self.path}: no rows in language(s) {sorted(languages)}; the source has ['{self.lang}']")
         self.report = BadInputReport()
@@ -110,7 +113,10 @@ class TextCorpusSource(RowSource):
     def __getitem__(self, index: int) -> dict[str, Any]:
         text = bytes(self._mm[self._starts[index]:self._ends[index]]).decode("utf-8").rstrip("\r")
         rid = f"{self.path.name.split('.')[0]}-{int(self._lines[index])}"
-        return {"id": rid, "concept": rid, "lang": self.lang, "text": text}
+        row = {"id": rid, "concept": rid, "lang": self.lang, "text": text}
+        if self.lang == "en":
+            row["text_en"] = text
+        return row
 
     @property
     def languages(self) -> list[str]:

@@ -1,0 +1,323 @@
+"""Corpus-scale uCLIP pivot (issue 17.1): USE-m student -> all-MiniLM-L6-v2 English anchor, trained on English text only.
+
+Trains the offline pivot recipe (``configs/uclip_pivot.yaml`` + ``configs/offline/uclip_pivot.yaml`` +
+``configs/offline/uclip_pivot_corpus.yaml``) on the English corpus of ``mmalign data corpus`` and measures,
+per language, student(L) -> teacher(English) R@1 on held-out emoji concepts and on held-out CLDR domains
+(territories, currencies, languages: ``data/corpus/domains``, never a training source), each beside the
+ceiling (the frozen student's own cross-lingual retrieval: student(L) -> student(English), no projector),
+the least-squares map and a linear projector. Variants are chosen on the emoji VALIDATION split only.
+
+    mmalign data corpus --root data/corpus --sources '[data/emoji/train.jsonl, wordfreq, wordnet]' \\
+        --exclude '[data/emoji/val.jsonl, data/emoji/test.jsonl]'
+    python -m benchmarks.studies.pivot_corpus encode            # frozen features (resumable chunks)
+    python -m benchmarks.studies.pivot_corpus run --seeds 0 1 2 # trains, writes docs/results/pivot_corpus.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import warnings  # noqa: E402
+
+for _msg in (".*LightningCLI's args parameter.*", ".*validation_step.*", ".*LeafSpec.*", ".*self.log.*"):
+    warnings.filterwarnings("ignore", message=_msg)
+
+import torch  # noqa: E402
+
+from benchmarks.studies.pivot_features import encode_chunked, read_jsonl  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CACHE = Path(os.environ.get("MMALIGN_CACHE_DIR", Path.home() / ".cache" / "mmalign")) / "pivot_corpus"
+EMOJI_LANGS = ["en", "es", "ja", "ko", "pt", "it", "fr", "de", "zh", "ru", "tr", "ar"]
+DOMAINS = ["territories", "currencies", "languages"]
+
+
+def encoders():
+    """The recipe's frozen encoders ``{"student": USE-m, "teacher": MiniLM}`` (built from its YAML)."""
+    from mmalign.recipe import build, load_config
+
+    model, _ = build(load_config("uclip_pivot", variant="offline"))
+    return {name: model.towers[name].encoder.eval() for name in ("student", "teacher")}
+
+
+def eval_texts(path: Path, langs: list[str] | None = None) -> dict[str, list]:
+    """Rows of an evaluation manifest: student texts (every row) and teacher texts (one English name per concept)."""
+    rows = [r for r in read_jsonl(path) if langs is None or r["lang"] in langs]
+    concepts = list(dict.fromkeys(r["concept"] for r in rows))
+    first = {}
+    for r in rows:
+        first.setdefault(r["concept"], r["text_en"])
+    return {"rows": rows, "student": [r["text"] for r in rows], "concepts": concepts, "teacher": [first[c] for c in concepts]}
+
+
+def feature_dir(cache: Path, name: str, tower: str, enc) -> Path:
+    return cache / name / f"{tower}-{enc.cache_key.replace('/', '_')[:80]}"
+
+
+def encode_plan(args) -> None:
+    torch.set_num_threads(2)
+    enc = encoders()
+    corpus = [line.rstrip("\n") for line in open(args.corpus / "train.txt", encoding="utf-8")]
+    sets = {"emoji-val": eval_texts(args.data / "val.jsonl", EMOJI_LANGS),
+            "emoji-test": eval_texts(args.data / "test.jsonl", EMOJI_LANGS)}
+    for d in DOMAINS:
+        sets[d] = eval_texts(args.corpus / "domains" / f"{d}.jsonl")
+    train_en = [r["text"] for r in read_jsonl(args.data / "train.jsonl") if r["lang"] == "en"]
+
+    def do_set(name):
+        s = sets[name]
+        for tower in ("student", "teacher"):
+            encode_chunked(enc[tower], s[tower], feature_dir(args.cache, name, tower, enc[tower]), log=f"{name}/{tower}")
+
+    def do_corpus(limit):
+        for tower in ("student", "teacher"):
+            encode_chunked(enc[tower], corpus, feature_dir(args.cache, "corpus", tower, enc[tower]), limit=limit, log=f"corpus/{tower}")
+
+    do_set("emoji-val")
+    for tower in ("student", "teacher"):
+        encode_chunked(enc[tower], train_en, feature_dir(args.cache, "emoji-train-en", tower, enc[tower]), log=f"emoji-train-en/{tower}")
+    do_corpus(10240)
+    do_set("territories")
+    do_set("currencies")
+    do_corpus(30720)
+    do_set("emoji-test")
+    do_set("languages")
+    for limit in range(40960, len(corpus) + 10240, 10240):
+        do_corpus(limit)
+
+
+# -- features ------------------------------------------------------------------------------------
+class EvalSet:
+    """A held-out set: rows, student features of every row, teacher features of one English name per concept."""
+
+    def __init__(self, name: str, texts: dict, student: torch.Tensor, teacher: torch.Tensor) -> None:
+        self.name, self.rows, self.concepts = name, texts["rows"], texts["concepts"]
+        self.student, self.teacher = student, teacher
+        self.langs = list(dict.fromkeys(r["lang"] for r in self.rows))
+
+    def r1(self, student_emb: torch.Tensor, teacher_emb: torch.Tensor) -> dict[str, float]:
+        """R@1 student(L) -> teacher(English names of the set's concepts), per language."""
+        from mmalign.evaluation.baselines import r1
+
+        out = {}
+        for lang in self.langs:
+            idx = [i for i, r in enumerate(self.rows) if r["lang"] == lang]
+            out[lang] = r1(student_emb[idx], teacher_emb, [self.rows[i]["concept"] for i in idx], self.concepts)
+        return out
+
+    def ceiling(self) -> dict[str, float]:
+        """The frozen student's own retrieval student(L) -> student(en), no projector (evaluation.baselines)."""
+        from mmalign.evaluation.baselines import student_ceiling
+
+        c = student_ceiling(self.student, [r["lang"] for r in self.rows], [r["concept"] for r in self.rows], pivot="en",
+                            keys=[r["text"] for r in self.rows], languages=self.langs)
+        return {lang: m["R@1"] for lang, m in c.items()}
+
+
+def load_features(args, enc) -> tuple[dict[str, EvalSet], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Eval sets, the corpus prefix with both towers encoded, and the English emoji training names."""
+    from benchmarks.studies.pivot_features import available
+
+    sets = {}
+    specs = {"emoji-val": (args.data / "val.jsonl", EMOJI_LANGS), "emoji-test": (args.data / "test.jsonl", EMOJI_LANGS)}
+    specs.update({d: (args.corpus / "domains" / f"{d}.jsonl", None) for d in DOMAINS})
+    for name, (path, langs) in specs.items():
+        texts = eval_texts(path, langs)
+        dirs = {t: feature_dir(args.cache, name, t, enc[t]) for t in ("student", "teacher")}
+        if any(available(texts[t], dirs[t]) < len(texts[t]) for t in dirs):
+            print(f"  {name}: features not encoded yet (run `encode`); left out", flush=True)
+            continue
+        feats = {t: torch.from_numpy(encode_chunked(enc[t], texts[t], dirs[t])) for t in dirs}
+        sets[name] = EvalSet(name, texts, feats["student"], feats["teacher"])
+    corpus = [line.rstrip("\n") for line in open(args.corpus / "train.txt", encoding="utf-8")]
+    n = min(available(corpus, feature_dir(args.cache, "corpus", t, enc[t])) for t in ("student", "teacher"))
+    if args.max_corpus:
+        n = min(n, args.max_corpus)
+    train = {t: torch.from_numpy(encode_chunked(enc[t], corpus, feature_dir(args.cache, "corpus", t, enc[t]), limit=n))
+             for t in ("student", "teacher")}
+    train_en = [r["text"] for r in read_jsonl(args.data / "train.jsonl") if r["lang"] == "en"]
+    emoji = {t: torch.from_numpy(encode_chunked(enc[t], train_en, feature_dir(args.cache, "emoji-train-en", t, enc[t])))
+             for t in ("student", "teacher")}
+    return sets, train, emoji
+
+
+# -- training on the features ----------------------------------------------------------------------
+class UclipHead(torch.nn.Module):
+    """uCLIP's projection head (Linear-BatchNorm-ReLU-Linear), for comparison with the recipe's MLP."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 1024, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(in_dim, hidden_dim), torch.nn.BatchNorm1d(hidden_dim), torch.nn.ReLU(),
+                                       torch.nn.Dropout(dropout), torch.nn.Linear(hidden_dim, out_dim))
+
+    def forward(self, features) -> torch.Tensor:
+        return self.net(features.pooled)
+
+
+def recipe_config(batch_size: int | None = None) -> dict:
+    from mmalign.recipe import load_config, recipe_files
+
+    files = recipe_files("uclip_pivot", "offline") + [ROOT / "configs" / "offline" / "uclip_pivot_corpus.yaml"]
+    cfg = load_config(files)
+    if batch_size:
+        cfg["data"]["init_args"]["batch_size"] = batch_size
+    return cfg
+
+
+def variant_config(v: dict) -> dict:
+    """The composed recipe with a variant's patches: projector, loss weights, temperature, mixup."""
+    import copy
+
+    cfg = copy.deepcopy(recipe_config(v.get("batch_size")))
+    m = cfg["model"]["init_args"]
+    if v.get("linear"):
+        m["towers"]["student"]["init_args"]["projector"] = {"class_path": "projectors.Linear"}
+    if "mse_weight" in v:
+        m["objectives"][1]["init_args"]["weight"] = v["mse_weight"]
+    if v.get("temperature"):
+        m["objectives"][0]["init_args"]["loss"] = {"class_path": "mmalign.ClipLoss", "init_args": {
+            "logit_scale": 1.0 / v["temperature"], "learnable_scale": False}}
+    if v.get("mixup"):
+        m["mixup_alpha"] = float(v["mixup"])
+    return cfg
+
+
+def fit_features(v: dict, x_s: torch.Tensor, x_t: torch.Tensor, steps: int, seed: int):
+    """Train the student tower of the (patched) recipe on paired features with Lightning, ``steps`` steps."""
+    import lightning as L
+
+    from mmalign.recipe import build
+
+    cfg = variant_config(v)
+    model, _ = build(cfg, seed=seed)
+    if v.get("uclip_head"):
+        torch.manual_seed(seed)
+        model.towers["student"].projector = UclipHead(x_s.shape[1], model.embed_dim)
+    bs = cfg["data"]["init_args"]["batch_size"]
+    noise = float(v.get("noise") or 0.0)
+    g = torch.Generator().manual_seed(seed)
+
+    def collate(idx):
+        idx = torch.tensor(idx)
+        xs = x_s[idx]
+        if noise:
+            xs = xs + noise * torch.randn(xs.shape, generator=g)
+        return {"meta": {"id": [str(i) for i in idx.tolist()], "concept": [str(i) for i in idx.tolist()]},
+                "features": {"student": {"pooled": xs}, "teacher": {"pooled": x_t[idx]}}}
+
+    loader = torch.utils.data.DataLoader(range(len(x_s)), batch_size=bs, shuffle=True, drop_last=len(x_s) > bs,
+                                         collate_fn=collate, generator=torch.Generator().manual_seed(seed))
+    L.seed_everything(seed, verbose=False)
+    trainer = L.Trainer(max_steps=steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(model, train_dataloaders=loader)
+    return model.eval()
+
+
+def project(model, tower: str, x: torch.Tensor) -> torch.Tensor:
+    from encoders.base import EncoderOutput
+
+    with torch.no_grad():
+        return model.towers[tower].project(EncoderOutput(pooled=x))
+
+
+def score_model(model, sets: dict[str, EvalSet]) -> dict[str, dict[str, float]]:
+    return {name: s.r1(project(model, "student", s.student), project(model, "teacher", s.teacher)) for name, s in sets.items()}
+
+
+def mean(d: dict[str, float]) -> float:
+    return sum(d.values()) / len(d)
+
+
+def ridge_scores(x_s, x_t, sets):
+    """Least-squares (ridge) map student -> teacher on the training features; lambda picked on emoji val."""
+    from mmalign.evaluation.baselines import pick_ridge
+
+    val = sets["emoji-val"]
+    fn, lam = pick_ridge(x_s, x_t, lambda f: mean(val.r1(f(val.student), val.teacher)))
+    return {name: s.r1(fn(s.student), s.teacher) for name, s in sets.items()}, lam
+
+
+VARIANTS = {
+    "recipe (GELU MLP, InfoNCE learnable T + MSE x10, batch 512)": {},
+    "uCLIP head Linear-BN-ReLU-Linear": {"uclip_head": True},
+    "InfoNCE T=0.01 fixed": {"temperature": 0.01},
+    "MSE weight 0.1 (intra-modal L2, lambda 0.1)": {"mse_weight": 0.1},
+    "input noise std sqrt(0.004)": {"noise": 0.004 ** 0.5},
+    "batch 2048": {"batch_size": 2048},
+    "latent mixup alpha 1": {"mixup": 1.0},
+}
+
+
+def run(args) -> None:
+    import json
+    import statistics
+    import time
+
+    torch.set_num_threads(2)
+    enc = encoders()
+    sets, train, emoji = load_features(args, enc)
+    out: dict = {"corpus_rows": len(train["student"]), "steps": args.steps, "seeds": args.seeds, "sets": {}}
+    print(f"corpus rows with features: {len(train['student'])}; sets: {sorted(sets)}", flush=True)
+    for name, s in sets.items():
+        out["sets"][name] = {"concepts": len(s.concepts), "rows": len(s.rows), "languages": s.langs, "ceiling": s.ceiling()}
+    results: dict = {}
+
+    def record(label, scores_per_seed):
+        results[label] = {name: {lang: [sc[name][lang] for sc in scores_per_seed] for lang in scores_per_seed[0][name]}
+                          for name in scores_per_seed[0]}
+        val = [mean(sc["emoji-val"]) for sc in scores_per_seed]
+        print(f"  {label}: emoji-val mean R@1 {statistics.mean(val):.3f}" +
+              "".join(f" | {n} {statistics.mean(mean(sc[n]) for sc in scores_per_seed):.3f}" for n in scores_per_seed[0] if n != "emoji-val"),
+              flush=True)
+
+    t0 = time.time()
+    if "variants" in args.parts:  # seed 0, chosen on emoji VALIDATION only
+        for label, v in VARIANTS.items():
+            record(f"variant: {label}", [score_model(fit_features(v, train["student"], train["teacher"], args.steps, 0), sets)])
+    best = json.loads(args.best) if args.best else {}
+    if "curve" in args.parts:
+        for n in args.curve:
+            n = min(n, len(train["student"]))
+            record(f"corpus prefix {n} (best)", [score_model(fit_features(best, train["student"][:n], train["teacher"][:n], args.steps, 0), sets)])
+    if "final" in args.parts:
+        record("ridge on emoji English names", [ridge_scores(emoji["student"], emoji["teacher"], sets)[0]])
+        record("recipe on emoji English names", [score_model(fit_features({}, emoji["student"], emoji["teacher"], args.steps, s), sets) for s in args.seeds])
+        rs, lam = ridge_scores(train["student"], train["teacher"], sets)
+        record(f"least squares on corpus (ridge, lambda={lam:g})", [rs])
+        record("linear projector on corpus", [score_model(fit_features({**best, "linear": True, "uclip_head": False}, train["student"], train["teacher"], args.steps, s), sets) for s in args.seeds])
+        record("recipe on corpus (chosen variant)", [score_model(fit_features(best, train["student"], train["teacher"], args.steps, s), sets) for s in args.seeds])
+    out["results"], out["chosen"], out["seconds"] = results, best, round(time.time() - t0)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    path = args.output.with_name(f"{args.output.stem}-{'-'.join(args.parts)}.json")
+    path.write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
+    print(f"wrote {path}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("mode", choices=["encode", "run"])
+    ap.add_argument("--data", type=Path, default=ROOT / "data" / "emoji")
+    ap.add_argument("--corpus", type=Path, default=ROOT / "data" / "corpus")
+    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    ap.add_argument("--parts", nargs="+", default=["variants", "curve", "final"], choices=["variants", "curve", "final"])
+    ap.add_argument("--best", default="", help="JSON patch of the chosen variant (picked on emoji val), e.g. '{\"mixup\": 1}'")
+    ap.add_argument("--curve", type=int, nargs="+", default=[1000, 3000, 10000, 30000, 110000])
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--max_corpus", type=int, default=None)
+    ap.add_argument("--output", type=Path, default=ROOT / "docs" / "results" / "pivot_corpus.json")
+    args = ap.parse_args(argv)
+    if args.mode == "encode":
+        encode_plan(args)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
