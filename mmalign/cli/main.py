@@ -23,6 +23,7 @@ TOOLS: dict[str, str] = {
     "embed": "mmalign.export.embed:embed",
     "cache": "mmalign.cache.command:cache",
     "classify": "mmalign.evaluation.classify:classify",
+    "compare": "mmalign.evaluation.compare:compare",
     "extend": "mmalign.extend:extend",
 }
 
