@@ -46,7 +46,7 @@ warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from mmalign.evaluation.baselines import pick_ridge, r1  # noqa: E402
+from mmalign.evaluation.baselines import pick_ridge, r1, student_ceiling  # noqa: E402
 from mmalign.recipe import build as build_recipe  # noqa: E402
 from mmalign.recipe import load_config as _load_config  # noqa: E402
 
@@ -200,7 +200,18 @@ def run_pivot(data: Path, cache_root: Path, config_name: str = "uclip_pivot", ep
     results["untrained projector"] = pivot_scores(rows0, e0["student"], e0["teacher"], p.langs)
     results.update(score_variants(pivot_variants(base), epochs, lambda rows, e: pivot_scores(rows, e["student"], e["teacher"], p.langs),
                                   "pivot", show=float))
-    return summary(p, "R@1 text(L) -> English teacher name", n_test, results)
+    out = summary(p, "R@1 text(L) -> English teacher name", n_test, results)
+    out["ceiling"] = text_ceiling(p.rows["test"], p.feats["test"]["student"], p.langs, "USE-m")
+    return out
+
+
+def text_ceiling(rows: Sequence[dict], frozen: Tensor, langs: Sequence[str], encoder: str) -> dict[str, Any]:
+    """The frozen text encoder's own R@1 ``student(L) -> student(en)`` (no projector; issue 17's ceiling) on ``rows``:
+    :func:`mmalign.evaluation.baselines.student_ceiling`, gallery = the English names of the split's concepts."""
+    ceiling = student_ceiling(frozen, [r["lang"] for r in rows], [r["concept"] for r in rows], pivot="en",
+                              keys=[r["text"] for r in rows], languages=langs)
+    return {"label": f"ceiling: {encoder} alone, {encoder}(L) -> {encoder}(en), no projector",
+            "R@1": {lang: m["R@1"] for lang, m in ceiling.items()}}
 
 
 # -- recipe: SONAR speech teacher-student ---------------------------------------------------------
@@ -445,9 +456,20 @@ def run_lit(data: Path, cache_root: Path, config_name: str = "lit_contrastive", 
     rows0, e0 = cached_outputs(p.untrained, p.datamodule, "test")
     results["untrained projectors"] = lit_scores(rows0, e0["image"], e0["text"], p.langs)
     variants = {"recipe without false-negative masking": without_masking(base), "recipe (configs/offline/lit_contrastive.yaml)": base}
-    results.update(score_variants(variants, epochs, lambda rows, e: lit_scores(rows, e["image"], e["text"], p.langs),
-                                  "lit", show=lambda v: v["image->text R@1"]))
-    return summary(p, "image <-> text(L) R@1", n_test, results)
+    projected: dict[str, dict[str, float]] = {}
+
+    def score(rows: list[dict], e: dict[str, Tensor]) -> dict[str, dict[str, float]]:
+        label = f"variant {len(projected)}"
+        projected[label] = text_ceiling(rows, e["text"], p.langs, "text")["R@1"]  # text(L) -> text(en) through the projector
+        return lit_scores(rows, e["image"], e["text"], p.langs)
+
+    results.update(score_variants(variants, epochs, score, "lit", show=lambda v: v["image->text R@1"]))
+    out = summary(p, "image <-> text(L) R@1", n_test, results)
+    out["ceiling"] = text_ceiling(p.rows["test"], p.feats["test"]["text"], p.langs, "USE-m")
+    # The same retrieval through the trained text projector: how much of USE-m's cross-lingual retrieval LiT keeps.
+    out["ceiling"]["through_projector"] = {f"{label}: text(L) -> text(en) through the text projector": v
+                                           for label, v in zip(variants, projected.values())}
+    return out
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -457,16 +479,43 @@ def _table(results: dict[str, dict[str, Any]], metric: str | None, langs: Sequen
     for method, per_lang in results.items():
         vals = [per_lang[lang] if metric is None else per_lang[lang][metric] for lang in langs]
         mean = sum(vals) / len(vals)
-        fmt = (lambda v: f"{100 * v:.1f}") if percent else (lambda v: f"{v:.3f}")
+        fmt = (lambda v: f"{100 * v:.1f}") if percent else (lambda v: f"{v:.2f}")
         lines.append(f"| {method} | " + " | ".join(fmt(v) for v in vals) + f" | {fmt(mean)} |")
     return head + "\n".join(lines) + "\n"
 
 
-def _plot(results: dict[str, dict[str, Any]], metric: str | None, langs: Sequence[str], path: Path, title: str) -> None:
+def _plot(results: dict[str, dict[str, Any]], metric: str | None, langs: Sequence[str], path: Path, title: str,
+          ceiling: dict[str, Any] | None = None) -> None:
     from mmalign.evaluation.plots import plot_recall_bars
 
     per_lang = {lang: {m: {"R@1": (v[lang] if metric is None else v[lang][metric])} for m, v in results.items()} for lang in langs}
-    plot_recall_bars(per_lang, path, metric="R@1")
+    plot_recall_bars(per_lang, path, metric="R@1", title=f"{title}: {metric or 'R@1'} per language",
+                     reference=ceiling["R@1"] if ceiling and metric is None else None,
+                     reference_label=ceiling["label"] if ceiling else "")
+
+
+def ceiling_md(res: dict[str, Any], langs: Sequence[str]) -> str:
+    """The ceiling table of one recipe: the frozen student's own ``L -> en`` R@1, and each method's fraction of it."""
+    ceiling = res["ceiling"]
+    c = ceiling["R@1"]
+    md = [f"\n**Ceiling** (issue 17): R@1 of the frozen student text encoder alone, no projector: its text in L -> its "
+          "text of the English names of the same held-out concepts (e.g. USE-m de -> USE-m en). The row `en` is "
+          "trivially 100 (the query is in the gallery).\n"]
+    rows = {ceiling["label"]: c}
+    if "through_projector" in ceiling:
+        rows.update(ceiling["through_projector"])
+        md.append("Beside it, the same text(L) -> text(en) retrieval through the recipe's trained text projector: how much of "
+                  "the encoder's cross-lingual retrieval the LiT projector keeps.\n")
+        table = _table(rows, None, langs)
+        ratios = {k: {lang: v[lang] / c[lang] if c[lang] else float("nan") for lang in langs} for k, v in ceiling["through_projector"].items()}
+    else:
+        table = _table(rows, None, langs)
+        ratios = {m: {lang: v[lang] / c[lang] if c[lang] else float("nan") for lang in langs}
+                  for m, v in res["results"].items() if not m.startswith(("chance", "untrained"))}
+    md.append("\n" + table)
+    md.append("\n**Fraction of the ceiling** (method R@1 / ceiling R@1 per language; the mean column is the mean of the ratios; "
+              "`en` is the method's own R@1, its ceiling being 1)\n\n" + _table(ratios, None, langs, percent=False))
+    return "".join(md)
 
 
 #: Prose of docs/results.md lives beside this script as Markdown (edit it there).
@@ -480,13 +529,16 @@ def write_outputs(all_results: dict[str, Any], output: Path, meta: dict[str, Any
     """Write ``<output>/offline_results.json``, bar charts ``<output>/*.png`` and ``<output>.md``."""
     output.mkdir(parents=True, exist_ok=True)
     (output / "offline_results.json").write_text(json.dumps({"meta": meta, **all_results}, indent=2, ensure_ascii=False))
-    md = [f"<!-- generated by `{meta['command']}`; edit benchmarks/studies/offline_results*.{py,md}, not this file -->\n", INTRO,
+    md = [f"<!-- generated by `{meta['command']}`; edit benchmarks/studies/offline_results*.{{py,md}}, not this file -->\n", INTRO,
           f"\nCommand: `{meta['command']}`  \nMachine: {meta['machine']}  \n"
           f"Wall time: {meta['wall_seconds']:.0f} s (per recipe: "
           + ", ".join(f"{k} {v:.0f} s" for k, v in meta["recipe_seconds"].items())
           + "; time in `mmalign cache` this run, which only checks a filled cache: "
-          + (", ".join(f"{k} {v:.0f} s" for k, v in meta["encode_seconds"].items()) or "none") + ")\n\n",
-          notes]
+          + (", ".join(f"{k} {v:.0f} s" for k, v in meta["encode_seconds"].items()) or "none") + ")\n"]
+    for update in meta.get("updates", []):
+        md.append(f"Sections {', '.join(update['sections'])} regenerated by `{update['command']}` "
+                  f"({update['date']}, {update['wall_seconds']:.0f} s; the other sections are from the command above)\n")
+    md += ["\n", notes]
     rel = output.name
     for name, res in all_results.items():
         r = res["results"]
@@ -501,8 +553,14 @@ def write_outputs(all_results: dict[str, Any], output: Path, meta: dict[str, Any
             if metric != "xsim":
                 stem = (metric or "R@1").replace(" ", "_").replace("->", "_to_").replace("@", "")
                 png = output / f"{name}_{stem}.png"
-                _plot(r, metric, langs, png, name)
+                _plot(r, metric, langs, png, name, res.get("ceiling"))
                 md.append(f"\n![{name} {metric or 'R@1'}]({rel}/{png.name})\n")
+        ceiling = res.get("ceiling")
+        if ceiling:
+            md.append(ceiling_md(res, langs))
+        elif name == "sonar_speech":
+            md.append("\n**Ceiling**: none here. The student is a speech encoder (Whisper base): its own retrieval "
+                      "has no text side, so there is no frozen-student figure that bounds speech -> text.\n")
         sub = res.get("subset")
         if sub:
             md.append(f"\n**R@1 on {sub['size']}-concept galleries** (%, mean over {sub['draws']} seeded draws of the held-out "
@@ -527,6 +585,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these small MLPs)")
     parser.add_argument("--allow-incomplete", action="store_true", help="use a dataset folder without .complete")
     parser.add_argument("--render-only", action="store_true", help="rewrite the Markdown and plots from the JSON")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other recipes' sections of the existing JSON (regenerate only --recipes)")
     args = parser.parse_args(argv)
     if args.render_only:
         saved = json.loads((Path(args.output) / "offline_results.json").read_text())
@@ -553,8 +613,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             raise SystemExit(f"unknown recipe {recipe!r}; choose from pivot, sonar, lit")
         timings[recipe] = round(time.time() - t0, 1)
+    command = "python -m benchmarks.studies.offline_results " + " ".join(argv if argv is not None else sys.argv[1:])
+    saved_path = output / "offline_results.json"
+    if args.merge and saved_path.is_file():
+        saved = json.loads(saved_path.read_text())
+        meta = saved.pop("meta")
+        # the same script before the issue-18 layout moved it under benchmarks/studies (same arguments)
+        meta["command"] = meta["command"].replace("python benchmarks/offline_results.py", "python -m benchmarks.studies.offline_results")
+        meta["updates"] = [u for u in meta.get("updates", []) if not set(u["sections"]) <= set(results)] + [{
+            "sections": list(results), "command": command, "wall_seconds": round(time.time() - start, 1),
+            "date": time.strftime("%Y-%m-%d", time.gmtime())}]
+        write_outputs({**saved, **results}, output, meta, NOTES)
+        print(json.dumps(meta, indent=2))
+        return
     meta = {
-        "command": "python -m benchmarks.studies.offline_results " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
         "wall_seconds": round(time.time() - start, 1), "recipe_seconds": timings,
         "encode_seconds": {k: v["cache_seconds"] for k, v in results.items()},

@@ -37,6 +37,7 @@ def _save(fig, path: str | Path) -> Path:
 def plot_recall_bars(
     retrieval: Mapping[str, Mapping[str, Mapping[str, float]]], path: str | Path, metric: str = "R@1",
     means: Mapping[str, Mapping[str, float]] | None = None, title: str | None = None,
+    reference: Mapping[str, float] | None = None, reference_label: str = "ceiling",
 ) -> Path:
     """Grouped bar chart: one group per language, one bar per direction (or method), height = ``metric`` in %.
 
@@ -47,6 +48,9 @@ def plot_recall_bars(
         metric: Which metric to plot.
         means: Optional ``{direction: metrics}`` drawn as a last, hatched group "mean" (the per-language mean).
         title: Plot title (default ``"<metric> per language"``).
+        reference: Optional ``{lang: value}`` (fractions) drawn as a black bar across each language's group, e.g. the
+            frozen student's own retrieval (the ceiling).
+        reference_label: Legend label of ``reference``.
     """
     langs = [lang for lang in retrieval if lang != "all"]
     directions = list(dict.fromkeys(d for lang in langs for d in retrieval[lang]))
@@ -62,13 +66,18 @@ def plot_recall_bars(
         if means and direction in means and metric in means[direction]:
             ax.bar(len(langs) + (j - (len(directions) - 1) / 2) * width + 0.3, 100 * means[direction][metric], width,
                    color=colours[j], hatch="//", edgecolor="k", linewidth=0.5)
+    if reference:
+        for i, lang in enumerate(langs):
+            if lang in reference:
+                ax.hlines(100 * reference[lang], i - 0.45, i + 0.45, colors="k", linewidth=2,
+                          label=reference_label if i == 0 else None)
     ticks = list(range(len(langs))) + ([len(langs) + 0.3] if means else [])
     ax.set_xticks(ticks, groups)
     if means:
         ax.axvline(len(langs) - 0.35, color="0.6", linewidth=0.8, linestyle=":")
     ax.set_xlim(-0.6, ticks[-1] + 0.6 if ticks else 0.6)
     ax.set_ylabel(f"{metric} (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 102)  # a reference line at 100 stays visible
     ax.set_title(title or f"{metric} per language" + (" (hatched: mean over languages)" if means else ""))
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))

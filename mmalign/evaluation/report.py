@@ -286,6 +286,9 @@ def write_report(
         lines += ["![R@1 per language](recall_at_1.png)", ""]
     if results.get("ceilings"):
         lines += _ceilings_md(results["ceilings"])
+    if results.get("ceilings_skipped"):
+        lines += ([] if results.get("ceilings") else ["## Ceilings", ""]) + [
+            f"No ceiling for student tower `{name}`: {why}." for name, why in results["ceilings_skipped"].items()] + [""]
     if results.get("examples"):
         lines += _examples_md(results["examples"]) + ["![retrieval examples](examples.png)", ""]
     if results.get("cross_lingual"):
