@@ -20,7 +20,7 @@ OVERLAYS = [(name, v) for name in RECIPES for v in list_variants(name)]
 SNIPPETS = sorted((CONFIGS / "trainer").glob("*.yaml"))
 
 # Key paths (dots; list indices are not paths: a list is one value) a tiny overlay may set.
-_ENCODER = r"model\.init_args\.(towers\.\w+\.init_args\.encoder|image_encoder)\.init_args\.\w+"
+_ENCODER = r"model\.init_args\.(towers\.\w+\.init_args\.encoder|image_encoder|speech_encoder)\.init_args\.\w+"
 _LM = r"model\.init_args\.lm\.init_args\.(model_name|kind|revision|dtype|tokenizer_name)"
 _SIZES = r"model\.init_args\.(embed_dim|max_caption_tokens|eval_max_new_tokens|predict_max_new_tokens)"
 _PROJECTOR_SIZES = r"model\.init_args\.(towers\.\w+\.init_args\.)?projector\.init_args\.(hidden_dim|num_heads|num_queries|depth)"
