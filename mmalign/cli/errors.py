@@ -46,17 +46,20 @@ class ConfigError(SystemExit):
         return self.message
 
 
+#: Set by :func:`mmalign.cli.main` while it runs with readable errors (the console script).
+READABLE = {"on": False}
+
+
 class MMAlignParser(LightningArgumentParser):
-    """LightningCLI's parser, raising :class:`ConfigError` where it would print its usage (~50 lines) and exit.
+    """LightningCLI's parser, raising :class:`ConfigError` where it would print its usage (~50 lines) and exit,
+    while :func:`mmalign.cli.main` runs with readable errors (elsewhere it behaves as jsonargparse's).
 
     Only the exiting path changes: internally jsonargparse still gets the ``ArgumentError`` it catches while
     trying the subtypes of a union.
     """
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        from jsonargparse._common import debug_mode_active  # noqa: PLC0415 - private, stable since 4.20
-
-        if not self.exit_on_error or debug_mode_active():
+        if not self.exit_on_error or not READABLE["on"]:
             super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         raise ConfigError(message, parser) from ex

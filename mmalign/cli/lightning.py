@@ -72,7 +72,8 @@ class MMAlignCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
-        trainer.callbacks.append(BestCheckpoint())
+        if trainer.checkpoint_callbacks:  # after the recipe's ModelCheckpoint: it stays trainer.checkpoint_callback
+            trainer.callbacks.append(BestCheckpoint())
         return trainer
 
     def _resolve_ckpt(self) -> None:

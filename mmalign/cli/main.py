@@ -111,6 +111,7 @@ def _quiet(argv: list[str]) -> None:
     warnings.filterwarnings("ignore", message=r"Starting from v1\.9\.0, `tensorboardX` has been removed")
     if argv and argv[0] in ("validate", "test", "predict", "eval"):  # a fit's ModelCheckpoint state, restored outside fit
         warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
+        warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used to create")
 
     class _NoCloudTips(logging.Filter):  # "Tip: ... try installing litlogger / litmodels" on every run
         def filter(self, record: logging.LogRecord) -> bool:
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None, readable_errors: bool | None = None) -> 
             (:mod:`mmalign.cli.errors`). Default: on for the console script (``argv`` not given), off for Python
             callers (they get the exception). ``--debug`` or ``MMALIGN_DEBUG=1`` turns it off.
     """
-    from mmalign.cli.errors import ConfigError, debug_requested, readable
+    from mmalign.cli.errors import READABLE, ConfigError, debug_requested, readable
 
     if readable_errors is None:
         readable_errors = argv is None
@@ -151,6 +152,7 @@ def main(argv: list[str] | None = None, readable_errors: bool | None = None) -> 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet(argv)
     command = argv[0] if argv and not argv[0].startswith("-") else ""
+    READABLE["on"] = readable_errors
     try:
         _dispatch(argv)
     except (KeyboardInterrupt, GeneratorExit):
@@ -165,6 +167,8 @@ def main(argv: list[str] | None = None, readable_errors: bool | None = None) -> 
               f"  (mmalign {command or ''} --help lists the options; --debug or MMALIGN_DEBUG=1 shows the full traceback)".replace("  --help", " --help"),
               file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        READABLE["on"] = False
 
 
 def _dispatch(argv: list[str]) -> None:

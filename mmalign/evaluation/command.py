@@ -389,7 +389,8 @@ def evaluate(argv: list[str]) -> dict[str, Any]:
         return benchmark_command(argv)
     parser = argparse.ArgumentParser(prog="mmalign eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="eval", help="report folder")
-    parser.add_argument("--ckpt_path", default=None, help="Lightning checkpoint with the trained projectors")
+    parser.add_argument("--ckpt_path", default=None, help="Lightning checkpoint with the trained projectors: a .ckpt, "
+                        "a run folder, or best / last (the newest of the recipe's runs under its default_root_dir)")
     parser.add_argument("--split", choices=["test", "val"], default="test")
     parser.add_argument("--xsim_margin", choices=["ratio", "distance", "none"], default="ratio")
     parser.add_argument("--templates", default="auto",
@@ -404,6 +405,11 @@ def evaluate(argv: list[str]) -> dict[str, Any]:
     if ours.templates != "auto":
         resolve_templates(ours.templates)  # a misspelt set fails before the evaluation runs
     out = Path(ours.output).resolve()
+    from mmalign.training.callbacks import resolve_ckpt_path  # best | last | a run folder, from the recipe's runs
+
+    root = [b for a, b in zip(rest, rest[1:]) if a == "--trainer.default_root_dir"]
+    root += [a.split("=", 1)[1] for a in rest if a.startswith("--trainer.default_root_dir=")]
+    ours.ckpt_path = resolve_ckpt_path(None, ours.ckpt_path, "test", root_dir=root[-1] if root else None)
     # An evaluation logs nothing and writes only under --output: no ./lightning_logs, no checkpoints elsewhere.
     rest = [*rest, "--trainer.logger=false", f"--trainer.default_root_dir={out}"]
 

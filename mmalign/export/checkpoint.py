@@ -225,7 +225,8 @@ def export(ckpt: str, output: str, recipe: str | None = None, config: str | None
     must be one of mmalign's own classes or listed in ``trusted_classes``.
 
     Args:
-        ckpt: Lightning checkpoint (``.ckpt``) of an mmalign recipe.
+        ckpt: Lightning checkpoint (``.ckpt``) of an mmalign recipe, or a folder: a run
+            (``lightning_logs/version_0``) or a ``default_root_dir`` (``runs/uclip``), meaning its newest ``best.ckpt``.
         output: Directory to write (replaced if it holds an earlier export).
         recipe: Recipe YAML that trained the checkpoint (``mmalign export --config`` is the same option).
             Default: the ``config.yaml`` LightningCLI saved in the checkpoint's run directory.
@@ -233,6 +234,11 @@ def export(ckpt: str, output: str, recipe: str | None = None, config: str | None
         onnx: Also write each projector as ``onnx/<tower>.onnx`` (embedding exports).
         trusted_classes: Class paths outside mmalign's packages that the recipe may name.
     """
+    if Path(ckpt).is_dir():  # a run folder or a default_root_dir (runs/uclip): its (newest) best.ckpt
+        from mmalign.training.callbacks import checkpoint_in_folder
+
+        ckpt = str(checkpoint_in_folder(ckpt))
+        print(f"checkpoint: {ckpt}")
     out = export_checkpoint(ckpt, output, recipe=recipe, config=config, onnx=onnx, trusted_classes=trusted_classes)
     cfg = json.loads((out / CONFIG_NAME).read_text(encoding="utf-8"))
     size = cfg["weights"]["num_bytes"]

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 #: The stable names a run's checkpoint folder holds (``--ckpt_path best`` / ``last`` resolve to them).
@@ -100,7 +101,7 @@ def link_atomically(target: str | os.PathLike, link: str | os.PathLike) -> Path:
     return link
 
 
-class BestCheckpoint(L.Callback):
+class BestCheckpoint(Checkpoint):
     """Keep ``best.ckpt`` beside the trainer's ``ModelCheckpoint`` files, pointing at its current best.
 
     ``ModelCheckpoint`` names its files by epoch and step (``epoch=44-step=315.ckpt``) and ``last.ckpt``
@@ -108,6 +109,10 @@ class BestCheckpoint(L.Callback):
     worked in the process that trained. The mmalign CLI attaches this callback to every run: after each save it
     re-points ``<checkpoint dir>/best.ckpt`` (atomically) when the best changes. Runs without a
     ``ModelCheckpoint`` (the tiny overlays) write nothing.
+
+    A :class:`~lightning.pytorch.callbacks.Checkpoint` so Lightning calls it with the monitoring callbacks,
+    after ``ModelCheckpoint`` saved (``on_train_epoch_end`` runs those in a second pass). Add it after a
+    ``ModelCheckpoint`` (``trainer.checkpoint_callback`` is the first ``Checkpoint`` of the list).
     """
 
     def __init__(self) -> None:
@@ -121,7 +126,7 @@ class BestCheckpoint(L.Callback):
             trainer.callbacks = [cb for cb in trainer.callbacks if cb is not self] + [self]
 
     def _sync(self, trainer: L.Trainer) -> None:
-        cb = trainer.checkpoint_callback
+        cb = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
         best = getattr(cb, "best_model_path", "") or ""
         if not trainer.is_global_zero or not best or not getattr(cb, "dirpath", None):
             return
@@ -148,13 +153,18 @@ class BestCheckpoint(L.Callback):
 CKPT_ALIASES = {"best": BEST_NAME, BEST_NAME: BEST_NAME, "last": LAST_NAME, LAST_NAME: LAST_NAME}
 
 
-def checkpoint_dirs(trainer: L.Trainer) -> list[Path]:
+def checkpoint_dirs(trainer: L.Trainer | None, root_dir: str | os.PathLike | None = None) -> list[Path]:
     """Where this recipe's runs keep checkpoints, as ``ModelCheckpoint`` lays them out: its ``dirpath`` when a
     recipe sets one, else ``<logger root>/version_*/checkpoints`` (TensorBoard/CSV loggers, every version) and
-    ``<default_root_dir>/checkpoints`` (no logger), ``<default_root_dir>/lightning_logs/version_*/checkpoints``."""
-    dirs: list[Path] = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
-    root = Path(trainer.default_root_dir)
-    roots = [Path(r) for r in (getattr(lg, "root_dir", None) for lg in trainer.loggers) if r] + [root / "lightning_logs"]
+    ``<default_root_dir>/checkpoints`` (no logger), ``<default_root_dir>/lightning_logs/version_*/checkpoints``.
+    Without a trainer, only the last two, under ``root_dir`` (default: the working directory)."""
+    dirs: list[Path] = []
+    loggers: list[Any] = []
+    if trainer is not None:
+        dirs = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]  # set in a recipe
+        loggers = list(trainer.loggers)
+    root = Path(root_dir if root_dir is not None else (trainer.default_root_dir if trainer is not None else "."))
+    roots = [Path(r) for r in (getattr(lg, "root_dir", None) for lg in loggers) if r] + [root / "lightning_logs"]
     for r in roots:
         dirs += sorted(p for p in r.glob("*/checkpoints") if p.is_dir())
     dirs.append(root / "checkpoints")
@@ -174,21 +184,43 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
-def find_run_checkpoint(trainer: L.Trainer, name: str = BEST_NAME) -> Path | None:
+def find_run_checkpoint(trainer: L.Trainer | None, name: str = BEST_NAME, root_dir: str | os.PathLike | None = None) -> Path | None:
     """The newest ``name`` (``best.ckpt`` / ``last.ckpt``) among :func:`checkpoint_dirs` (by the checkpoint's
     write time: the latest run of this recipe's root dir), or None. A link leaving its folder is ignored."""
-    found = [d / name for d in checkpoint_dirs(trainer) if (d / name).is_file() and _inside(d / name, d)]
+    found = [d / name for d in checkpoint_dirs(trainer, root_dir) if (d / name).is_file() and _inside(d / name, d)]
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
-def resolve_ckpt_path(trainer: L.Trainer, ckpt_path: str | os.PathLike | None, stage: str = "test") -> str | None:
+def checkpoint_in_folder(folder: str | os.PathLike, name: str = BEST_NAME) -> Path:
+    """The checkpoint a folder stands for: its ``name`` (``best.ckpt``), its ``checkpoints/<name>``, else the
+    newest ``**/checkpoints/<name>`` below it (a ``default_root_dir`` such as ``runs/uclip`` holding
+    ``lightning_logs/version_*/``); ``last.ckpt`` when there is no ``best.ckpt``. Links leaving their folder are
+    ignored (a shared run folder must not point elsewhere)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no such directory: {folder}")
+    for wanted in dict.fromkeys((name, LAST_NAME)):
+        direct = [p for p in (folder / wanted, folder / "checkpoints" / wanted) if p.is_file() and _inside(p, p.parent)]
+        if direct:
+            return direct[0]
+        below = [p for p in folder.glob(f"**/checkpoints/{wanted}") if p.is_file() and _inside(p, p.parent)]
+        if below:
+            return max(below, key=lambda p: p.stat().st_mtime)
+    raise FileNotFoundError(f"{folder} holds no {name} or {LAST_NAME} (nor checkpoints/{name} below it): "
+                            "give a checkpoint file, or fit with a ModelCheckpoint first")
+
+
+def resolve_ckpt_path(trainer: L.Trainer | None, ckpt_path: str | os.PathLike | None, stage: str = "test",
+                      root_dir: str | os.PathLike | None = None) -> str | None:
     """What ``--ckpt_path`` names, as a file, in a fresh process.
 
     ``best`` / ``best.ckpt`` and ``last`` / ``last.ckpt`` (when no such file is in the working directory) are
-    the newest ones of this recipe's runs (:func:`find_run_checkpoint`); a run folder (``lightning_logs/version_0``)
-    or its ``checkpoints/`` folder means its ``best.ckpt``; a file is itself. ``fit --ckpt_path last`` with no
+    the newest ones of this recipe's runs (:func:`find_run_checkpoint`); a folder (a run ``lightning_logs/version_0``,
+    its ``checkpoints/``, or a ``default_root_dir`` such as ``runs/uclip``) means its best checkpoint
+    (:func:`checkpoint_in_folder`); a file is itself. ``fit --ckpt_path last`` with no
     checkpoint yet starts from scratch (Lightning's "set and forget" resume); anything else that names no file
-    is a ``FileNotFoundError`` saying where it looked.
+    is a ``FileNotFoundError`` saying where it looked. ``trainer`` may be None (``mmalign eval``, whose own trainer
+    writes elsewhere): the runs under ``root_dir`` (the recipe's ``default_root_dir``) are searched then.
     """
     if ckpt_path is None:
         return None
@@ -197,12 +229,9 @@ def resolve_ckpt_path(trainer: L.Trainer, ckpt_path: str | os.PathLike | None, s
     if path.is_file():
         return value
     if path.is_dir():
-        for candidate in (path / "checkpoints" / BEST_NAME, path / BEST_NAME, path / "checkpoints" / LAST_NAME, path / LAST_NAME):
-            if candidate.is_file():
-                rank_zero_info(f"mmalign: --ckpt_path {value} -> {candidate}")
-                return str(candidate)
-        raise FileNotFoundError(f"--ckpt_path {value}: the folder holds no {BEST_NAME} or {LAST_NAME} "
-                                f"(nor checkpoints/{BEST_NAME}); give a checkpoint file")
+        found = checkpoint_in_folder(path, LAST_NAME if stage == "fit" else BEST_NAME)  # fit resumes from the last
+        rank_zero_info(f"mmalign: --ckpt_path {value} -> {found}")
+        return str(found)
     if value in ("hpc", "registry") or value.startswith("registry:"):
         return value  # Lightning's own
     name = CKPT_ALIASES.get(value)
@@ -211,14 +240,14 @@ def resolve_ckpt_path(trainer: L.Trainer, ckpt_path: str | os.PathLike | None, s
         if str(parent) not in ("", ".") and not parent.is_dir():
             raise FileNotFoundError(f"--ckpt_path {value}: no such directory: {parent}")
         raise FileNotFoundError(f"--ckpt_path {value}: no such file (or give best, last, or a run folder)")
-    found = find_run_checkpoint(trainer, name)
+    found = find_run_checkpoint(trainer, name, root_dir)
     if found is not None:
         rank_zero_info(f"mmalign: --ckpt_path {value} -> {found}")
         return str(found)
     if stage == "fit" and name == LAST_NAME:
         rank_zero_info(f"mmalign: --ckpt_path {value}: no {LAST_NAME} yet, training from scratch")
         return None
-    where = ", ".join(str(d) for d in checkpoint_dirs(trainer)[:4])
+    where = ", ".join(str(d) for d in checkpoint_dirs(trainer, root_dir)[:4])
     raise FileNotFoundError(
         f"--ckpt_path {value}: no {name} in this recipe's checkpoint folders ({where}); fit it first with a "
         f"ModelCheckpoint (the offline recipes have one; it writes {BEST_NAME} and {LAST_NAME}), or give a checkpoint file")
