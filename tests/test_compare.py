@@ -92,3 +92,20 @@ def test_a_real_tiny_fit_against_a_report(synthetic_data, fabricated, tmp_path, 
     assert lines["epoch"][1:] == ["1", "1"]
     assert abs(float(lines["val/loss"][3].rstrip("*")) - final_loss) < 1e-4  # the fit's last logged value
     assert abs(float(lines["best/val/loss"][3]) - best_loss) < 1e-4  # from last.ckpt's ModelCheckpoint state
+
+
+def test_tensorboard_logs_are_read(tmp_path):
+    """Lightning's default logger writes TensorBoard events, not metrics.csv."""
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    d = tmp_path / "tb" / "lightning_logs" / "version_2"
+    w = SummaryWriter(str(d))
+    for step, (r1, loss) in enumerate([(0.1, 3.0), (0.3, 2.0)]):
+        w.add_scalar("val/R@1", r1, step * 4)
+        w.add_scalar("val/loss", loss, step * 4)
+    w.add_scalar("hp_metric", -1, 0)
+    w.close()
+    run = read_run(tmp_path / "tb")
+    assert run.metrics == {"val/R@1": pytest.approx(0.3), "val/loss": 2.0}  # hp_metric (a placeholder) left out
+    assert run.history["val/R@1"] == [(0.0, pytest.approx(0.1)), (4.0, pytest.approx(0.3))]

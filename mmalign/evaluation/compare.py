@@ -5,8 +5,9 @@
 
 What each argument may be (read with the standard library and the safe checkpoint reader only):
 
-* a Lightning log folder (``.../version_N`` with ``metrics.csv``): the **last** logged value of every column,
-  plus ``best/<monitor>`` from ``checkpoints/last.ckpt``'s ModelCheckpoint state (``torch.load(weights_only=True)``);
+* a Lightning log folder (``.../version_N`` with ``metrics.csv`` or TensorBoard event files): the **last**
+  logged value of every metric (and its history, for the plot), plus ``best/<monitor>`` from
+  ``checkpoints/last.ckpt``'s ModelCheckpoint state (read with ``torch.load(weights_only=True)``);
 * a run root (``default_root_dir``, holding ``lightning_logs/version_*`` or ``version_*``): its newest version;
 * an ``mmalign eval`` report folder (``metrics.json``) or a ``results.json``: every number in it, keyed by its
   path (``retrieval/de/image->text/R@1``);
@@ -94,6 +95,29 @@ def _parse(text: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def read_tensorboard(folder: Path) -> tuple[dict[str, float], dict[str, list[tuple[float, float]]]]:
+    """Last value and ``(step, value)`` history of every scalar in a TensorBoard log folder (Lightning's default
+    logger), read with tensorboard's own ``EventAccumulator``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})  # 0: keep every event
+    acc.Reload()
+    last: dict[str, float] = {}
+    history: dict[str, list[tuple[float, float]]] = {}
+    for tag in acc.Tags().get("scalars", []):
+        events = [(float(e.step), float(e.value)) for e in acc.Scalars(tag) if math.isfinite(e.value)]
+        if tag == "hp_metric" or not events:  # Lightning's placeholder hyper-parameter metric
+            continue
+        last[tag] = events[-1][1]
+        if tag != "epoch":
+            history[tag] = events
+    return last, history
+
+
+def _has_log(folder: Path) -> bool:
+    return (folder / "metrics.csv").is_file() or any(folder.glob("events.out.tfevents.*"))
+
+
 def _checkpoint_scores(ckpt: Path) -> dict[str, float]:
     from mmalign.export.checkpoint import checkpoint_metrics, load_checkpoint
 
@@ -101,12 +125,13 @@ def _checkpoint_scores(ckpt: Path) -> dict[str, float]:
 
 
 def _newest_version(root: Path) -> Path | None:
-    """The ``version_N`` with the highest N under ``root`` or ``root/lightning_logs`` that has a metrics.csv."""
+    """The ``version_N`` with the highest N under ``root`` or ``root/lightning_logs`` that has a log
+    (``metrics.csv`` or TensorBoard events)."""
     found = []
     for base in (root, root / "lightning_logs"):
         for d in base.glob("version_*"):
             m = re.fullmatch(r"version_(\d+)", d.name)
-            if m and (d / "metrics.csv").is_file():
+            if m and _has_log(d):
                 found.append((int(m.group(1)), d))
     return max(found)[1] if found else None
 
@@ -138,19 +163,22 @@ def read_run(path: str | Path) -> Run:
         else:
             raise ValueError(f"{p}: not a metrics.csv, metrics.json/results.json or .ckpt")
         return run
-    log = p if (p / "metrics.csv").is_file() else _newest_version(p)
+    log = p if _has_log(p) else _newest_version(p)
     if log is not None:
-        add(log / "metrics.csv", *read_metrics_csv(log / "metrics.csv"))
-        for last in (log / "checkpoints" / "last.ckpt", p / "checkpoints" / "last.ckpt"):
-            if last.is_file():
-                add(last, _checkpoint_scores(last))
-                break
+        if (log / "metrics.csv").is_file():
+            add(log / "metrics.csv", *read_metrics_csv(log / "metrics.csv"))
+        else:
+            add(log, *read_tensorboard(log))
+    for last in ([log / "checkpoints" / "last.ckpt"] if log is not None else []) + [p / "checkpoints" / "last.ckpt"]:
+        if last.is_file():  # ModelCheckpoint's state: best/<monitor>
+            add(last, _checkpoint_scores(last))
+            break
     for name in REPORT_FILES:
         if (p / name).is_file():
             add(p / name, _read_json_metrics(p / name))
     if not run.sources:
-        raise ValueError(f"{p}: no metrics.csv (Lightning log folder), lightning_logs/version_*, metrics.json "
-                         "(mmalign eval report) or results.json in it")
+        raise ValueError(f"{p}: no metrics.csv or TensorBoard events (Lightning log folder), lightning_logs/version_*, "
+                         "checkpoints/last.ckpt, metrics.json (mmalign eval report) or results.json in it")
     return run
 
 
@@ -285,7 +313,7 @@ def plot(runs: Sequence[Run], labels: Sequence[str], names: Sequence[str], value
     fig.suptitle("mmalign compare" + (f" ({len(shown)} of {len(ranked)} metrics; --metrics picks)"
                                       if len(shown) < len(ranked) else ""), fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"))
     plt.close(fig)
     return path
 
@@ -318,8 +346,6 @@ def compare(runs: list[str], metrics: list[str] | str | None = None, output: str
     text = format_table(labels, names, values)
     print(text)
     if output is not None:
-        from mmalign.cache.format import atomic_write
-
         out = Path(output)
         out.mkdir(parents=True, exist_ok=True)
         md = "\n".join([f"Runs: " + "; ".join(f"`{lab}` = {', '.join(r.sources)}" for lab, r in zip(labels, loaded)), "",
@@ -341,6 +367,21 @@ def compare(runs: list[str], metrics: list[str] | str | None = None, output: str
         png = plot(loaded, labels, names, values, out / "compare.png", plot_metrics)
         print(f"wrote {out / 'compare.md'}, {out / 'compare.csv'}, {png}")
     return text
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """``write(binary file)`` into a temporary file beside ``path``, then ``os.replace`` (never half a file)."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def main(argv: Sequence[str] | None = None) -> None:
