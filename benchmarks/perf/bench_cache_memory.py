@@ -7,6 +7,10 @@ batch, ``shard_size`` 4096, pooled and token features. Printed: peak RSS of each
 
     python benchmarks/perf/bench_cache_memory.py                    # 1000 vs 100000 items
     python benchmarks/perf/bench_cache_memory.py --sizes 1000 20000
+    python benchmarks/perf/bench_cache_memory.py --encoder bytes --sizes 1000 100000 1000000   # near-free encoder
+
+Rows come from a Parquet table opened with ``open_source`` (``--source list``: a list of row dicts the
+benchmark itself holds, ~0.85 KB a row, as before).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def child(items: int, out: str, encoder: str, tokens: bool) -> dict:
+def child(items: int, out: str, encoder: str, tokens: bool, source: str = "table") -> dict:
     import resource
     import time
 
@@ -36,14 +40,38 @@ def child(items: int, out: str, encoder: str, tokens: bool) -> dict:
     from mmalign.cache.writer import write_split
 
     proj = (lambda i, o: projectors.AttentionPool(i, o, num_heads=2)) if tokens else (lambda i, o: projectors.Linear(i, o))
-    tower = Tower(encoders.HFTextEncoder(encoder), "text", proj)
+    if encoder == "bytes":  # near-free: what is measured is the cache's own memory
+        from benchmarks.perf.bench_sources import cheap_text_encoder
+
+        enc, proj = cheap_text_encoder(), (lambda i, o: projectors.Linear(i, o))
+    else:
+        enc = encoders.HFTextEncoder(encoder)
+    tower = Tower(enc, "text", proj)
     tower.build(16)  # the projector decides whether tokens are cached
-    rows = [{"id": f"r{i}", "concept": f"c{i}", "lang": "en", "text": f"item number {i} of the benchmark"} for i in range(items)]
+    if source == "table":  # a Parquet table (written by the parent) opened as a source: never held as rows
+        from mmalign.data.sources import open_source
+
+        os.environ["MMALIGN_ARROW_CACHE"] = str(Path(out) / "arrow")
+        rows = open_source(str(Path(out) / "rows.parquet"), required_fields=["text"]).rows
+    else:
+        rows = [{"id": f"r{i}", "concept": f"c{i}", "lang": "en", "text": f"item number {i} of the benchmark"} for i in range(items)]
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     batch = encode_batch_size(tower.encoder, torch.device("cpu"))
     t = time.perf_counter()
     write_split(rows, {"text": tower}, Path(out) / "train", split="train", batch_size=batch, shard_size=4096, progress=False)
-    return {"items": items, "batch": batch, "seconds": time.perf_counter() - t,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"items": items, "batch": batch, "seconds": time.perf_counter() - t, "source": source,
+            "peak_rss_mb": peak, "rss_before_write_mb": base}
+
+
+def write_table(path: Path, items: int) -> None:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    idx = np.arange(items)
+    pq.write_table(pa.table({"id": np.char.add("r", idx.astype(str)), "concept": np.char.add("c", idx.astype(str)),
+                             "lang": np.full(items, "en"), "text": np.char.add("item number ", idx.astype(str))}), path)
 
 
 def main() -> None:
@@ -51,21 +79,27 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="*", default=[1000, 100000])
     p.add_argument("--encoder", default="tiny:xlmr-text")
     p.add_argument("--pooled_only", action="store_true")
+    p.add_argument("--source", choices=["table", "list"], default="table",
+                   help="rows from a Parquet source (default) or a Python list of row dicts held by the benchmark")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "cache_memory.json"))
     a = p.parse_args()
     runs = []
     for n in a.sizes:
         with tempfile.TemporaryDirectory() as tmp:
+            if a.source == "table":
+                write_table(Path(tmp) / "rows.parquet", n)
             code = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); from benchmarks.perf.bench_cache_memory import child; "
-                    f"print(json.dumps(child({n}, {tmp!r}, {a.encoder!r}, {not a.pooled_only})))")
+                    f"print(json.dumps(child({n}, {tmp!r}, {a.encoder!r}, {not a.pooled_only}, {a.source!r})))")
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
             r = json.loads(out.stdout.strip().splitlines()[-1])
         runs.append(r)
-        print(f"{r['items']} items (forward batch {r['batch']}): peak RSS {r['peak_rss_mb']:.0f} MB, {r['seconds']:.1f} s", flush=True)
+        print(f"{r['items']} items ({r['source']}, forward batch {r['batch']}): peak RSS {r['peak_rss_mb']:.0f} MB "
+              f"(before writing {r['rss_before_write_mb']:.0f} MB), {r['seconds']:.1f} s", flush=True)
     ratio = runs[-1]["peak_rss_mb"] / runs[0]["peak_rss_mb"]
     print(f"peak RSS {runs[-1]['items']} / {runs[0]['items']} items: {ratio:.2f} (goal: ~1, bounded)")
-    result = {"command": f"python benchmarks/perf/bench_cache_memory.py --sizes {' '.join(map(str, a.sizes))} --encoder {a.encoder}",
+    result = {"command": f"python benchmarks/perf/bench_cache_memory.py --sizes {' '.join(map(str, a.sizes))} --encoder {a.encoder}"
+                         f" --source {a.source}" + (" --pooled_only" if a.pooled_only else ""),
               "load_average": os.getloadavg(), "runs": runs, "ratio": ratio}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -95,7 +95,7 @@ def encode_shard(
             field and, for media, the path.
     """
     start, count = plan.shards[k]
-    labels = plan.item_ids[start:start + count]
+    labels = plan.item_ids[start:start + count]  # this shard's items only: read from the row table now
     loader = DataLoader(
         list(zip(labels, plan.items[start:start + count])), batch_size=batch_size, shuffle=False, num_workers=num_workers,
         collate_fn=ItemCollate(plan, on_error, silent_audio, max_image_pixels),

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from mmalign.cache.format import (
-    FORMAT_VERSION, MANIFEST, NON_FINITE, CacheError, digest, entry_name, first_difference, item_digests, spec_diff,
-    unique_items,
+    FORMAT_VERSION, MANIFEST, NON_FINITE, CacheError, digest, entry_name, first_difference, spec_diff,
 )
+from mmalign.cache.rowtable import RowTable, StringColumn, items_digests
 from mmalign.cache.validate import confined, open_npy, validate_manifest
 from mmalign.data.manifest import META_FIELDS
 from mmalign.data.policy import ON_ERROR, BadInputReport, check_choice
@@ -212,12 +212,12 @@ class CachedSplit(torch.utils.data.Dataset):
         on_error: str | None = None,
     ) -> None:
         self.split_dir = Path(split_dir)
-        self.all_rows = list(rows)
+        self.fields = sorted({t.field for t in towers.values()})
+        self.table = RowTable.of(rows, self.fields)  # Arrow columns: nothing per row held as a dict
         manifest = load_manifest(self.split_dir)
-        row_ids = [str(r["id"]) for r in self.all_rows]
+        row_ids = self.table.ids()  # compared with the manifest's list, then dropped
         if manifest["row_ids"] != row_ids:
             raise CacheError(f"{self.split_dir}: stale cache, the dataset rows changed: {first_difference(manifest['row_ids'], row_ids)}")
-        self.fields = sorted({t.field for t in towers.values()})
         entries: dict[str, dict[str, Any]] = {}
         full_index: dict[str, np.ndarray] = {}
         skipped: dict[str, str] = {}
@@ -231,7 +231,7 @@ class CachedSplit(torch.utils.data.Dataset):
                 full_index[name] = self._verify(self.split_dir / name, entry, tower.field, manifest["fingerprint_mode"], verify)
                 has = np.nonzero(full_index[name] >= 0)[0]  # -1: the row lacks the field (partial-modality row)
                 first = has[np.unique(full_index[name][has], return_index=True)[1]]  # [M] first row of each item
-                check_shards(self.split_dir / name, entry, scan=verify, item_ids=[row_ids[i] for i in first])
+                check_shards(self.split_dir / name, entry, scan=verify, item_ids=_Ids(self.table, first))
                 for rid, why in entry.get("skipped_rows", {}).items():
                     skipped.setdefault(rid, why)
                     reasons.setdefault(rid, str(entry.get("skip_reasons", {}).get(rid, NON_FINITE)))
@@ -245,8 +245,12 @@ class CachedSplit(torch.utils.data.Dataset):
                     f"{why}) under on_error=skip, but this run uses on_error=error"
                 )
         # Rows left out when caching are never served: indices below count kept rows only.
-        self.keep = np.array([i for i, rid in enumerate(row_ids) if rid not in skipped], dtype=np.int64)  # [N_kept]
-        self.rows = [self.all_rows[i] for i in self.keep]
+        self.keep = np.array([i for i, rid in enumerate(row_ids) if rid not in skipped] if skipped else np.arange(len(row_ids)),
+                             dtype=np.int64)  # [N_kept]
+        del row_ids
+        self.rows = _Rows(self.table, self.keep)
+        # Batches read these columns (Python strings up to 1M rows, raw UTF-8 buffers beyond).
+        self._columns = {k: self._string_column(k) for k in dict.fromkeys([*META_FIELDS, *self.fields])}
         self.skipped_rows = skipped
         self._cache_report = BadInputReport()
         if skipped:
@@ -281,9 +285,17 @@ class CachedSplit(torch.utils.data.Dataset):
         # The DataModule assigns the manifest's own report here; keep the cache's skips in it as well.
         self._report = BadInputReport().merge(other).merge(self._cache_report)
 
+    def _string_column(self, name: str) -> Any:
+        t = self.table
+        if name in t.objects:
+            return _ObjectColumn([None if v is None else str(v) for v in t.objects[name]])
+        if name not in t.columns:
+            return _ObjectColumn([None] * len(t))
+        return StringColumn(t.columns[name], dictionary=name == "lang")
+
     def _verify(self, entry_dir: Path, entry: dict[str, Any], field: str, mode: str, verify: bool) -> np.ndarray:
         where = f"{self.split_dir / MANIFEST}: entries[{entry_dir.name!r}]"
-        n, m = len(self.all_rows), entry["num_items"]
+        n, m = len(self.table), entry["num_items"]
         # Mapped, checked against the manifest's sizes, then copied: a forged header allocates nothing.
         row_index = np.array(open_npy(entry_dir / "rows.npy", self.split_dir, (n,), np.int64, f"{where} (rows.npy)"))
         # -1: the row has no value of this field (partial-modality rows); every item is used by some row.
@@ -292,11 +304,11 @@ class CachedSplit(torch.utils.data.Dataset):
                              f"the cache was modified after it was written: delete it and re-run `mmalign cache`")
         if not verify:
             return row_index
-        items, current_index = unique_items(self.all_rows, field)
-        current = item_digests(items, field, mode)
+        item_rows, current_index = self.table.unique_index(field)
+        current = items_digests(self.table, field, item_rows, mode)
         if digest(current, current_index) == entry["items_fingerprint"]:
-            if len(items) != m:
-                raise CacheError(f"{where}.num_items: {m}, but the rows hold {len(items)} distinct {field!r} values")
+            if len(item_rows) != m:
+                raise CacheError(f"{where}.num_items: {m}, but the rows hold {len(item_rows)} distinct {field!r} values")
             return current_index
         cached = np.array(open_npy(entry_dir / "items.npy", self.split_dir, (m,), np.uint64, f"{where} (items.npy)"))
         changed = (current_index != row_index) | (
@@ -307,7 +319,7 @@ class CachedSplit(torch.utils.data.Dataset):
         what = "its value or file size/mtime" if mode == "stat" else "its value or file content" if mode == "content" else "its value"
         raise CacheError(
             f"{self.split_dir}/{entry_dir.name}: stale cache, {len(bad)} row(s) changed since caching; first: row "
-            f"id={self.all_rows[i]['id']!r} {field}={str(self.all_rows[i][field])[:120]!r} ({what} differs); re-run `mmalign cache`"
+            f"id={self.table.ids([i])[0]!r} {field}={str(self.table.take(field, [i])[0])[:120]!r} ({what} differs); re-run `mmalign cache`"
         )
 
     def __len__(self) -> int:
@@ -315,7 +327,7 @@ class CachedSplit(torch.utils.data.Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
         idx = np.asarray(indices, dtype=np.int64)
-        rows = [self.rows[i] for i in idx]
+        at = self.keep[idx]  # rows of the table
         features, present = {}, {}
         for name, view in self.views.items():
             items = view.row_index[idx]  # [B]; -1 where the row lacks this tower's field
@@ -326,8 +338,8 @@ class CachedSplit(torch.utils.data.Dataset):
             if len(items):
                 features[name] = view.gather(items)
         batch = {
-            "meta": {k: [r[k] for r in rows] for k in META_FIELDS},
-            "keys": {f: [None if r.get(f) is None else str(r[f]) for r in rows] for f in self.fields},
+            "meta": {k: self._columns[k].take(at) for k in META_FIELDS},
+            "keys": {f: self._columns[f].take(at) for f in self.fields},
             "features": features,
         }
         if present and len(idx):
@@ -336,6 +348,42 @@ class CachedSplit(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.__getitems__([index])
+
+
+class _Ids(Sequence):
+    """Ids of the given rows of a table, read on access (named in errors only)."""
+
+    def __init__(self, table: RowTable, rows: np.ndarray) -> None:
+        self.table, self.rows_ = table, rows
+
+    def __len__(self) -> int:
+        return len(self.rows_)
+
+    def __getitem__(self, i: Any) -> Any:
+        return self.table.ids(self.rows_[i]) if isinstance(i, slice) else self.table.ids([self.rows_[i]])[0]
+
+
+class _Rows(Sequence):
+    """``CachedSplit.rows``: the kept rows as dicts, built on access (nothing per row is held)."""
+
+    def __init__(self, table: RowTable, keep: np.ndarray) -> None:
+        self.table, self.keep = table, keep
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.table.row(int(self.keep[i]))
+
+
+class _ObjectColumn:
+    def __init__(self, values: list[Any]) -> None:
+        self.values = np.array(values + [None], dtype=object)[:-1]
+
+    def take(self, index: Any) -> list[Any]:
+        return self.values[np.asarray(index, dtype=np.int64)].tolist()
 
 
 def passthrough(batch: Any) -> Any:

@@ -137,10 +137,10 @@ class ResidentStore:
                     mask[a:a + n, :tl] = view._array(s, "mask")
                 t.tokens, t.mask = self._put(torch.from_numpy(tok).to(dtype)), self._put(torch.from_numpy(mask))
             self.towers[name] = t
-        # Strings as numpy object arrays: one fancy index + tolist per batch, no per-row work.
-        self.meta = {k: np.array([r[k] for r in cached.rows], dtype=object) for k in META_FIELDS}
-        self.keys = {f: np.array([None if r.get(f) is None else str(r[f]) for r in cached.rows], dtype=object)
-                     for f in cached.fields}
+        # The reader's string columns (Python strings up to 1M rows: one fancy index + tolist per batch).
+        self.keep = cached.keep
+        self.meta = {k: cached._columns[k] for k in META_FIELDS}
+        self.keys = {f: cached._columns[f] for f in cached.fields}
         self.num_rows = len(cached.rows)
 
     def _put(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,8 +165,8 @@ class ResidentStore:
                 out = {k: v.pin_memory().to(target, non_blocking=True) for k, v in out.items()}
             features[name] = out
         return {
-            "meta": {k: v[host].tolist() for k, v in self.meta.items()},
-            "keys": {k: v[host].tolist() for k, v in self.keys.items()},
+            "meta": {k: v.take(self.keep[host]) for k, v in self.meta.items()},
+            "keys": {k: v.take(self.keep[host]) for k, v in self.keys.items()},
             "features": features,
         }
 

@@ -23,16 +23,35 @@ from tqdm.auto import tqdm
 from encoders.base import Encoder
 from mmalign.cache.claim import SplitClaim
 from mmalign.cache.encode import encode_shard
+from mmalign.cache.rowtable import RowTable, items_digests
 from mmalign.cache.format import (
     DTYPES, FORMAT_VERSION, MANIFEST, NON_FINITE, CacheError, atomic_save_npy, atomic_write_json, digest, entry_name,
-    item_digests, read_json, remove_dead_tmp_tree, rows_fingerprint, shard_name, unique_items,
+    read_json, remove_dead_tmp_tree, shard_name,
 )
 from mmalign.data.policy import ON_ERROR, SILENT_AUDIO, BadInputError, BadInputReport, check_choice
+
+
+class _Lazy(Sequence):
+    """``plan.items`` / ``plan.item_ids``: values of column ``name`` at the items' first rows, read on access."""
+
+    def __init__(self, table: RowTable, name: str, rows: np.ndarray) -> None:
+        self.table, self.name, self.rows = table, name, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return self.table.take(self.name, self.rows[index])
+        return self.table.take(self.name, [self.rows[index]])[0]
 
 
 @dataclass
 class EntryPlan:
     """What one entry (one encoder over one field) of a split holds.
+
+    Nothing per row or item is held as a Python object: the rows are a :class:`RowTable` (Arrow columns),
+    items are numbered by their first row, and their values are read shard by shard.
 
     Attributes:
         name: Directory name ``<field>--<cache_key>``.
@@ -40,12 +59,11 @@ class EntryPlan:
         encoder: The frozen encoder.
         tokens: Whether token sequences + masks are stored (a projector of some tower uses them).
         towers: Names of the recipe's towers this entry feeds.
-        items: Unique field values, in first-appearance order.
+        table: The split's rows.
+        item_rows: ``[M]`` first row of each unique field value, in first-appearance order.
         row_index: ``[N]`` row -> item.
         digests: ``[M]`` uint64 item digests (see :func:`~mmalign.cache.format.item_digests`).
         shards: ``(start, count)`` item ranges.
-        item_ids: ``[M]`` id of the first row using each item (named in errors).
-        row_ids: ``[N]`` row ids.
     """
 
     name: str
@@ -53,12 +71,21 @@ class EntryPlan:
     encoder: Encoder
     tokens: bool
     towers: list[str]
-    items: list[Any]
+    table: RowTable
+    item_rows: np.ndarray
     row_index: np.ndarray
     digests: np.ndarray
     shards: list[tuple[int, int]]
-    item_ids: list[str]
-    row_ids: list[str]
+
+    @property
+    def items(self) -> Sequence[Any]:
+        """Unique field values (read on access)."""
+        return _Lazy(self.table, self.field, self.item_rows)
+
+    @property
+    def item_ids(self) -> Sequence[str]:
+        """``[M]`` id of the first row using each item (named in errors), read on access."""
+        return _Lazy(self.table, "id", self.item_rows)
 
     def shard_fingerprint(self, k: int, dtype: str) -> str:
         start, count = self.shards[k]
@@ -66,18 +93,19 @@ class EntryPlan:
 
 
 def plan_entries(
-    rows: Sequence[dict[str, Any]], towers: dict[str, Any], shard_size: int, fingerprint: str
+    rows: Any, towers: dict[str, Any], shard_size: int, fingerprint: str
 ) -> list[EntryPlan]:
     """Group the towers by (field, encoder cache_key); one entry each.
 
     Args:
-        rows: Manifest rows of the split, in dataset order.
+        rows: Manifest rows of the split, in dataset order (row dicts, a source's rows, or a :class:`RowTable`).
         towers: ``{name: Tower}`` of the recipe (projectors built: ``uses_tokens`` decides token storage).
         shard_size: Items per shard.
         fingerprint: ``"stat"``, ``"content"`` or ``"rows"`` (see :mod:`mmalign.cache.format`).
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
+    table = RowTable.of(rows, sorted({t.field for t in towers.values()}))
     plans: dict[str, EntryPlan] = {}
     for tower_name, tower in towers.items():
         name = entry_name(tower.field, tower.encoder.cache_key)
@@ -88,16 +116,11 @@ def plan_entries(
             plans[name].tokens |= uses_tokens
             plans[name].towers.append(tower_name)
             continue
-        items, row_index = unique_items(rows, tower.field)
-        digests = item_digests(items, tower.field, fingerprint)
-        shards = [(s, min(shard_size, len(items) - s)) for s in range(0, len(items), shard_size)]
-        row_ids = [str(r["id"]) for r in rows]
-        has = np.nonzero(row_index >= 0)[0]  # rows holding the field (-1: absent, a partial-modality row)
-        first_row = has[np.unique(row_index[has], return_index=True)[1]]  # [M]: items numbered in first-appearance order
-        plans[name] = EntryPlan(
-            name, tower.field, tower.encoder, uses_tokens, [tower_name], items, row_index, digests, shards,
-            [row_ids[i] for i in first_row], row_ids,
-        )
+        item_rows, row_index = table.unique_index(tower.field)
+        digests = items_digests(table, tower.field, item_rows, fingerprint)
+        shards = [(s, min(shard_size, len(item_rows) - s)) for s in range(0, len(item_rows), shard_size)]
+        plans[name] = EntryPlan(name, tower.field, tower.encoder, uses_tokens, [tower_name], table, item_rows, row_index,
+                                digests, shards)
     return list(plans.values())
 
 
@@ -138,7 +161,7 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tupl
 
 
 def write_split(
-    rows: Sequence[dict[str, Any]],
+    rows: Any,
     towers: dict[str, Any],
     split_dir: str | Path,
     *,
@@ -204,6 +227,7 @@ def write_split(
     check_choice("silent_audio", silent_audio, SILENT_AUDIO)
     rank, world_size = resolve_rank(rank, world_size)
     split_dir = Path(split_dir)
+    rows = RowTable.of(rows, sorted({t.field for t in towers.values()}))  # columns, not row dicts
     plans = plan_entries(rows, towers, shard_size, fingerprint)
     device = torch.device(device)
     if split_dir.is_dir():
@@ -211,7 +235,7 @@ def write_split(
     claim = SplitClaim(split_dir, {
         "dtype": dtype, "shard_size": shard_size, "fingerprint": fingerprint, "world_size": world_size, "on_error": on_error,
         "silent_audio": silent_audio, "max_image_pixels": max_image_pixels,
-        "entries": {p.name: p.tokens for p in plans}, "rows": rows_fingerprint([str(r["id"]) for r in rows]),
+        "entries": {p.name: p.tokens for p in plans}, "rows": rows.rows_fingerprint(),
     })
     try:
         for plan in plans:
@@ -266,7 +290,7 @@ def _skipped_rows(plan: EntryPlan, markers: list[dict[str, Any]], on_error: str)
         field, detail, reason = (list(bad_items[item]) + [NON_FINITE])[:3]  # markers before 2-item lists: NaN/Inf
         raise BadInputError(plan.item_ids[item], field, reason, f"{detail}; written under on_error=skip by another writer")
     rows = np.nonzero(np.isin(plan.row_index, np.fromiter(bad_items, dtype=np.int64)))[0]
-    why = {plan.row_ids[r]: bad_items[int(plan.row_index[r])] for r in rows}
+    why = {rid: bad_items[int(plan.row_index[r])] for r, rid in zip(rows.tolist(), plan.table.ids(rows))}
     return ({rid: f"{w[0]}: {w[1]}" for rid, w in why.items()},
             {rid: (w[2] if len(w) > 2 else NON_FINITE) for rid, w in why.items()})
 
@@ -282,7 +306,7 @@ def _same_npy(path: Path, array: np.ndarray) -> bool:
 
 def merge_split(
     split_dir: Path, plans: list[EntryPlan], *, split: str, dtype: str, fingerprint: str,
-    rows: Sequence[dict[str, Any]], on_error: str = "error", report: BadInputReport | None = None,
+    rows: Any, on_error: str = "error", report: BadInputReport | None = None,
     before_write: Callable[[], None] | None = None,
 ) -> dict[str, Any] | None:
     """Verify every shard's marker and write ``manifest.json``; None if some shard is still missing.
@@ -293,7 +317,7 @@ def merge_split(
     whose content would not change are not rewritten (a finished cache is left untouched);
     ``before_write`` is called before the first write (the writer's claim check).
     """
-    row_ids = [str(r["id"]) for r in rows]
+    table = plans[0].table if plans else RowTable.of(rows, ())
     entries: dict[str, Any] = {}
     arrays: dict[Path, np.ndarray] = {}
     for plan in plans:
@@ -318,7 +342,7 @@ def merge_split(
             "token_dim": token_dims.pop(),
             "tokens": plan.tokens,
             "dtype": dtype,
-            "num_items": len(plan.items),
+            "num_items": len(plan.item_rows),
             "items_fingerprint": digest(plan.digests, plan.row_index),
             "towers": plan.towers,
             "skipped_rows": skipped,
@@ -328,6 +352,8 @@ def merge_split(
                 for k, m in enumerate(markers)
             ],
         }
+    # The manifest lists the row ids (JSON): the one per-row list a cache run builds, at the merge only.
+    row_ids = table.ids()
     old = read_json(split_dir / MANIFEST)
     if isinstance(old, dict) and old.get("row_ids") == row_ids and old.get("fingerprint_mode") == fingerprint:
         for name, entry in (old.get("entries") or {}).items():
@@ -355,8 +381,8 @@ def merge_split(
         "on_error": on_error,
         "skipped": counts,
         "skipped_rows": skipped_rows,
-        "rows_fingerprint": rows_fingerprint(row_ids),
-        "dataset_fingerprint": digest(rows_fingerprint(row_ids), *sorted(e["items_fingerprint"] for e in entries.values())),
+        "rows_fingerprint": table.rows_fingerprint(),
+        "dataset_fingerprint": digest(table.rows_fingerprint(), *sorted(e["items_fingerprint"] for e in entries.values())),
         "entries": entries,
         "row_ids": row_ids,
     }

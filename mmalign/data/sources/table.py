@@ -452,6 +452,68 @@ class TableSource(RowSource):
     def languages(self) -> list[str]:
         return self._row_langs()[0]
 
+    def columns_of(self, names: list[str]) -> tuple[dict[str, Any], dict[str, list]] | None:
+        """``({name: string column [len(self)]}, {})`` of these fields, as ``self[i]`` would give them, built
+        vectorised (the feature cache's :class:`~mmalign.cache.rowtable.RowTable`); None for wide tables and
+        non-string columns (read row by row instead)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if self._slot is not None:
+            return None
+        take = None if self._index is None else pa.array(self._index)
+        n = len(self)
+        out: dict[str, Any] = {}
+        for name in names:
+            spec = self.fields.get(name)
+            if spec is None:
+                continue
+            if not isinstance(spec, str):
+                return None
+            col = self.table.column(spec)
+            if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_integer(col.type)
+                    or pa.types.is_dictionary(col.type)):
+                return None
+            col = col if take is None else col.take(take)
+            col = col.cast(pa.string()) if not pa.types.is_string(col.type) else col
+            if name in PATH_FIELDS:
+                col = self._resolve_column(col)
+            out[name] = col
+        rows = np.arange(n) if self._index is None else self._index
+        if "id" not in out:
+            out["id"] = pa.chunked_array([pa.array(np.char.add(f"{self._stem}-", rows.astype(str)), pa.string())])
+        else:
+            null = np.asarray(pc.is_null(out["id"]).to_numpy(zero_copy_only=False), dtype=bool)
+            if null.any():  # a row without an id gets <stem>-<row> (as self[i])
+                ids = np.asarray(out["id"].to_numpy(zero_copy_only=False), dtype=object)
+                ids[null] = np.char.add(f"{self._stem}-", rows[null].astype(str))
+                out["id"] = pa.chunked_array([pa.array(ids, pa.string())])
+        for name, default in (("concept", out["id"]), ("lang", self.lang or "und")):
+            col = out.get(name)
+            if col is None:
+                out[name] = default if not isinstance(default, str) else pa.chunked_array([pa.repeat(pa.scalar(default), n)])
+            elif col.null_count:
+                out[name] = pc.coalesce(col, default)
+        return out, {}
+
+    def _resolve_column(self, col: Any) -> Any:
+        """Media paths of a column made absolute against ``root`` as :func:`resolve_media` does, vectorised."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        absolute = pc.or_(pc.starts_with(col, "/"), pc.match_substring(col, "://"))
+        joined = pc.if_else(absolute, col, pc.binary_join_element_wise(self.root, col, "/"))
+        # normpath by hand only where it could change something ("./", "//", a trailing "/")
+        odd = np.flatnonzero(np.asarray(pc.fill_null(pc.match_substring_regex(col, r"(^|/)\.\.?(/|$)|//|/$|^$"), False)
+                                        .to_numpy(zero_copy_only=False), dtype=bool))
+        if len(odd) == 0:
+            return joined
+        values = np.asarray(joined.to_numpy(zero_copy_only=False), dtype=object)
+        raw = col.take(pa.array(odd)).to_pylist()
+        for i, v in zip(odd.tolist(), raw):
+            values[i] = resolve_media(v, Path(self.root))
+        return pa.chunked_array([pa.array(values, pa.string())])
+
     # -- rows --------------------------------------------------------------------------------------
     def __len__(self) -> int:
         return self.table.num_rows if self._index is None else len(self._index)

@@ -1,0 +1,194 @@
+"""The rows of a split as Arrow columns: what the cache writer and reader hold instead of row dicts.
+
+A row dict costs ~0.6-2.5 KB of Python objects; an Arrow string column costs its bytes plus 4 per row, so
+the 10M rows of a large table keep the feature cache's memory in the hundreds of MB, not tens of GB.
+A :class:`~mmalign.data.sources.table.TableSource` gives its columns directly (vectorised, nothing per
+row is built); any other sequence of rows is read once, 64k rows at a time.
+
+Items (the unique values of a field, encoded once each) are found by 64-bit hashes of the values
+(:func:`unique_index`), numbered in first-appearance order as before, so caches written earlier keep
+their ``rows.npy`` / ``items.npy``. Values that are not strings (a PIL image from an HF ``Image`` column,
+a decoded array) are kept as a Python list for that field (such sources hold them anyway).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Iterable
+
+import numpy as np
+
+from mmalign.data.manifest import META_FIELDS
+
+CHUNK = 1 << 16
+#: Columns of up to this many rows are held as Python strings by the cache reader (~12 us a batch of
+#: 128, ~60-100 B a row); longer ones as raw UTF-8 buffers (~9 B a row, ~1.5 us a row of a batch).
+OBJECT_ROWS = 1_000_000
+
+
+def _value_key(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+
+
+class StringColumn:
+    """A string column read a batch at a time from its raw buffers (offsets + UTF-8 bytes): ~9 bytes a row.
+
+    ``take(idx)`` slices one ``bytes`` object per value (~1 us a row; one Arrow ``take`` cost 150-900 us a
+    batch here). Low-cardinality columns (``lang``) are held as codes into their distinct values.
+    """
+
+    def __init__(self, column: Any, dictionary: bool = False, objects_up_to: int = OBJECT_ROWS) -> None:
+        import pyarrow as pa
+
+        arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        arr = arr.cast(pa.large_string())
+        self.null = np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool) if arr.null_count else None
+        self.values = None
+        if len(arr) <= objects_up_to and not dictionary:  # small splits: Python strings, the fastest batches
+            self.values = np.array(arr.to_pylist() + [None], dtype=object)
+            self.codes = np.arange(len(arr), dtype=np.int64)
+            return
+        if dictionary:
+            enc = arr.dictionary_encode()
+            self.values = np.array(enc.dictionary.to_pylist() + [None], dtype=object)
+            self.codes = np.asarray(enc.indices.fill_null(len(self.values) - 1).to_numpy(zero_copy_only=False), dtype=np.int32)
+            return
+        _, offsets, data = arr.buffers()[:3]
+        self.offsets = np.frombuffer(offsets, dtype=np.int64, count=len(arr) + 1, offset=arr.offset * 8).copy()
+        self.data = data.to_pybytes() if data is not None else b""
+
+    def take(self, index: Any) -> list[Any]:
+        index = np.asarray(index, dtype=np.int64)
+        if self.values is not None:
+            return self.values[self.codes[index]].tolist()
+        d = self.data
+        out = [d[a:b].decode() for a, b in zip(self.offsets[index].tolist(), self.offsets[index + 1].tolist())]
+        if self.null is not None:
+            for j in np.flatnonzero(self.null[index]).tolist():
+                out[j] = None
+        return out
+
+
+class RowTable:
+    """Columns ``id``, ``concept``, ``lang`` and the towers' fields of ``n`` rows (Arrow string arrays, nulls absent).
+
+    Args:
+        columns: ``{name: pa.Array | pa.ChunkedArray of strings}``; ``objects``: ``{name: list}`` for
+            fields whose values are not strings.
+    """
+
+    def __init__(self, columns: dict[str, Any], objects: dict[str, list] | None = None) -> None:
+        self.columns = columns
+        self.objects = objects or {}
+        self.n = len(columns["id"])
+
+    # -- building -------------------------------------------------------------------------------
+    @classmethod
+    def of(cls, rows: Any, fields: Iterable[str]) -> "RowTable":
+        """The columns of ``rows`` (a RowTable, a source, its ``rows`` view, or a list of row dicts)."""
+        if isinstance(rows, RowTable):
+            return rows
+        names = list(dict.fromkeys([*META_FIELDS, *fields]))
+        source = getattr(rows, "source", rows)
+        fast = getattr(source, "columns_of", None)
+        if fast is not None and len(source) == len(rows):
+            got = fast(names)
+            if got is not None:
+                return cls(*got)
+        import pyarrow as pa
+
+        chunks: dict[str, list] = {k: [] for k in names}
+        objects: dict[str, list] = {}
+        for a in range(0, len(rows), CHUNK):
+            part = rows[a:a + CHUNK] if isinstance(rows, (list, tuple)) or hasattr(rows, "source") \
+                else [rows[i] for i in range(a, min(a + CHUNK, len(rows)))]
+            for k in names:
+                values = [r.get(k) for r in part]
+                if k in objects or any(v is not None and not isinstance(v, str) for v in values):
+                    if k in META_FIELDS:
+                        values = [None if v is None else str(v) for v in values]
+                    else:
+                        if k not in objects:  # earlier chunks were strings: move them to the object list
+                            objects[k] = [v for c in chunks[k] for v in c.to_pylist()]
+                        objects[k].extend(values)
+                        continue
+                chunks[k].append(pa.array(values, type=pa.string()))
+        columns = {k: pa.chunked_array(c, type=pa.string()) for k, c in chunks.items() if k not in objects}
+        return cls(columns, objects)
+
+    # -- access ---------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self.n
+
+    def has(self, name: str) -> bool:
+        return name in self.columns or name in self.objects
+
+    def take(self, name: str, index: Any) -> list[Any]:
+        """Values of column ``name`` at rows ``index`` (a list, None where absent)."""
+        import pyarrow as pa
+
+        index = np.asarray(index, dtype=np.int64)
+        if name in self.objects:
+            values = self.objects[name]
+            return [values[i] for i in index.tolist()]
+        if name not in self.columns:
+            return [None] * len(index)
+        return self.columns[name].take(pa.array(index)).to_pylist()
+
+    def ids(self, index: Any = None) -> list[str]:
+        return self.columns["id"].to_pylist() if index is None else self.take("id", index)
+
+    def row(self, i: int) -> dict[str, Any]:
+        """Row ``i`` as a dict (for messages and small uses; never for every row)."""
+        out = {k: self.take(k, [i])[0] for k in [*self.columns, *self.objects]}
+        return {k: v for k, v in out.items() if v is not None}
+
+    def rows_fingerprint(self) -> str:
+        """:func:`mmalign.cache.format.rows_fingerprint` of the ids, streamed chunk by chunk (same value)."""
+        h = hashlib.sha256()
+        ids = self.columns["id"]
+        for a in range(0, self.n, CHUNK):
+            part = ids.slice(a, CHUNK).to_pylist()
+            h.update((("\n" if a else "") + "\n".join(part)).encode())
+        h.update(b"\0")
+        return h.hexdigest()[:32]
+
+    def unique_index(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(first_row [M], row_index [N])``: the first row of each unique value of ``name`` in first-appearance
+        order, and each row's item (``-1``: the row lacks the field)."""
+        if name in self.objects:
+            h = np.array([0 if v is None else int.from_bytes(hashlib.sha1(_value_key(v).encode("utf-8", "surrogatepass")).digest()[:8], "little")
+                          for v in self.objects[name]], dtype=np.uint64)
+            present = np.array([v is not None for v in self.objects[name]], dtype=bool)
+        elif name in self.columns:
+            import pyarrow.compute as pc
+
+            from mmalign.data.sources.columns import hash_strings
+
+            col = self.columns[name]
+            h = hash_strings(col)
+            present = ~np.asarray(pc.is_null(col).to_numpy(zero_copy_only=False), dtype=bool) if col.null_count else None
+        else:
+            return np.zeros(0, np.int64), np.full(self.n, -1, np.int64)
+        rows = np.arange(self.n) if present is None else np.flatnonzero(present)
+        uniq, first, inverse = np.unique(h[rows], return_index=True, return_inverse=True)
+        order = np.argsort(first, kind="stable")  # item numbers in first-appearance order
+        rank = np.empty(len(uniq), dtype=np.int64)
+        rank[order] = np.arange(len(uniq))
+        row_index = np.full(self.n, -1, dtype=np.int64)
+        row_index[rows] = rank[inverse.reshape(-1)]
+        return rows[first[order]].astype(np.int64), row_index
+
+
+def items_digests(table: RowTable, field: str, item_rows: np.ndarray, mode: str) -> np.ndarray:
+    """:func:`item_digests` of the items first used by ``item_rows``, read 64k at a time (bounded memory)."""
+    from mmalign.cache.format import item_digests
+
+    out = np.empty(len(item_rows), dtype=np.uint64)
+    for a in range(0, len(item_rows), CHUNK):
+        out[a:a + CHUNK] = item_digests(table.take(field, item_rows[a:a + CHUNK]), field, mode)
+    return out
+
+
+__all__ = ["RowTable", "StringColumn", "items_digests"]
