@@ -33,6 +33,7 @@ from mmalign.export.format import CONFIG_NAME, ONNX_DIR, WEIGHTS_NAME, ExportErr
 #: The files of an export (both kinds) and its model card: all that is downloaded from a repo.
 EXPORT_PATTERNS = [CONFIG_NAME, WEIGHTS_NAME, f"{ONNX_DIR}/*.onnx", "README.md"]
 MODEL_CARD = "README.md"
+MAX_CARD_METRICS = 40
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -207,11 +208,17 @@ def model_card(config: Mapping[str, Any], repo_id: str | None = None) -> str:
     weights = config.get("weights") or {}
     if weights.get("sha256"):
         lines.append(f"- `{weights.get('file')}` sha256 `{weights['sha256']}` ({weights.get('num_parameters', '?')} parameters)")
-    metrics = prov.get("metrics") or {}
+    from mmalign.evaluation.compare import flatten
+
+    metrics = flatten(prov.get("metrics") or {})  # nested test results -> "test/image|text/de/image->text/R@1"
     if metrics:
-        lines += ["", "## Metrics (recorded at export, on the recipe's validation data)", "", "| metric | value |", "|---|---|"]
-        for k, v in sorted(metrics.items()):
-            lines.append(f"| {k} | {v:.4g} |" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"| {k} | {v} |")
+        headline = [k for k in sorted(metrics) if re.search(r"(R@1|loss|acc\w*)$", k)] or sorted(metrics)
+        shown = headline[:MAX_CARD_METRICS]
+        more = len(metrics) - len(shown)
+        lines += ["", "## Metrics (as recorded in config.json's provenance at export)", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k.replace('|', chr(92) + '|')} | {metrics[k]:.4g} |" for k in shown]  # a | would split the cell
+        if more:
+            lines += ["", f"{more} more (MRR, R@5/R@10, ranks, query counts...) in `config.json` -> `provenance.metrics`."]
     lines += ["", "Loading treats this repo as untrusted: strict JSON, only mmalign's own encoder/projector classes, "
               "paths confined to the export, shapes checked before allocation, sha256 verified (docs/security.md).", ""]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
