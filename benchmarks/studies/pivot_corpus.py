@@ -81,13 +81,10 @@ def encode_plan(args) -> None:
     do_set("emoji-val")
     for tower in ("student", "teacher"):
         encode_chunked(enc[tower], train_en, feature_dir(args.cache, "emoji-train-en", tower, enc[tower]), log=f"emoji-train-en/{tower}")
-    do_corpus(10240)
-    do_set("territories")
-    do_set("currencies")
-    do_corpus(30720)
-    do_set("emoji-test")
-    do_set("languages")
-    for limit in range(40960, len(corpus) + 10240, 10240):
+    do_corpus(args.first_corpus)  # then every held-out set, then the rest of the corpus, 10k at a time
+    for name in ("territories", "currencies", "emoji-test", "languages"):
+        do_set(name)
+    for limit in range(args.first_corpus + 10240, len(corpus) + 10240, 10240):
         do_corpus(limit)
 
 
@@ -244,12 +241,11 @@ def ridge_scores(x_s, x_t, sets):
 
 
 VARIANTS = {
-    "recipe (GELU MLP, InfoNCE learnable T + MSE x10, batch 512)": {},
+    "recipe (GELU MLP, InfoNCE learnable T + MSE x10, batch 128)": {},
     "uCLIP head Linear-BN-ReLU-Linear": {"uclip_head": True},
     "InfoNCE T=0.01 fixed": {"temperature": 0.01},
     "MSE weight 0.1 (intra-modal L2, lambda 0.1)": {"mse_weight": 0.1},
     "input noise std sqrt(0.004)": {"noise": 0.004 ** 0.5},
-    "batch 2048": {"batch_size": 2048},
     "latent mixup alpha 1": {"mixup": 1.0},
 }
 
@@ -262,7 +258,8 @@ def run(args) -> None:
     torch.set_num_threads(2)
     enc = encoders()
     sets, train, emoji = load_features(args, enc)
-    out: dict = {"corpus_rows": len(train["student"]), "steps": args.steps, "seeds": args.seeds, "sets": {}}
+    out: dict = {"corpus_rows": len(train["student"]), "steps": args.steps, "seeds": args.seeds,
+                 "baseline_seeds": args.baseline_seeds, "command": "python -m benchmarks.studies.pivot_corpus " + " ".join(sys.argv[1:]), "sets": {}}
     print(f"corpus rows with features: {len(train['student'])}; sets: {sorted(sets)}", flush=True)
     for name, s in sets.items():
         out["sets"][name] = {"concepts": len(s.concepts), "rows": len(s.rows), "languages": s.langs, "ceiling": s.ceiling()}
@@ -280,17 +277,25 @@ def run(args) -> None:
     if "variants" in args.parts:  # seed 0, chosen on emoji VALIDATION only
         for label, v in VARIANTS.items():
             record(f"variant: {label}", [score_model(fit_features(v, train["student"], train["teacher"], args.steps, 0), sets)])
-    best = json.loads(args.best) if args.best else {}
+    if args.best == "auto":  # the single change that scored best on emoji VALIDATION (never on a test set)
+        val = {label: mean({lang: sum(v) / len(v) for lang, v in results[f"variant: {label}"]["emoji-val"].items()})
+               for label in VARIANTS}
+        chosen = max(val, key=val.get)
+        best = VARIANTS[chosen]
+        out["chosen_label"] = chosen
+        print(f"chosen on emoji val: {chosen} {best}", flush=True)
+    else:
+        best = json.loads(args.best) if args.best else {}
     if "curve" in args.parts:
         for n in args.curve:
             n = min(n, len(train["student"]))
             record(f"corpus prefix {n} (best)", [score_model(fit_features(best, train["student"][:n], train["teacher"][:n], args.steps, 0), sets)])
     if "final" in args.parts:
         record("ridge on emoji English names", [ridge_scores(emoji["student"], emoji["teacher"], sets)[0]])
-        record("recipe on emoji English names", [score_model(fit_features({}, emoji["student"], emoji["teacher"], args.steps, s), sets) for s in args.seeds])
+        record("recipe on emoji English names", [score_model(fit_features({}, emoji["student"], emoji["teacher"], args.steps, s), sets) for s in args.baseline_seeds])
         rs, lam = ridge_scores(train["student"], train["teacher"], sets)
         record(f"least squares on corpus (ridge, lambda={lam:g})", [rs])
-        record("linear projector on corpus", [score_model(fit_features({**best, "linear": True, "uclip_head": False}, train["student"], train["teacher"], args.steps, s), sets) for s in args.seeds])
+        record("linear projector on corpus", [score_model(fit_features({**best, "linear": True, "uclip_head": False}, train["student"], train["teacher"], args.steps, s), sets) for s in args.baseline_seeds])
         record("recipe on corpus (chosen variant)", [score_model(fit_features(best, train["student"], train["teacher"], args.steps, s), sets) for s in args.seeds])
     out["results"], out["chosen"], out["seconds"] = results, best, round(time.time() - t0)
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -299,22 +304,82 @@ def run(args) -> None:
     print(f"wrote {path}")
 
 
+# -- report ------------------------------------------------------------------------------------------
+def _cell(values: list[float]) -> str:
+    import statistics
+
+    m = statistics.mean(values)
+    return f"{m:.2f}" if len(values) == 1 else f"{m:.2f}±{statistics.stdev(values):.2f}"
+
+
+def tables(result: dict, names: list[str], methods: list[str]) -> str:
+    """Markdown: per held-out set, R@1 per language of each method (mean±std over seeds) beside the ceiling,
+    and the chosen recipe's fraction of the ceiling."""
+    import statistics
+
+    lines = []
+    for name in names:
+        meta = result["sets"].get(name)
+        if meta is None:
+            continue
+        langs = meta["languages"]
+        lines += [f"**{name}** ({meta['concepts']} concepts, gallery = their English names; R@1, chance {1 / meta['concepts']:.3f})", "",
+                  "| method | " + " | ".join(langs) + " | mean |", "|---|" + "---|" * (len(langs) + 1)]
+        ceil = meta["ceiling"]
+        lines.append("| ceiling: frozen USE-m, student(L) -> student(en) | " + " | ".join(f"{ceil[l]:.2f}" for l in langs)
+                     + f" | {statistics.mean(ceil[l] for l in langs):.2f} |")
+        for method in methods:
+            r = result["results"].get(method, {}).get(name)
+            if r is None:
+                continue
+            per_seed_mean = [statistics.mean(r[l][i] for l in langs) for i in range(len(r[langs[0]]))]
+            lines.append(f"| {method} | " + " | ".join(_cell(r[l]) for l in langs) + f" | {_cell(per_seed_mean)} |")
+        main = result["results"].get(methods[-1], {}).get(name)
+        if main:
+            frac = {l: statistics.mean(main[l]) / ceil[l] if ceil[l] else float("nan") for l in langs}
+            lines.append(f"| {methods[-1]}: fraction of the ceiling | " + " | ".join(f"{frac[l]:.2f}" for l in langs)
+                         + f" | {statistics.mean(statistics.mean(main[l]) for l in langs) / statistics.mean(ceil[l] for l in langs):.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def variant_table(result: dict) -> str:
+    import statistics
+
+    lines = ["| variant (seed 0) | emoji val mean R@1 | " + " | ".join(n for n in result["sets"] if n != "emoji-val") + " |",
+             "|---|---|" + "---|" * (len(result["sets"]) - 1)]
+    for label, r in result["results"].items():
+        if label.startswith("variant: "):
+            cols = [statistics.mean(v[0] for v in r[n].values()) for n in result["sets"] if n != "emoji-val"]
+            lines.append(f"| {label[9:]} | {statistics.mean(v[0] for v in r['emoji-val'].values()):.3f} | "
+                         + " | ".join(f"{c:.3f}" for c in cols) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("mode", choices=["encode", "run"])
+    ap.add_argument("mode", choices=["encode", "run", "tables"])
     ap.add_argument("--data", type=Path, default=ROOT / "data" / "emoji")
     ap.add_argument("--corpus", type=Path, default=ROOT / "data" / "corpus")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--parts", nargs="+", default=["variants", "curve", "final"], choices=["variants", "curve", "final"])
     ap.add_argument("--best", default="", help="JSON patch of the chosen variant (picked on emoji val), e.g. '{\"mixup\": 1}'")
     ap.add_argument("--curve", type=int, nargs="+", default=[1000, 3000, 10000, 30000, 110000])
-    ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--max_corpus", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the chosen recipe on the corpus")
+    ap.add_argument("--baseline_seeds", type=int, nargs="+", default=[0], help="seeds of the trained baselines")
+    ap.add_argument("--max_corpus", type=int, default=None, help="train on at most this many corpus texts")
+    ap.add_argument("--first_corpus", type=int, default=6144, help="encode: corpus texts encoded before the held-out sets")
     ap.add_argument("--output", type=Path, default=ROOT / "docs" / "results" / "pivot_corpus.json")
     args = ap.parse_args(argv)
     if args.mode == "encode":
         encode_plan(args)
+    elif args.mode == "tables":  # markdown of a run's JSON (docs/results_pivot.md quotes it)
+        import json
+
+        result = json.loads(args.output.read_text())
+        methods = [m for m in result["results"] if not m.startswith("variant: ")]
+        print(variant_table(result) + "\n\n" + tables(result, list(result["sets"]), methods))
     else:
         run(args)
 
