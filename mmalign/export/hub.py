@@ -39,7 +39,7 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 def is_repo_id(name: Any) -> bool:
     """True for a ``str`` shaped like a hub model repo id (``owner/name``) that is no path on disk."""
-    if not isinstance(name, str) or not _REPO_ID.match(name) or ".." in name or name.endswith((".git", ".")):
+    if not isinstance(name, str) or not _REPO_ID.match(name) or ".." in name or "--" in name or name.endswith((".git", ".")):
         return False
     return not Path(name).exists()
 
