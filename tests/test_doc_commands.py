@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,9 @@ SKIPPED: list[tuple[str, str]] = [
     (r"configs/trainer/ddp\.yaml", "2+ processes; tests/test_scaling.py::test_two_process_ddp_fit_via_cli runs the CPU one"),
     (r"--config recipe\.yaml", "'recipe.yaml' stands for any recipe; tests/test_cache.py tests the sharded cache"),
     (r"^torchrun ", "torchrun launch; tests/test_scaling.py runs the sharded cache"),
+    (r"^python benchmarks/perf/", "perf benchmarks (minutes each); docs/benchmarks.md gives their figures and commands"),
+    (r"^mmalign extend .*--base runs/quickstart/export", "extends the quickstart's export (run mmalign quickstart first)"),
+    (r"^mmalign extend --recipe extend ", "hub models and a real anchor-bind export"),
 ]
 
 #: What a doc assumes was run before its commands (``docs/export.md`` starts from a fitted checkpoint).
@@ -58,8 +62,9 @@ PATHS = {"data/test.jsonl": "data/synthetic/test.jsonl", "test.jsonl": "data/syn
 
 FIT_EXTRA = ["--trainer.logger=true", "--trainer.enable_checkpointing=true",
              "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.save_last=true",
-             "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2"]
-EVAL_EXTRA = ["--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2", "--trainer.limit_predict_batches=1"]
+             "--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1",
+             "--trainer.num_sanity_val_steps=0"]
+EVAL_EXTRA = ["--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1", "--trainer.limit_predict_batches=1"]
 RECIPE_COMMANDS = ("fit", "validate", "test", "predict", "eval", "cache")
 
 
@@ -119,7 +124,8 @@ def doc_commands(path: Path) -> list[DocCommand]:
                 line = re.sub(rf"\${{?{var}\b}}?", value, line)
             for part in line.split("&&"):
                 part = part.strip().rstrip("&").strip()
-                if re.match(r"^(mmalign|python -m|python -c|bash|torchrun)\b", part) or re.match(r"^\w+=\S+ (python|mmalign)", part):
+                if re.match(r"^(mmalign|python -m|python -c|python \S+\.py|bash|torchrun)\b", part) \
+                        or re.match(r"^\w+=\S+ (python|mmalign)", part):
                     out.append(DocCommand(str(path.relative_to(ROOT)), n, re.sub(r"^(\w+=\S+ )+", "", part)))
     return out
 
@@ -223,6 +229,7 @@ def test_doc_commands_run(doc, tmp_path, monkeypatch):
         if tuple(argv) in done:
             continue
         done.add(tuple(argv))
+        start = time.perf_counter()
         try:
             _run(argv)
         except SystemExit as err:
@@ -230,4 +237,5 @@ def test_doc_commands_run(doc, tmp_path, monkeypatch):
                 raise AssertionError(f"{c}\n  ran as: mmalign {shlex.join(argv)}\n  exit {err.code}") from err
         except Exception as err:
             raise AssertionError(f"{c}\n  ran as: mmalign {shlex.join(argv)}\n  {type(err).__name__}: {err}") from err
+        print(f"[doc command] {time.perf_counter() - start:5.1f} s  {c}")
     assert not (tmp_path / "config.yaml").exists(), "a run wrote config.yaml into the working directory"

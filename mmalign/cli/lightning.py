@@ -4,7 +4,7 @@ quickstart, benchmarks and tests, so a recipe YAML means the same thing everywhe
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -20,12 +20,12 @@ class RunConfigCallback(SaveConfigCallback):
 
     Lightning writes it to ``trainer.log_dir``, which is the working directory when the run has no logger
     (``trainer.default_root_dir`` defaults to it): every tiny fit (``logger: false``, no checkpoints) replaced
-    ``./config.yaml``. A run that writes nothing else (no logger, no checkpoints, no ``default_root_dir`` given)
-    now writes no config either; the parsed config stays available to callbacks (``self.config``).
+    ``./config.yaml``. A run that writes nothing else (no logger, no checkpoints saved (a fit with a
+    ``ModelCheckpoint``), no ``default_root_dir`` given) now writes no config either; the parsed config stays available to callbacks (``self.config``).
     """
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        writes_elsewhere = bool(trainer.loggers or trainer.checkpoint_callbacks)
+        writes_elsewhere = bool(trainer.loggers) or (stage == "fit" and bool(trainer.checkpoint_callbacks))
         in_cwd = Path(trainer.default_root_dir).resolve() == Path.cwd().resolve()
         if not writes_elsewhere and in_cwd:
             self.already_saved = True
@@ -63,12 +63,23 @@ class MMAlignCLI(LightningCLI):
         parser.add_lightning_class_args(BadInputCallback, "bad_inputs")
         parser.add_argument("--allow_untrained", type=bool, default=False,
                             help="predict (validate, test) without --ckpt_path: run the untrained projectors anyway")
+        parser.add_argument("--sweep_seeds", type=Optional[list[int]], default=None,
+                            help="fit: train the recipe under each seed as one batched model; exports per seed and an "
+                                 "ensemble list in <run>/sweep (mmalign.training.sweep)")
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         super().parse_arguments(parser, args)
         if isinstance(args, list):
             sub = self.config.get("subcommand")
             _check_sections(args, self.config[sub] if sub else self.config, parser)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        seeds = self.config[self.subcommand].get("sweep_seeds") if self.subcommand == "fit" else None
+        if seeds:  # N seeds of the recipe's model as one vmapped module (mmalign.training.sweep)
+            from mmalign.training.sweep import SweepModule
+
+            self.model = SweepModule.from_cli(self._parser(self.subcommand), self.config[self.subcommand], seeds)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
