@@ -7,7 +7,11 @@ parses that binary format and writes a normal Hugging Face directory (``config.j
 (or ``transformers.WhisperModel.from_pretrained``) loads like any hub checkpoint.
 
 Both the encoder and the decoder are converted (the decoder is cheap and makes the directory a full
-``WhisperForConditionalGeneration``); the tokenizer is not converted.
+``WhisperForConditionalGeneration``). When the CTranslate2 directory holds ``tokenizer.json`` the output
+also gets the Whisper tokenizer files and a ``generation_config.json`` (language and task token ids from
+the CTranslate2 ``config.json`` / vocabulary), so ``WhisperProcessor.from_pretrained`` and
+``WhisperForConditionalGeneration.generate(..., language=..., task="transcribe")`` work on it like on a hub
+checkpoint (:mod:`encoders.cascade` transcribes with it).
 
 Format of ``model.bin`` (little endian): u32 binary version; string model name; u32 revision;
 u32 variable count; per variable: string name, u8 rank, rank x u32 shape, u8 dtype id, u32 byte
@@ -203,6 +207,59 @@ def _special_token_ids(ct2_dir: Path) -> dict[str, int]:
     return ids
 
 
+def _vocabulary(ct2_dir: Path) -> list[str]:
+    if (ct2_dir / "vocabulary.json").is_file():
+        return json.loads((ct2_dir / "vocabulary.json").read_text(encoding="utf-8"))
+    if (ct2_dir / "vocabulary.txt").is_file():
+        return (ct2_dir / "vocabulary.txt").read_text(encoding="utf-8").split("\n")
+    return []
+
+
+def write_generation_files(ct2_dir: str | os.PathLike, output_dir: str | os.PathLike) -> bool:
+    """Write the Whisper tokenizer and ``generation_config.json`` of a converted directory.
+
+    ``transformers``' Whisper ``generate`` needs ``lang_to_id``/``task_to_id``/``no_timestamps_token_id``
+    in the generation config; CTranslate2 keeps the same facts as ``lang_ids`` (and ``suppress_ids``,
+    ``alignment_heads``) in its ``config.json`` and the token strings in its vocabulary. The fast
+    tokenizer is built from the package's ``tokenizer.json`` (no download).
+
+    Returns:
+        False (nothing written) when ``ct2_dir`` has no ``tokenizer.json`` or vocabulary.
+    """
+    from transformers import GenerationConfig, WhisperTokenizerFast
+
+    ct2_dir, out = Path(ct2_dir), Path(output_dir)
+    vocab = _vocabulary(ct2_dir)
+    if not (ct2_dir / "tokenizer.json").is_file() or not vocab:
+        return False
+    index = {tok: i for i, tok in enumerate(vocab)}
+    extra = json.loads((ct2_dir / "config.json").read_text()) if (ct2_dir / "config.json").is_file() else {}
+    lang_ids = [int(i) for i in extra.get("lang_ids", [])]
+    tokenizer = WhisperTokenizerFast(
+        tokenizer_file=str(ct2_dir / "tokenizer.json"), unk_token="<|endoftext|>", bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=448,
+    )
+    tokenizer.save_pretrained(out)
+    model_config = json.loads((out / "config.json").read_text())
+    generation = GenerationConfig.from_dict({
+        k: model_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id",
+                                     "suppress_tokens", "begin_suppress_tokens") if model_config.get(k) is not None
+    })
+    generation.max_length = int(model_config.get("max_target_positions", 448))
+    generation.lang_to_id = {vocab[i]: i for i in lang_ids}
+    generation.task_to_id = {t: index[f"<|{t}|>"] for t in ("transcribe", "translate") if f"<|{t}|>" in index}
+    generation.is_multilingual = len(lang_ids) > 1
+    for field, token in (("no_timestamps_token_id", "<|notimestamps|>"), ("prev_sot_token_id", "<|startofprev|>")):
+        if token in index:
+            setattr(generation, field, index[token])
+    if "alignment_heads" in extra:
+        generation.alignment_heads = [list(map(int, h)) for h in extra["alignment_heads"]]
+    generation.max_initial_timestamp_index = 50
+    generation.return_timestamps = False
+    generation.save_pretrained(out)
+    return True
+
+
 def convert_ct2_whisper(
     model_bin: str | os.PathLike,
     config_json: str | os.PathLike | None = None,
@@ -259,6 +316,8 @@ def convert_ct2_whisper(
     for name in ("tokenizer.json", "vocabulary.json", "vocabulary.txt"):  # kept for reference/decoding
         if (model_bin.parent / name).is_file():
             shutil.copyfile(model_bin.parent / name, out / f"ct2_{name}")
+    if has_decoder:
+        write_generation_files(model_bin.parent, out)
     (out / "ct2_source.json").write_text(json.dumps({"model_bin": str(model_bin), "ct2_config": extra}, indent=1))
     return str(out)
 
@@ -279,6 +338,10 @@ def _package_dir(module: str, hint: str) -> Path:
 def _convert_cached(ct2_dir: Path, output_dir: str | os.PathLike | None, name: str) -> str:
     out = Path(output_dir) if output_dir else _cache_root() / "converted" / name
     if (out / ".complete").exists():
+        if not (out / "tokenizer.json").is_file() and (ct2_dir / "tokenizer.json").is_file():
+            # A conversion made before the tokenizer/generation files existed: add them in place (each file
+            # is written whole by save_pretrained; the weights are untouched).
+            write_generation_files(ct2_dir, out)
         return str(out)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

