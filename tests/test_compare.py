@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mmalign.evaluation.compare import compare, main, read_run
+from mmalign.evaluation.compare import compare, read_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,9 @@ def test_table_aligns_metrics_and_marks_the_best(fabricated, capsys):
 
 def test_output_writes_markdown_csv_and_plot(fabricated, tmp_path, capsys):
     # the positional form `mmalign compare A B --metrics ... --output DIR`
-    main([str(fabricated[0]), str(fabricated[1]), "--metrics", "val/*", "--output", str(tmp_path / "cmp")])
+    from mmalign.cli.main import main as mmalign_main
+
+    mmalign_main(["compare", str(fabricated[0]), str(fabricated[1]), "--metrics", "val/*", "--output", str(tmp_path / "cmp")])
     md = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| val/R@1 | **0.5000** | 0.3750 |" in md and "| val/loss (lower better) | 2.0000 | **1.5000** |" in md
     rows = list(csv.DictReader((tmp_path / "cmp" / "compare.csv").open()))

@@ -28,6 +28,10 @@ TOOLS: dict[str, str] = {
 }
 
 
+#: Tools whose bare arguments are positional (``mmalign compare RUN_A RUN_B``): ``module:function`` taking argv.
+ARGV_TOOLS: dict[str, str] = {"compare": "mmalign.evaluation.compare:main"}
+
+
 #: Tool options renamed before jsonargparse sees them. Its CLI reserves ``--config`` for a file of the tool's own
 #: arguments (and drops a parameter of that name before the call), but ``mmalign export --config RECIPE`` names
 #: the recipe that trained the checkpoint, as ``--config`` does for ``fit``.
@@ -179,6 +183,9 @@ def _dispatch(argv: list[str]) -> None:
         from mmalign.evaluation.command import evaluate
 
         evaluate(argv[1:])
+        return
+    if argv[0] in ARGV_TOOLS:  # tools with bare (positional) arguments parse their own argv
+        _load(ARGV_TOOLS[argv[0]])(argv[1:])
         return
     if argv[0] in TOOLS:
         from jsonargparse import CLI
