@@ -136,12 +136,20 @@ def ceiling_rows(recipe: dict[str, float], ceiling: dict[str, float]) -> dict[st
 
 
 @torch.no_grad()
-def frozen_features(encoder: Callable, inputs: Sequence, batch_size: int = 64, device: str | torch.device = "cpu") -> Tensor:
+def frozen_features(
+    encoder: Callable, inputs: Sequence, batch_size: int = 64, device: str | torch.device = "cpu", progress: bool = False,
+) -> Tensor:
     """The frozen encoder's pooled output (no projector) for raw ``inputs`` (texts, image or audio paths), ``[N, D]``
-    float32 on CPU; ``encoder`` is an :class:`encoders.base.Encoder` (``preprocess`` then ``forward``)."""
+    float32 on CPU; ``encoder`` is an :class:`encoders.base.Encoder` (``preprocess`` then ``forward``). ``progress``:
+    a tqdm bar per item (stderr)."""
+    from tqdm.auto import tqdm
+
     chunks = []
+    bar = tqdm(total=len(inputs), desc="ceiling: frozen student features", unit="item", disable=not progress)
     for start in range(0, len(inputs), batch_size):
         batch = encoder.preprocess(list(inputs[start : start + batch_size]))
         batch = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()} if isinstance(batch, dict) else batch
         chunks.append(encoder(batch).pooled.float().cpu())
+        bar.update(len(chunks[-1]))
+    bar.close()
     return torch.cat(chunks) if chunks else torch.zeros(0, 0)

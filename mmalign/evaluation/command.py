@@ -165,7 +165,8 @@ def pooled_counts(module: Any, collected: dict[str, Any]) -> dict[str, dict[str,
 def _no_ceiling(tower: Any) -> str:
     """Why a student tower has no ceiling row in the report."""
     if tower.encoder.modality != "text":
-        return (f"a {tower.encoder.modality} encoder ({_describe_encoder(tower.encoder)}): its frozen features have no text "
+        article = "an" if tower.encoder.modality[0] in "aeiou" else "a"
+        return (f"{article} {tower.encoder.modality} encoder ({_describe_encoder(tower.encoder)}): its frozen features have no text "
                 "side, so no frozen-student figure bounds its cross-modal retrieval")
     return "its test rows do not span several languages including the pivot language"
 
@@ -198,7 +199,7 @@ def ceiling_results(module: Any, collected: dict[str, Any], retrieval: dict[str,
         unique = list(dict.fromkeys(row_texts))
         was_training = tower.training
         tower.eval()
-        feats = frozen_features(tower.encoder, unique, device=module.device)
+        feats = frozen_features(tower.encoder, unique, device=module.device, progress=True)
         tower.train(was_training)
         index = {t: j for j, t in enumerate(unique)}
         frozen = feats[torch.as_tensor([index[t] for t in row_texts])]

@@ -30,7 +30,7 @@ def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    fig.savefig(path, format="png", bbox_inches="tight")  # legends placed outside the axes stay in the picture
     return path
 
 
@@ -85,12 +85,16 @@ def plot_recall_bars(
 
 
 def _colours(n: int) -> list:
-    """``n`` distinct colours: tab10 up to 10, tab20 up to 20, then tab20 + tab20b (40), cycling beyond."""
+    """``n`` distinct colours, never grey (grey marks items shared by all languages): tab10 up to 9; beyond, tab20's
+    9 dark shades first, then its 9 light ones, then tab20b's (38 in all, cycling beyond), so the first nine are
+    always nine different hues."""
     from matplotlib import colormaps
 
-    if n <= 10:
-        return [colormaps["tab10"](i) for i in range(n)]
-    pool = [colormaps["tab20"](i) for i in range(20)] + [colormaps["tab20b"](i) for i in range(20)]
+    if n <= 9:
+        return [colormaps["tab10"](i) for i in range(10) if i != 7][:n]
+    tab20, tab20b = colormaps["tab20"], colormaps["tab20b"]
+    pool = ([tab20(i) for i in range(0, 20, 2) if i != 14] + [tab20(i) for i in range(1, 20, 2) if i != 15]
+            + [tab20b(i) for i in range(20)])
     return [pool[i % len(pool)] for i in range(n)]
 
 
@@ -159,7 +163,7 @@ def plot_projection(
         max_points_per_group: Evenly spaced subsample per group (keeps the plot readable and fast).
         normalize: L2-normalise before projecting (the geometry the metrics use).
     """
-    names, chunks, lang_list = [], [], []
+    names, chunks, lang_list, order = [], [], [], []
     for name, x in embeddings.items():
         x = torch.as_tensor(x).float().cpu()
         idx = torch.linspace(0, len(x) - 1, min(len(x), max_points_per_group)).round().long() if len(x) else torch.zeros(0, dtype=torch.long)
@@ -170,6 +174,7 @@ def plot_projection(
             if len(group_langs) != len(x):
                 raise ValueError(f"langs[{name!r}] has {len(group_langs)} entries but embeddings[{name!r}] has {len(x)} rows")
             lang_list += [str(group_langs[i]) for i in idx.tolist()]
+            order = list(dict.fromkeys([*order, *map(str, group_langs)]))  # languages in order of first appearance
     x = torch.cat(chunks)
     if len(x) < 2:
         raise ValueError(f"need at least two points to project, got {len(x)}")
@@ -192,7 +197,7 @@ def plot_projection(
         from matplotlib.lines import Line2D
 
         ax2 = fig.add_subplot(1, 2, 2, sharex=ax, sharey=ax)
-        languages = [lang for lang in dict.fromkeys(lang_list) if lang != "shared"]
+        languages = [lang for lang in order if lang != "shared" and lang in set(lang_list)]
         colour = dict(zip(languages, _colours(len(languages))))
         if "shared" in lang_list:  # one input for several languages (an image, an English anchor): grey, drawn first
             languages.insert(0, "shared")
@@ -202,16 +207,14 @@ def plot_projection(
                 sel = [i for i, (n, l) in enumerate(zip(names, lang_list)) if n == g and l == lang]
                 if sel:
                     ax2.scatter(xy[sel, 0], xy[sel, 1], s=10, alpha=0.7, marker=marker[g], color=colour[lang])
-        ax2.set_title("the same points, coloured by language, marker = tower")
+        ax2.set_title("the same points by language (markers: towers, as on the left)")
         ax2.set_xlabel("PC1")
         handles = [Line2D([], [], linestyle="", marker="o", color=colour[lang],
                           label="shared by all languages" if lang == "shared" else lang) for lang in languages]
-        leg = ax2.legend(handles=handles, fontsize="small", title="language", loc="upper left", bbox_to_anchor=(1.0, 1.0),
-                         ncol=1 if len(languages) <= 20 else 2)
-        ax2.add_artist(leg)
-        if len(groups) > 1:
-            shapes = [Line2D([], [], linestyle="", marker=marker[g], color="0.3", label=g) for g in groups]
-            ax2.legend(handles=shapes, fontsize="small", title="tower", loc="lower left", bbox_to_anchor=(1.0, 0.0))
+        # one legend (a legend added with add_artist is left out of the saved bounding box); the markers are the
+        # left panel's, whose legend names the towers
+        ax2.legend(handles=handles, fontsize="small", title="language", loc="upper left", bbox_to_anchor=(1.0, 1.0),
+                   ncol=1 if len(languages) <= 20 else 2)
     return _save(fig, path)
 
 
@@ -250,8 +253,10 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".m4a")
 
 
 def plot_retrieval_examples(examples: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, thumb: int = 96) -> Path:
-    """A retrieval gallery: one row per example query (its language, the query, then its top-k gallery items),
-    green frames on correct items (the query's concept), red on wrong ones; images drawn as thumbnails.
+    """A retrieval gallery: one row per example query (its direction and language, the query, then its top-k gallery
+    items), green frames on correct items (the query's concept), red on wrong ones; images drawn as thumbnails, the
+    concept id under every item. Text the default font cannot draw (right-to-left scripts, missing glyphs) shows as
+    ``[concept id]`` (the Markdown report has the text itself).
 
     Args:
         examples: ``{direction: [example]}`` with examples as from
@@ -263,8 +268,10 @@ def plot_retrieval_examples(examples: Mapping[str, Sequence[Mapping[str, Any]]],
     if not rows:
         raise ValueError("no retrieval examples to draw")
     k = max(len(ex["top"]) for _, ex in rows)
-    fig = _figure(1.9 * (k + 1) + 0.4, 1.75 * len(rows) + 0.5)
-    grid = fig.add_gridspec(len(rows), k + 1, wspace=0.12, hspace=0.75)
+    height = 1.8 * len(rows) + 0.6
+    fig = _figure(1.9 * (k + 1) + 0.4, height)
+    grid = fig.add_gridspec(len(rows), k + 1, wspace=0.12, hspace=0.95, top=1 - 1.0 / height, bottom=0.3 / height)
+    fallback = False
     for r, (direction, ex) in enumerate(rows):
         cells = [(ex["query"], ex["label"], None)] + [(t["item"], t["label"], t["hit"]) for t in ex["top"]]
         for c, (item, label, hit) in enumerate(cells):
@@ -278,30 +285,27 @@ def plot_retrieval_examples(examples: Mapping[str, Sequence[Mapping[str, Any]]],
             image = _thumbnail(item, thumb)
             if image is not None:
                 ax.imshow(image)
-                caption = str(label)
             else:
+                caption = _caption(item, label)
+                fallback |= caption.startswith("[")
                 ax.set_facecolor("0.97")
-                ax.text(0.5, 0.5, _caption(item, label), ha="center", va="center", fontsize=8, transform=ax.transAxes)
-                caption = "" if hit is None else str(label)
+                ax.text(0.5, 0.5, caption, ha="center", va="center", fontsize=8, transform=ax.transAxes)
+            ax.set_xlabel(_caption(label, label, width=24)[:60], fontsize=7)
             if c == 0:
                 rank = ex.get("rank")
-                ax.set_title(f"{direction} [{ex.get('lang', '')}]\nquery: {label}"
-                             + (f"  (rank {rank:g} of {ex['gallery_size']})" if rank is not None else ""),
+                ax.set_title(f"{direction} [{ex.get('lang', '')}]\nquery"
+                             + (f", its concept at rank {rank:g}/{ex['gallery_size']}" if rank is not None else ""),
                              fontsize=7.5, loc="left")
             else:
-                ax.set_title(f"#{c} {'ok' if hit else 'wrong'}  {t_score(ex, c):.2f}", fontsize=7.5,
+                ax.set_title(f"#{c} {'correct' if hit else 'wrong'}  ({float(ex['top'][c - 1]['score']):.2f})", fontsize=7.5,
                              color=frame)
-                ax.set_xlabel(caption[:28], fontsize=7)
-    fig.suptitle("Top retrievals for a few test queries (green: the query's concept, red: another; cosine score)",
-                 fontsize=9)
+    fig.suptitle("Top retrievals of a few test queries (green: the query's concept, red: another; cosine score)"
+                 + ("\n[concept id]: text the plot font cannot draw; report.md has the text" if fallback else ""),
+                 fontsize=9, y=1 - 0.2 / height, va="top")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", bbox_inches="tight")
     return path
-
-
-def t_score(example: Mapping[str, Any], c: int) -> float:
-    return float(example["top"][c - 1]["score"])
 
 
 def _thumbnail(item: Any, size: int):
