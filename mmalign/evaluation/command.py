@@ -1,6 +1,6 @@
 """``mmalign eval``: evaluate a recipe (optionally from a checkpoint) and write a per-language report.
 
-    mmalign eval --config configs/uclip_pivot.yaml --config configs/offline/uclip_pivot.yaml --ckpt_path runs/x/last.ckpt --output eval/
+    mmalign eval --config configs/uclip_pivot.yaml --config configs/offline/uclip_pivot.yaml --ckpt_path best --output eval/
     mmalign eval --benchmark xm3600 --root data/xm3600 --model exports/x --output eval/   # standard benchmarks
 
 Any LightningCLI option of the recipe (``--data.init_args.test=...``) may follow. Everything is written under
