@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from mmalign.data.collate import TowerCollator
-from mmalign.data.manifest import ManifestDataset, ManifestError, read_manifest
+from mmalign.data.manifest import ManifestDataset, ManifestError, ManifestRowError, read_manifest
 from mmalign.data.policy import BadInputCallback, BadInputError, BadInputReport, check_finite, is_known_language
 
 SR = 16000
@@ -239,3 +239,10 @@ def test_language_codes():
 
     cldr = {k for k in babel.Locale("en").languages if len(k) == 2 and k.isalpha() and k.islower()}
     assert ISO_639_1 == cldr
+
+
+def test_a_language_name_in_a_manifest_gets_did_you_mean(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"id": "a", "text": "hello", "lang": "english"}) + "\n")
+    with pytest.raises(ManifestRowError, match=r"id='a'.*unknown language.*'english'.*did you mean 'en'\?"):
+        read_manifest(path)

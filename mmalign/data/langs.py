@@ -107,6 +107,12 @@ def suggest_language(code: str) -> str | None:
     return names[close[0]] if close else None
 
 
+def unknown_language_detail(code: object) -> str:
+    """The reason a manifest row's language is refused, with "did you mean ...?" when one is likely."""
+    hint = suggest_language(code) if isinstance(code, str) and code.strip() else None
+    return f"{code!r} is not an ISO 639-1 code or 'und'" + (f"; did you mean {hint!r}?" if hint else "")
+
+
 def check_language(code: object, what: str = "lang") -> str:
     """``code`` if it is an ISO 639-1 code or ``und`` (BCP-47 subtags allowed, as in manifests), else a
     ``ValueError`` naming ``what`` with "did you mean ...?" (``lang='english'`` -> ``'en'``)."""

@@ -17,6 +17,7 @@ from typing import Any, Iterable, Sequence
 
 from torch.utils.data import Dataset
 
+from mmalign.data.langs import unknown_language_detail
 from mmalign.data.policy import ON_ERROR, BadInputError, BadInputReport, check_choice, is_known_language
 
 #: Fields holding paths, resolved relative to the manifest's folder.
@@ -104,7 +105,7 @@ def read_manifest(
         row.setdefault("lang", "und")
         if not is_known_language(row["lang"]):
             report.handle(ManifestRowError(path, lineno, row["id"], "lang", "unknown language",
-                                           f"{row['lang']!r} is not an ISO 639-1 code or 'und'"), on_error)
+                                           unknown_language_detail(row["lang"])), on_error)
             continue
         for field in PATH_FIELDS:
             if field in row and row[field] is not None:

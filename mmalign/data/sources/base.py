@@ -17,6 +17,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from torch.utils.data import Dataset
 
 from mmalign.data.manifest import PATH_FIELDS, ManifestError, ManifestRowError, check_row
+from mmalign.data.langs import unknown_language_detail
 from mmalign.data.policy import ON_ERROR, BadInputReport, check_choice, is_known_language
 
 #: format name -> what it reads (the error for an unknown format lists these).
@@ -134,7 +135,7 @@ class ListSource(RowSource):
                     raise RowError(self.path, n, row["id"], "id", "duplicate id", f"first seen in row {seen[row['id']]}")
                 if not is_known_language(row["lang"]):
                     raise RowError(self.path, n, row["id"], "lang", "unknown language",
-                                   f"{row['lang']!r} is not an ISO 639-1 code or 'und'")
+                                   unknown_language_detail(row["lang"]))
                 seen[row["id"]] = n
                 present.add(row["lang"])
                 if langs is not None and row["lang"] not in langs:
