@@ -63,6 +63,8 @@ def test_every_shipped_yaml_is_a_recipe_an_overlay_or_a_snippet():
     known |= {p.relative_to(CONFIGS).as_posix() for p in SNIPPETS}
     # data overlays composed after an offline overlay (tests/test_corpus.py parses them)
     known |= {f"offline/{n}_corpus.yaml" for n, v in OVERLAYS if v == "offline" and (CONFIGS / f"offline/{n}_corpus.yaml").is_file()}
+    # speech overlays composed after offline/sonar_speech.yaml (robustness data, the ASR-cascade tower; issue 17.3)
+    known |= {f"offline/sonar_speech_{k}.yaml" for k in ("robust", "cascade")}
     assert shipped == known
     assert all("tiny" in list_variants(n) for n in RECIPES), "every recipe has a tiny overlay (the tests run it)"
     assert {"lit_contrastive", "sonar_speech", "uclip_pivot"} <= {n for n, v in OVERLAYS if v == "offline"}
