@@ -16,20 +16,27 @@ randomness in their forward (``vmap`` would draw it differently from the sequent
 A member is any ``nn.Module`` whose ``forward(*inputs)`` returns the scalar loss of one batch, e.g.
 :class:`PairMember` (two projectors and a contrastive loss over cached pooled features).
 
-Left for later (not here): ``mmalign fit --sweep`` in the CLI, per-member checkpoints/exports and the
-ensemble export; this module is the engine they would call.
+``mmalign fit --config RECIPE --sweep_seeds [0,1,2,3]`` trains a recipe's model under each seed as one
+:class:`SweepModule` (Lightning stays the engine: its checkpoints hold every member and the AdamW state, so
+``--ckpt_path`` resumes a sweep). Each member is the recipe's model exactly as ``mmalign fit`` builds it
+under ``seed_everything(seed)``; all members see the same batches (the data order of the recipe's own
+``seed_everything``), so member ``i`` equals a lone fit with that initialisation and that data order
+(``tests/test_sweep.py``). At the end of the fit, ``<run>/sweep/seed-<s>/`` holds each member's export and
+``<run>/sweep/ensemble.json`` lists them; :class:`Ensemble` embeds with the mean of the members' L2-normalised
+embeddings. Constant learning rates only (a recipe scheduler is refused), no dropout in the projectors.
 """
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
-__all__ = ["PairMember", "Sweep", "build_members"]
+__all__ = ["Ensemble", "ModuleMember", "PairMember", "Sweep", "SweepModule", "build_members"]
 
 
 class PairMember(nn.Module):
@@ -141,3 +148,173 @@ class Sweep:
     def ensemble(self, fn: Callable[[nn.Module], Any]) -> list[Any]:
         """``fn(member)`` for every member (e.g. their embeddings, to average for an ensemble)."""
         return [fn(self.member(i)) for i in range(self.n)]
+
+
+class ModuleMember(nn.Module):
+    """An :class:`~mmalign.training.module.AlignmentModule` as a sweep member: ``forward(batch) -> loss``
+    (the sum of its objectives' losses on a cached batch, as its ``training_step`` computes it)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, batch: Any) -> Tensor:
+        m = self.module
+        losses = m.compute_losses(m(batch), m.batch_groups(batch))
+        return torch.stack(list(losses.values())).sum()
+
+
+def _adamw_settings(module: Any) -> tuple[float, float, tuple[float, float], float]:
+    """``(lr, weight_decay, betas, eps)`` of the recipe's optimizer (AdamW or Adam, no scheduler)."""
+    if getattr(module, "scheduler", None) is not None or getattr(module, "_scheduler", None) is not None:
+        raise ValueError("--sweep_seeds trains with constant learning rates: remove the recipe's scheduler")
+    opt = module.configure_optimizers()
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
+    if isinstance(opt, (list, tuple)):
+        opt = opt[0]
+    if not isinstance(opt, (torch.optim.AdamW, torch.optim.Adam)):
+        raise ValueError(f"--sweep_seeds needs an AdamW recipe optimizer, got {type(opt).__name__}")
+    g = opt.param_groups[0]
+    wd = g["weight_decay"] if isinstance(opt, torch.optim.AdamW) else 0.0
+    return float(g["lr"]), float(wd), tuple(g["betas"]), float(g["eps"])
+
+
+def _lightning():
+    import lightning as L
+
+    return L
+
+
+class SweepModule(_lightning().LightningModule):
+    """N members of one recipe trained as one batched model under Lightning (manual optimisation).
+
+    The stacked parameters and AdamW moments are buffers of this module, so Lightning checkpoints hold
+    all of them and ``--ckpt_path`` resumes the sweep exactly.
+
+    Args:
+        members: The recipe's model built once per seed (:meth:`from_cli` builds them as ``mmalign fit`` does).
+        seeds: The seed of each member (named in the exports).
+    """
+
+    def __init__(self, members: Sequence[nn.Module], seeds: Sequence[int]) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.seeds = [int(s) for s in seeds]
+        self.template = members[0]  # towers, objectives, hooks of the recipe (its trainable tensors are replaced)
+        lr, wd, betas, eps = _adamw_settings(members[0])
+        self.sweep = Sweep([ModuleMember(m) for m in members], lr=lr, weight_decay=wd, betas=betas, eps=eps)
+        self._names = list(self.sweep.params)
+        for i, k in enumerate(self._names):  # checkpointed with the module
+            self.register_buffer(f"sweep_param_{i}", self.sweep.params[k])
+            self.register_buffer(f"sweep_avg_{i}", self.sweep.exp_avg[k])
+            self.register_buffer(f"sweep_avg_sq_{i}", self.sweep.exp_avg_sq[k])
+        self.register_buffer("sweep_steps", torch.zeros((), dtype=torch.long))
+
+    @property
+    def towers(self) -> Any:  # what the DataModule connects to (fields, encoders' preprocessing)
+        return self.template.towers
+
+    @property
+    def objectives(self) -> Any:
+        return self.template.objectives
+
+    @classmethod
+    def from_cli(cls, parser: Any, config: Any, seeds: Sequence[int]) -> "SweepModule":
+        """Instantiate the recipe's model once per seed exactly as LightningCLI does (seed, then classes)."""
+        import random
+
+        import numpy as np
+
+        L = _lightning()
+        state = torch.random.get_rng_state(), np.random.get_state(), random.getstate()
+        members = []
+        for seed in seeds:
+            L.seed_everything(int(seed), verbose=False)
+            members.append(parser.instantiate_classes(config).model)
+        # the data order stays the one a lone fit of the recipe's own seed_everything draws
+        torch.random.set_rng_state(state[0])
+        np.random.set_state(state[1])
+        random.setstate(state[2])
+        return cls(members, seeds)
+
+    def _bind(self) -> None:
+        """Point the engine at the buffers (after ``.to(device)`` or a checkpoint load replaced them)."""
+        for i, k in enumerate(self._names):
+            self.sweep.params[k] = getattr(self, f"sweep_param_{i}")
+            self.sweep.exp_avg[k] = getattr(self, f"sweep_avg_{i}")
+            self.sweep.exp_avg_sq[k] = getattr(self, f"sweep_avg_sq_{i}")
+        like = self.sweep.params[self._names[0]]
+        self.sweep.lr, self.sweep.weight_decay = self.sweep.lr.to(like.device), self.sweep.weight_decay.to(like.device)
+        self.sweep.steps = int(self.sweep_steps)
+
+    def configure_optimizers(self) -> Any:
+        return None  # the sweep's own vectorised AdamW
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        return self.template.transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def on_train_start(self) -> None:
+        self._bind()
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        self._bind()
+        losses = self.sweep.step(batch)  # [N]
+        self.sweep_steps.fill_(self.sweep.steps)
+        if self.trainer is not None and (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+            self.log("train/loss", losses.mean(), prog_bar=True)
+        self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.increment_completed()  # global_step
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._bind()
+        losses = self.sweep.losses(batch)
+        self.log("val/loss", losses.mean(), batch_size=len(batch["meta"]["id"]))
+
+    def member(self, i: int) -> nn.Module:
+        """Member ``i`` as a standalone recipe model with its trained parameters."""
+        self._bind()
+        return self.sweep.member(i).module
+
+    def on_fit_end(self) -> None:
+        if self.trainer.is_global_zero:
+            self.export_members(Path(self.trainer.default_root_dir if self.trainer.log_dir is None else self.trainer.log_dir) / "sweep")
+
+    def export_members(self, folder: str | Path) -> Path:
+        """Write ``folder/seed-<s>/`` (each member's export) and ``folder/ensemble.json`` (the list)."""
+        import json
+
+        from mmalign.export.writer import export_module
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        names = []
+        for i, seed in enumerate(self.seeds):
+            export_module(self.member(i).cpu(), folder / f"seed-{seed}", global_step=int(self.sweep_steps))
+            names.append(f"seed-{seed}")
+        (folder / "ensemble.json").write_text(json.dumps({"members": names, "combine": "mean of L2-normalised embeddings"}, indent=1) + "\n")
+        return folder
+
+
+class Ensemble:
+    """The members of a sweep (``<run>/sweep``) as one embedder: the mean of their L2-normalised embeddings.
+
+    Each member is loaded with the safe export loader (:class:`~mmalign.export.model.AlignedModel`); member
+    names must be folders inside ``folder`` (nothing outside it is read).
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        import json
+
+        from mmalign.export.model import AlignedModel
+
+        folder = Path(folder).resolve()
+        spec = json.loads((folder / "ensemble.json").read_text())
+        self.members = []
+        for name in spec["members"]:
+            path = (folder / str(name)).resolve()
+            if path.parent != folder:
+                raise ValueError(f"{folder / 'ensemble.json'}: member {name!r} is not a folder inside {folder}")
+            self.members.append(AlignedModel.from_pretrained(str(path)))
+
+    def embed(self, items: Sequence[Any], **kwargs: Any) -> Tensor:
+        outs = [torch.nn.functional.normalize(m.embed(items, **kwargs).float(), dim=-1) for m in self.members]
+        return torch.nn.functional.normalize(torch.stack(outs).mean(0), dim=-1)
