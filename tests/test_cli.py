@@ -41,6 +41,7 @@ def test_help_lists_every_subcommand(capsys, monkeypatch):
     for name in ["fit", "validate", "test", "predict", "eval", *cli_main.TOOLS]:
         assert f"\n  {name} " in out, name
     assert "List the shipped recipes" in out  # each tool's one-line summary, read from its docstring
+    assert "did you mean 'fit'?" in _error(capsys, ["fitt"])
 
 
 @pytest.mark.parametrize("extra, expected", [

@@ -166,10 +166,13 @@ def main(argv: list[str] | None = None, readable_errors: bool | None = None) -> 
             raise
         message = readable(err) if readable_errors else None
         if message is None:
+            if isinstance(err, ConfigError):  # a Python caller: jsonargparse would have printed it before exiting
+                print(f"mmalign: error: {err.message}", file=sys.stderr)
             raise
+        known = command in LIGHTNING or command in TOOLS
         print(f"mmalign{' ' + command if command else ''}: error: {message}\n"
-              f"  (mmalign {command or ''} --help lists the options; --debug or MMALIGN_DEBUG=1 shows the full traceback)".replace("  --help", " --help"),
-              file=sys.stderr)
+              f"  (mmalign{' ' + command if known else ''} --help lists the {'options' if known else 'subcommands'}; "
+              "--debug or MMALIGN_DEBUG=1 shows the full traceback)", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
         READABLE["on"] = False
@@ -193,6 +196,10 @@ def _dispatch(argv: list[str]) -> None:
         args = _rename_options(argv[1:], OPTION_RENAMES.get(argv[0], {}))
         CLI(_load(TOOLS[argv[0]]), args=args, as_positional=False)
         return
+    if not argv[0].startswith("-") and argv[0] not in LIGHTNING:
+        from mmalign.cli.errors import ConfigError, did_you_mean
+
+        raise ConfigError(f"unknown subcommand {argv[0]!r}" + did_you_mean(argv[0], [*LIGHTNING, *TOOLS]))
     _tensorboard_notice(argv)
     from mmalign.recipe import MMAlignCLI  # imported late: tools above need no Lightning trainer
 
