@@ -523,6 +523,8 @@ INTRO = (Path(__file__).parent / "offline_results_intro.md").read_text(encoding=
 
 
 NOTES = (Path(__file__).parent / "offline_results_notes.md").read_text(encoding="utf-8")
+#: Pointers to the other result pages, the last section of docs/results.md.
+OUTRO = (Path(__file__).parent / "offline_results_outro.md").read_text(encoding="utf-8")
 
 
 def write_outputs(all_results: dict[str, Any], output: Path, meta: dict[str, Any], notes: str = "") -> Path:
@@ -558,6 +560,9 @@ def write_outputs(all_results: dict[str, Any], output: Path, meta: dict[str, Any
         ceiling = res.get("ceiling")
         if ceiling:
             md.append(ceiling_md(res, langs))
+        elif name == "lit_contrastive":
+            md.append("\n**Ceiling** of the USE-m text tower: not in this section's run, which predates it; "
+                      "`python -m benchmarks.studies.offline_results --recipes lit --merge --threads 2` adds it.\n")
         elif name == "sonar_speech":
             md.append("\n**Ceiling**: none here. The student is a speech encoder (Whisper base): its own retrieval "
                       "has no text side, so there is no frozen-student figure that bounds speech -> text.\n")
@@ -570,6 +575,7 @@ def write_outputs(all_results: dict[str, Any], output: Path, meta: dict[str, Any
             if ref:
                 md.append("\nIssue 9's quoted reference, another run and split (200 names, 140 of them for training): "
                           + ", ".join(f"{k} {100 * v:.1f}" for k, v in ref.items() if v is not None) + ".\n")
+    md.append("\n" + OUTRO)
     path = output.parent / f"{output.name}.md"
     path.write_text("".join(md))
     return path
