@@ -38,7 +38,7 @@ def test_help_lists_every_subcommand(capsys, monkeypatch):
     monkeypatch.setitem(cli_main.TOOLS, "zzz_new_tool", "mmalign.recipe:recipes")  # a tool added later appears
     main(["--help"])
     out = capsys.readouterr().out
-    for name in ["fit", "validate", "test", "predict", "eval", *cli_main.TOOLS]:
+    for name in ["fit", "validate", "test", "predict", "eval", *cli_main.TOOLS, *cli_main.ARGV_TOOLS]:
         assert f"\n  {name} " in out, name
     assert "List the shipped recipes" in out  # each tool's one-line summary, read from its docstring
     assert "did you mean 'fit'?" in _error(capsys, ["fitt"])

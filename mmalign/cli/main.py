@@ -86,13 +86,13 @@ def _summary(target: str) -> str:
 
 
 def usage() -> str:
-    """``mmalign --help``: every subcommand (the LightningCLI ones and every entry of :data:`TOOLS`)."""
-    width = max(map(len, [*LIGHTNING, *TOOLS]))
+    """``mmalign --help``: every subcommand (the LightningCLI ones, every entry of :data:`TOOLS` and :data:`ARGV_TOOLS`)."""
+    width = max(map(len, [*LIGHTNING, *TOOLS, *ARGV_TOOLS]))
     lines = [__doc__.strip().splitlines()[0], "", "usage: mmalign SUBCOMMAND [options]   (mmalign SUBCOMMAND --help: its options)", "",
              "recipe subcommands (LightningCLI: --config RECIPE.yaml [--config OVERLAY.yaml] [--section.key value ...]):"]
     lines += [f"  {name:<{width}}  {text}" for name, text in LIGHTNING.items()]
     lines += ["", "tools:"]
-    lines += [f"  {name:<{width}}  {_summary(target).replace('``', '')}" for name, target in sorted(TOOLS.items())]
+    lines += [f"  {name:<{width}}  {_summary(target).replace('``', '')}" for name, target in sorted({**TOOLS, **ARGV_TOOLS}.items())]
     lines += ["", "--ckpt_path best (or last): the newest best.ckpt (last.ckpt) of the recipe's runs under its",
               "  default_root_dir (lightning_logs/version_*/checkpoints/); or a run folder, or a .ckpt file.",
               "Errors: configuration mistakes print one line; --debug (or MMALIGN_DEBUG=1) shows the full traceback."]
@@ -199,7 +199,7 @@ def _dispatch(argv: list[str]) -> None:
     if not argv[0].startswith("-") and argv[0] not in LIGHTNING:
         from mmalign.cli.errors import ConfigError, did_you_mean
 
-        raise ConfigError(f"unknown subcommand {argv[0]!r}" + did_you_mean(argv[0], [*LIGHTNING, *TOOLS]))
+        raise ConfigError(f"unknown subcommand {argv[0]!r}" + did_you_mean(argv[0], [*LIGHTNING, *TOOLS, *ARGV_TOOLS]))
     _tensorboard_notice(argv)
     from mmalign.recipe import MMAlignCLI  # imported late: tools above need no Lightning trainer
 
