@@ -75,7 +75,7 @@ def measure(path: str, check_rows: int) -> dict:
         out[f"rss_anon_{phase}_mb"] = round(rss_mb("RssAnon") - base_anon, 1)
         if phase != "fields":
             del src
-    out["peak_rss_anon_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base, 1)
+    out["peak_rss_added_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base, 1)
     n = len(src)
     picks = [random.randrange(n) for _ in range(20000)]
     t = time.perf_counter()
