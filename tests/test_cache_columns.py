@@ -68,3 +68,25 @@ def test_string_column_buffers_equal_python_strings():
     idx = [4, 1, 2, 0, 3, 2]
     want = [col.to_pylist()[i] for i in idx]
     assert StringColumn(col, objects_up_to=0).take(idx) == want == StringColumn(col).take(idx) == StringColumn(col, True).take(idx)
+
+
+def test_progress_bar_moves_per_forward_batch(tmp_path, monkeypatch):
+    """Issue 19.6: the cache bar advances after every encoder forward batch (here 8 items), not once per shard."""
+    import mmalign.cache.writer as writer
+
+    updates: list[int] = []
+
+    class Bar:
+        def __init__(self, *a, **k) -> None:
+            pass
+
+        def update(self, n: int) -> None:
+            updates.append(n)
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(writer, "tqdm", Bar)
+    rows = [{"id": f"r{i}", "concept": f"c{i}", "lang": "en", "text": f"text {i}"} for i in range(40)]
+    write_split(rows, {"text": Tower(_Lengths(), "text")}, tmp_path / "c", shard_size=32, batch_size=8, fingerprint="rows")
+    assert updates == [8, 8, 8, 8, 8]  # 4 batches of shard 0, 1 of shard 1
