@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache", nargs="*", default=[], help="NAME=DIR: a recipe's finished feature cache")
     ap.add_argument("--output", type=Path, default=ROOT / "docs" / "results" / "mixup.json")
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # one thread: a loaded shared CPU stalls multi-threaded small matmuls
     all_setups = setups(args.data)
     for item in args.cache:
         name, _, path = item.partition("=")

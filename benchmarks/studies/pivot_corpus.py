@@ -156,11 +156,19 @@ class UclipHead(torch.nn.Module):
         return self.net(features.pooled)
 
 
-def recipe_config(batch_size: int | None = None) -> dict:
+@__import__("functools").lru_cache(maxsize=None)
+def _recipe_config() -> dict:
     from mmalign.recipe import load_config, recipe_files
 
     files = recipe_files("uclip_pivot", "offline") + [ROOT / "configs" / "offline" / "uclip_pivot_corpus.yaml"]
-    cfg = load_config(files)
+    return load_config(files)
+
+
+def recipe_config(batch_size: int | None = None) -> dict:
+    """The composed corpus recipe (uclip_pivot + offline + corpus overlays) as a dict."""
+    import copy
+
+    cfg = copy.deepcopy(_recipe_config())
     if batch_size:
         cfg["data"]["init_args"]["batch_size"] = batch_size
     return cfg
@@ -184,35 +192,78 @@ def variant_config(v: dict) -> dict:
     return cfg
 
 
+_BASE: dict = {}
+
+
+def base_model():
+    """The composed recipe's module, built once (LightningCLI parse + frozen encoders); variants are deep copies."""
+    if "model" not in _BASE:
+        from mmalign.recipe import build
+
+        _BASE["model"], _ = build(recipe_config(), seed=0)
+    return _BASE["model"]
+
+
+def variant_model(v: dict, seed: int):
+    """A copy of the recipe's module with a variant's changes, projector initialised from ``seed``: the same module
+    ``mmalign fit`` builds from the patched YAML (:func:`variant_config`), without re-parsing it for every run."""
+    import copy
+
+    import projectors
+    from mmalign import ClipLoss
+
+    model = copy.deepcopy(base_model())
+    tower = model.towers["student"]
+    in_dim = tower.encoder.output_dim
+    torch.manual_seed(seed)
+    if v.get("linear"):
+        tower.projector = projectors.Linear(in_dim, model.embed_dim)
+    elif v.get("uclip_head"):
+        tower.projector = UclipHead(in_dim, model.embed_dim)
+    else:
+        tower.projector = tower._projector_factory(in_dim, model.embed_dim)
+    if "mse_weight" in v:
+        model.objectives[1].weight = float(v["mse_weight"])
+    if v.get("temperature"):
+        model.objectives[0].loss = ClipLoss(logit_scale=1.0 / v["temperature"], learnable_scale=False)
+    else:
+        model.objectives[0].loss = ClipLoss()
+    model.hparams["mixup_alpha"] = v.get("mixup")
+    return model
+
+
 def fit_features(v: dict, x_s: torch.Tensor, x_t: torch.Tensor, steps: int, seed: int):
-    """Train the student tower of the (patched) recipe on paired features with Lightning, ``steps`` steps."""
-    import lightning as L
+    """Train the student tower of the (patched) recipe on paired features: the module's own losses
+    (``compute_losses``) and latent mixup (``mixup_batch``) as in ``AlignmentModule.training_step``, AdamW as in the
+    recipe (lr 1e-3, weight decay 0.01), ``steps`` steps of the recipe's batch size."""
+    from mmalign.training.mixup import mixup_batch
 
-    from mmalign.recipe import build
-
-    cfg = variant_config(v)
-    model, _ = build(cfg, seed=seed)
-    if v.get("uclip_head"):
-        torch.manual_seed(seed)
-        model.towers["student"].projector = UclipHead(x_s.shape[1], model.embed_dim)
-    bs = cfg["data"]["init_args"]["batch_size"]
+    model = variant_model(v, seed)
+    model.train()
+    bs = recipe_config()["data"]["init_args"]["batch_size"]
     noise = float(v.get("noise") or 0.0)
     g = torch.Generator().manual_seed(seed)
-
-    def collate(idx):
-        idx = torch.tensor(idx)
-        xs = x_s[idx]
-        if noise:
-            xs = xs + noise * torch.randn(xs.shape, generator=g)
-        return {"meta": {"id": [str(i) for i in idx.tolist()], "concept": [str(i) for i in idx.tolist()]},
-                "features": {"student": {"pooled": xs}, "teacher": {"pooled": x_t[idx]}}}
-
-    loader = torch.utils.data.DataLoader(range(len(x_s)), batch_size=bs, shuffle=True, drop_last=len(x_s) > bs,
-                                         collate_fn=collate, generator=torch.Generator().manual_seed(seed))
-    L.seed_everything(seed, verbose=False)
-    trainer = L.Trainer(max_steps=steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
-    trainer.fit(model, train_dataloaders=loader)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    n, step = len(x_s), 0
+    while step < steps:
+        order = torch.randperm(n, generator=g)
+        for start in range(0, n - bs + 1 if n > bs else 1, bs):
+            idx = order[start:start + bs]
+            xs = x_s[idx]
+            if noise:
+                xs = xs + noise * torch.randn(xs.shape, generator=g)
+            batch = {"meta": {"id": [str(i) for i in idx.tolist()], "concept": [str(i) for i in idx.tolist()]},
+                     "features": {"student": {"pooled": xs}, "teacher": {"pooled": x_t[idx]}}}
+            if model.hparams.get("mixup_alpha"):
+                batch = mixup_batch(batch, model.hparams["mixup_alpha"], generator=g)
+            loss = torch.stack(list(model.compute_losses(model(batch)).values())).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            if step == steps:
+                break
     return model.eval()
 
 
@@ -255,7 +306,7 @@ def run(args) -> None:
     import statistics
     import time
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # one thread: a loaded shared CPU stalls multi-threaded small matmuls
     enc = encoders()
     sets, train, emoji = load_features(args, enc)
     out: dict = {"corpus_rows": len(train["student"]), "steps": args.steps, "seeds": args.seeds,
