@@ -87,3 +87,15 @@ def test_fit_sweep_seeds_member_equals_the_plain_fit(synthetic_data, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["ensemble.json", "seed-0", "seed-3"]
     emb = Ensemble(out).embed(["a red square", "ein blauer Kreis"], tower="text")
     assert emb.shape[0] == 2 and torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+def test_sweep_module_refuses_dropout_in_projectors():
+    from mmalign.training.sweep import SweepModule
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.projector = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1))
+
+    with pytest.raises(ValueError, match="dropout: 0.0"):
+        SweepModule([M()], [0])

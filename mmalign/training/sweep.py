@@ -198,6 +198,13 @@ class SweepModule(_lightning().LightningModule):
 
     def __init__(self, members: Sequence[nn.Module], seeds: Sequence[int]) -> None:
         super().__init__()
+        for name, sub in members[0].named_modules():  # the trained parts (frozen encoders run in eval mode)
+            if "projector" not in name.split(".") and not name.startswith("objectives"):
+                continue
+            if isinstance(sub, nn.Dropout) and sub.p > 0 or isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                raise ValueError(f"--sweep_seeds: {name} ({type(sub).__name__}) draws randomness or updates shared running "
+                                 "statistics, which batched members cannot; set the projectors' dropout: 0.0 and a norm "
+                                 "other than batch")
         self.automatic_optimization = False
         self.seeds = [int(s) for s in seeds]
         self.template = members[0]  # towers, objectives, hooks of the recipe (its trainable tensors are replaced)
