@@ -475,7 +475,8 @@ class TableSource(RowSource):
                     or pa.types.is_dictionary(col.type)):
                 return None
             col = col if take is None else col.take(take)
-            col = col.cast(pa.string()) if not pa.types.is_string(col.type) else col
+            if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+                col = col.cast(pa.large_string())  # no 2 GB limit on a column's bytes
             if name in PATH_FIELDS:
                 col = self._resolve_column(col)
             out[name] = col
@@ -487,13 +488,13 @@ class TableSource(RowSource):
             if null.any():  # a row without an id gets <stem>-<row> (as self[i])
                 ids = np.asarray(out["id"].to_numpy(zero_copy_only=False), dtype=object)
                 ids[null] = np.char.add(f"{self._stem}-", rows[null].astype(str))
-                out["id"] = pa.chunked_array([pa.array(ids, pa.string())])
+                out["id"] = pa.chunked_array([pa.array(ids, out["id"].type)])
         for name, default in (("concept", out["id"]), ("lang", self.lang or "und")):
             col = out.get(name)
             if col is None:
                 out[name] = default if not isinstance(default, str) else pa.chunked_array([pa.repeat(pa.scalar(default), n)])
             elif col.null_count:
-                out[name] = pc.coalesce(col, default)
+                out[name] = pc.coalesce(col, default if isinstance(default, str) else default.cast(col.type))
         return out, {}
 
     def _resolve_column(self, col: Any) -> Any:
@@ -502,7 +503,8 @@ class TableSource(RowSource):
         import pyarrow.compute as pc
 
         absolute = pc.or_(pc.starts_with(col, "/"), pc.match_substring(col, "://"))
-        joined = pc.if_else(absolute, col, pc.binary_join_element_wise(self.root, col, "/"))
+        root = pa.scalar(self.root, col.type)  # the same string type as the column (string or large_string)
+        joined = pc.if_else(absolute, col, pc.binary_join_element_wise(root, col, pa.scalar("/", col.type)))
         # normpath by hand only where it could change something ("./", "//", a trailing "/")
         odd = np.flatnonzero(np.asarray(pc.fill_null(pc.match_substring_regex(col, r"(^|/)\.\.?(/|$)|//|/$|^$"), False)
                                         .to_numpy(zero_copy_only=False), dtype=bool))
@@ -512,7 +514,7 @@ class TableSource(RowSource):
         raw = col.take(pa.array(odd)).to_pylist()
         for i, v in zip(odd.tolist(), raw):
             values[i] = resolve_media(v, Path(self.root))
-        return pa.chunked_array([pa.array(values, pa.string())])
+        return pa.chunked_array([pa.array(values, col.type)])
 
     # -- rows --------------------------------------------------------------------------------------
     def __len__(self) -> int:
