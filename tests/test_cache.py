@@ -230,11 +230,11 @@ def test_real_sigkill_then_resume(recipe, cli_cache, tmp_path):
     out = tmp_path / "cache"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(_cache_cmd(recipe, out), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 600  # generous: a loaded 2-core CI machine starts the subprocess slowly
     try:
         while not list((out / "train").glob("*/shard-*.json")):  # a marker: the first shard is finished
             assert proc.poll() is None, f"mmalign cache exited early: {proc.stderr.read().decode()[-2000:]}"
-            assert time.monotonic() < deadline, "no shard finished within 60 s"
+            assert time.monotonic() < deadline, "no shard finished within 600 s"
             time.sleep(0.002)
         proc.send_signal(signal.SIGKILL)
     finally:
