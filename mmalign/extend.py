@@ -26,7 +26,6 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
 from torch import Tensor, nn
 
 from mmalign.export.format import ExportError

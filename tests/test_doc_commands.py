@@ -18,7 +18,6 @@ command that matches no entry there and fails is a broken doc (fix the code or t
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import time

@@ -1,5 +1,8 @@
 """Results of the embedding recipes on the packaged REAL encoders and the offline emoji data (issue 9).
 
+One module of ~650 lines on purpose: it is the single generator of docs/results.md, one section per recipe sharing
+the same data, baselines and rendering; its prose lives in the Markdown files beside it.
+
 One command writes every table, JSON file and plot quoted in ``docs/results.md``::
 
     python -m benchmarks.studies.offline_results --data data/emoji --output docs/results
@@ -498,7 +501,7 @@ def ceiling_md(res: dict[str, Any], langs: Sequence[str]) -> str:
     """The ceiling table of one recipe: the frozen student's own ``L -> en`` R@1, and each method's fraction of it."""
     ceiling = res["ceiling"]
     c = ceiling["R@1"]
-    md = [f"\n**Ceiling** (issue 17): R@1 of the frozen student text encoder alone, no projector: its text in L -> its "
+    md = ["\n**Ceiling** (issue 17): R@1 of the frozen student text encoder alone, no projector: its text in L -> its "
           "text of the English names of the same held-out concepts (e.g. USE-m de -> USE-m en). The row `en` is "
           "trivially 100 (the query is in the gallery).\n"]
     rows = {ceiling["label"]: c}

@@ -10,7 +10,6 @@ its per-clip prefix lengths.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

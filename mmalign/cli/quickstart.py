@@ -47,7 +47,7 @@ def _check_offline_extras() -> None:
 
 def format_table(results: dict[str, Any], direction: str) -> str:
     """Markdown table of R@1/R@5/MRR per language for one retrieval direction."""
-    lines = [f"| lang | R@1 | R@5 | MRR | queries |", "|---|---|---|---|---|"]
+    lines = ["| lang | R@1 | R@5 | MRR | queries |", "|---|---|---|---|---|"]
     for lang, directions in results.items():
         m = directions[direction]
         lines.append(f"| {lang} | {m['R@1']:.3f} | {m['R@5']:.3f} | {m['MRR']:.3f} | {m['num_queries']} |")

@@ -37,7 +37,7 @@ from typing import Any, Iterator, Sequence
 from tqdm.auto import tqdm
 
 from mmalign.datasets.domains import DOMAINS, USEM_LANGUAGES, build_domains
-from mmalign.datasets.files import atomic_write_text, dumps_json
+from mmalign.datasets.files import atomic_write_text, dumps_json, finished_info, matches
 from mmalign.datasets.words import normalize
 from mmalign.data.manifest import read_manifest
 
@@ -259,12 +259,9 @@ def build_corpus(
         "inputs": _digest([_source_fingerprint(s, wordnet_dir) for s in sources]),
         "held_out": _digest({k: sorted(v) for k, v in sorted(held.items())}),
     }
-    if (root / ".complete").is_file():
-        try:
-            old = json.loads((root / "info.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            old = {}
-        if {k: old.get(k) for k in fingerprint} == fingerprint:
+    done, old = finished_info(root)
+    if done:
+        if matches(old, fingerprint):
             return CorpusInfo.from_folder(root)
         if not overwrite:
             raise FileExistsError(f"{root} already holds a corpus built with other settings or held-out sets; "

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from mmalign.datasets.files import atomic_write_text, dumps_json
+from mmalign.datasets.files import atomic_write_text, dumps_json, finished_info, matches
 
 GENERATOR_VERSION = "1"
 #: The CLDR tables each domain reads (``babel.Locale`` attributes).
@@ -123,12 +123,9 @@ def build_domains(
     fingerprint = {"generator_version": GENERATOR_VERSION, "domains": domains, "languages": languages,
                    "versions": _versions() if names is None else {"names": "custom"}}
     manifests = {d: root / f"{d}.jsonl" for d in domains}
-    if (root / ".complete").is_file():
-        try:
-            old = json.loads((root / "info.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            old = {}
-        if {k: old.get(k) for k in fingerprint} == fingerprint:
+    done, old = finished_info(root)
+    if done:
+        if matches(old, fingerprint):
             return DomainsInfo(root, manifests, old["concepts"], old["dropped"], cached=True)
         if not overwrite:
             raise FileExistsError(f"{root} holds held-out domains built with other settings; pass overwrite=True or choose another folder")

@@ -52,29 +52,12 @@ def wav_problem(path: Path) -> str | None:
 
 
 def synthesize(text: str, voice: str, path: Path, espeak: str) -> str | None:
-    """Speak ``text`` with espeak-ng into ``path`` atomically.
+    """Speak ``text`` with espeak-ng into ``path`` atomically (the voice's own rate and pitch).
 
     Returns:
         None on success, else why it failed (the target is then left untouched).
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        # Text goes through stdin so a name can never be parsed as an option.
-        proc = subprocess.run(
-            [espeak, "-v", voice, "-w", str(tmp), "--stdin"],
-            input=text.encode("utf-8"),
-            capture_output=True,
-            timeout=120,
-        )
-        if proc.returncode != 0:
-            return f"espeak-ng exit {proc.returncode}: {proc.stderr.decode(errors='replace')[-200:]}"
-        problem = wav_problem(tmp)
-        if problem is not None:
-            return problem
-        os.replace(tmp, path)
-        return None
-    finally:
-        tmp.unlink(missing_ok=True)
+    return synthesize_styled(text, voice, path, espeak)
 
 
 def check_voices(espeak: str, languages: Sequence[str]) -> None:
@@ -118,7 +101,12 @@ SENTENCE_TEMPLATES: dict[str, tuple[str, ...]] = {
 
 def synthesize_styled(text: str, voice: str, path: Path, espeak: str, speed: int | None = None,
                       pitch: int | None = None) -> str | None:
-    """Like :func:`synthesize` with a speaking rate (``-s``) and pitch (``-p``); ``voice`` may carry ``+variant``."""
+    """Speak ``text`` into ``path`` atomically, with a speaking rate (``-s``) and pitch (``-p``) when given;
+    ``voice`` may carry ``+variant``. Text goes through stdin so a name can never be parsed as an option.
+
+    Returns:
+        None on success, else why it failed (the target is then left untouched).
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     cmd = [espeak, "-v", voice, "-w", str(tmp)]
     cmd += ["-s", str(int(speed))] if speed is not None else []

@@ -37,3 +37,20 @@ def prune(folder: Path, keep: set[str]) -> None:
 
 
 # --------------------------------------------------------------------------- builder
+
+
+def finished_info(root: Path) -> tuple[bool, dict[str, Any]]:
+    """``(done, info)`` of a generator's folder: ``done`` when its ``.complete`` marker exists (``info`` is then its
+    ``info.json``, ``{}`` if unreadable); the caller reuses the folder when ``info`` matches ``fingerprint``."""
+    if not (root / ".complete").is_file():
+        return False, {}
+    try:
+        return True, json.loads((root / "info.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True, {}
+
+
+def matches(info: dict[str, Any], fingerprint: dict[str, Any]) -> bool:
+    """Whether a finished folder's ``info`` was built with ``fingerprint`` (every key equal)."""
+    return {k: info.get(k) for k in fingerprint} == fingerprint
+

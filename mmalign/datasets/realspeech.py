@@ -25,7 +25,6 @@ import gzip
 import json
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any, Sequence

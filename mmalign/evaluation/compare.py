@@ -348,7 +348,7 @@ def compare(runs: list[str], metrics: list[str] | str | None = None, output: str
     if output is not None:
         out = Path(output)
         out.mkdir(parents=True, exist_ok=True)
-        md = "\n".join([f"Runs: " + "; ".join(f"`{lab}` = {', '.join(r.sources)}" for lab, r in zip(labels, loaded)), "",
+        md = "\n".join(["Runs: " + "; ".join(f"`{lab}` = {', '.join(r.sources)}" for lab, r in zip(labels, loaded)), "",
                         format_table(labels, names, values, markdown=True), ""])
         atomic_write(out / "compare.md", lambda f: f.write(md.encode("utf-8")))
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from encoders.base import Encoder, EncoderOutput
 from encoders.utils import torch_dtype as _as_dtype  # the one dtype parser
-from mmalign.export.format import CAPTIONER_FORMAT, FORMAT, ClassList, ExportError, confine, field, read_config
+from mmalign.export.format import CAPTIONER_FORMAT, ClassList, ExportError, confine, field, read_config
 from mmalign.export.rebuild import build_encoder, check_projector, instantiate
 from mmalign.export.weights import check_listed, load_tensors, open_weights, verify_checksum
 from mmalign.training.towers import Tower
@@ -387,7 +387,7 @@ class AlignedModel(_ModalityShortcuts, nn.Module):
     def _preprocess(encoder: Encoder, batch: list[Any], start: int, name: str, kwargs: dict[str, Any]) -> dict[str, Tensor]:
         try:
             return encoder.preprocess(batch, **kwargs)
-        except Exception as err:  # noqa: BLE001 - find and name the offending item
+        except Exception:  # noqa: BLE001 - find and name the offending item
             for i, item in enumerate(batch):
                 try:
                     encoder.preprocess([item], **kwargs)
