@@ -103,9 +103,9 @@ class AlignmentModule(FrozenBackboneModule):
         retrieval: Tower pairs evaluated in validation/test (both directions, per language), each on the
             rows that hold both towers. Default: every pair of towers in the space. A pair that an objective
             binds is *trained*, any other *emergent* (:attr:`pair_kinds`); names are checked against the towers.
-            The checkpoint monitor ``val/R@1`` is the mean R@1 (both directions, ``all`` rows) over the
-            TRAINED pairs only, so adding an emergent pair never changes it; emergent pairs are averaged into
-            ``val/emergent/R@1``.
+            The checkpoint monitor ``val/R@1`` is the mean R@1 over every (TRAINED pair, language, direction),
+            each language ranked against its own gallery (never the pooled ``all`` row; :func:`monitor_metrics`),
+            so adding an emergent pair never changes it; emergent pairs are averaged into ``val/emergent/R@1``.
         grad_cache_chunk: Rows per chunk for GradCache (Gao et al., 2021; :mod:`mmalign.training.gradcache`):
             the training step projects the whole batch without a graph, takes the gradient of the
             full-batch loss w.r.t. the embeddings, then re-projects ``grad_cache_chunk`` rows at a time
@@ -416,23 +416,42 @@ class AlignmentModule(FrozenBackboneModule):
         results = self.evaluate_collected(collected)
         self.last_eval = {"stage": stage, "results": results, "collected": collected}
         self.last_eval["kinds"] = {pair: self.pair_kinds.get(pair, "emergent") for pair in results}
-        flat: dict[str, float] = {}
-        r1s: dict[str, list[float]] = {"trained": [], "emergent": []}
-        for pair, per_lang in results.items():
-            kind = self.pair_kinds.get(pair, "emergent")
-            for lang, directions in per_lang.items():
-                for direction, metrics in directions.items():
-                    for metric, value in metrics.items():
-                        if metric in ("R@1", "R@5", "MRR"):
-                            flat[f"{stage}/{lang}/{direction}/{metric}"] = float(value)
-                    if lang == "all":
-                        r1s[kind].append(float(metrics["R@1"]))
-        # The checkpoint monitor: trained pairs only (an emergent pair added to `retrieval` never moves it).
-        if r1s["trained"]:
-            flat[f"{stage}/R@1"] = sum(r1s["trained"]) / len(r1s["trained"])
-        if r1s["emergent"]:
-            flat[f"{stage}/emergent/R@1"] = sum(r1s["emergent"]) / len(r1s["emergent"])
+        flat = monitor_metrics(results, self.pair_kinds, stage)
         self.log_dict(flat, sync_dist=False)
+
+
+def monitor_metrics(results: dict[str, Any], kinds: dict[str, str], stage: str = "val") -> dict[str, float]:
+    """The scalars an evaluation epoch logs, the checkpoint monitor ``{stage}/R@1`` among them.
+
+    ``{stage}/{lang}/{direction}/{R@1,R@5,MRR}`` for every pair, language (and the pooled ``all`` row) and direction;
+    ``{stage}/mean/{direction}/R@1``: the unweighted mean over the languages of one direction (the eval report's
+    *mean* row). The monitor ``{stage}/R@1`` is the unweighted mean of R@1 over every (TRAINED pair, language,
+    direction): each language's queries ranked against that language's gallery only (deduplicated by item: one
+    gallery item per concept in the recipes' data), never the pooled ``all`` row, in which a query may hit any of
+    its concept's items in every language (a pivot recipe's teacher->student query would count a hit on any of 12
+    translations). Emergent pairs go to ``{stage}/emergent/R@1`` (same definition), so adding one never moves the
+    monitor. Languages are those evaluated (``data.eval_languages``), each weighing the same.
+    """
+    flat: dict[str, float] = {}
+    r1s: dict[str, list[float]] = {"trained": [], "emergent": []}
+    for pair, per_lang in results.items():
+        kind = kinds.get(pair, "emergent")
+        per_direction: dict[str, list[float]] = {}
+        for lang, directions in per_lang.items():
+            for direction, metrics in directions.items():
+                for metric, value in metrics.items():
+                    if metric in ("R@1", "R@5", "MRR"):
+                        flat[f"{stage}/{lang}/{direction}/{metric}"] = float(value)
+                if lang != "all":
+                    per_direction.setdefault(direction, []).append(float(metrics["R@1"]))
+                    r1s[kind].append(float(metrics["R@1"]))
+        for direction, values in per_direction.items():
+            flat[f"{stage}/mean/{direction}/R@1"] = sum(values) / len(values)
+    if r1s["trained"]:
+        flat[f"{stage}/R@1"] = sum(r1s["trained"]) / len(r1s["trained"])
+    if r1s["emergent"]:
+        flat[f"{stage}/emergent/R@1"] = sum(r1s["emergent"]) / len(r1s["emergent"])
+    return flat
 
 
 def _rows_with(collected: dict[str, Any], towers: tuple[str, ...]) -> tuple[dict[str, Tensor], dict[str, list], dict[str, list]]:
