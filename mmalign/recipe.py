@@ -4,6 +4,9 @@ Each recipe is one YAML naming hub models (``uclip_pivot.yaml``). Its variants a
 exactly as several ``--config`` files compose on the command line (jsonargparse: mappings merge, lists such
 as ``objectives`` and ``callbacks`` are replaced): ``tiny/<recipe>.yaml`` swaps in random tiny encoders of the
 same families and the synthetic data (the tests run it), ``offline/<recipe>.yaml`` the real packaged encoders.
+One mapping does not merge: ``model.init_args.towers`` keeps only the towers the last file names (each merged with
+its earlier definition), so an overlay names every tower it keeps (``text: {}`` keeps one as defined); the CLI
+refuses an overlay that would drop a tower, naming the file and the towers.
 
     from mmalign import recipe
     recipe.list_recipes()                                   # ['clasp_speech_text', 'lit_contrastive', ...]

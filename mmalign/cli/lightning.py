@@ -72,6 +72,7 @@ class MMAlignCLI(LightningCLI):
         if isinstance(args, list):
             sub = self.config.get("subcommand")
             _check_sections(args, self.config[sub] if sub else self.config, parser)
+            _check_towers(args, parser)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -129,6 +130,64 @@ def _check_sections(args: list[str], config: Any, parser: Any) -> None:
             if str(key) not in known:
                 raise ConfigError(f"{path}: unknown section {key!r} (sections: {', '.join(sorted(known - {'config', 'fit', 'validate', 'test', 'predict'}))})"
                                   + did_you_mean(str(key), known), parser)
+
+
+def _config_files(args: list[str]) -> list[str]:
+    files = []
+    for i, a in enumerate(args):  # in command-line order: the order jsonargparse composes them in
+        if a.startswith("--config="):
+            files.append(a.split("=", 1)[1])
+        elif a in ("--config", "-c") and i + 1 < len(args):
+            files.append(args[i + 1])
+    return files
+
+
+def _towers_of(data: Any) -> dict | None:
+    """The ``model.init_args.towers`` mapping a YAML file sets (also under a ``fit:``-style subcommand section)."""
+    if not isinstance(data, dict):
+        return None
+    for section in (data, *(v for k, v in data.items() if k in ("fit", "validate", "test", "predict") and isinstance(v, dict))):
+        model = section.get("model")
+        if isinstance(model, dict):
+            towers = (model.get("init_args") or {}).get("towers") if isinstance(model.get("init_args"), dict) else None
+            towers = towers if towers is not None else model.get("towers")
+            if isinstance(towers, dict):
+                return towers
+    return None
+
+
+def _check_towers(args: list[str], parser: Any) -> None:
+    """An overlay whose ``towers`` mapping names only some of the towers an earlier ``--config`` defines is an error.
+
+    jsonargparse composes a ``dict[str, Tower]`` by REPLACING the mapping (each named tower is merged with the
+    earlier one of that name), so an overlay naming ``towers.speech`` alone would silently drop the text and image
+    towers. The message names the file, the dropped towers and the fix (``text: {}`` keeps a tower as defined).
+    """
+    import yaml
+
+    from mmalign.cli.errors import ConfigError
+
+    defined: dict[str, str] = {}  # tower -> the file that defined it last
+    for f in _config_files(args):
+        path = Path(f)
+        if not path.is_file():
+            continue
+        try:
+            towers = _towers_of(yaml.safe_load(path.read_text(encoding="utf-8")))
+        except (OSError, yaml.YAMLError):
+            continue
+        if towers is None:
+            continue
+        dropped = [name for name in defined if name not in towers]
+        if dropped:
+            keep = "\n".join(f"      {name}: {{}}" for name in dropped)
+            raise ConfigError(
+                f"{path}: model.init_args.towers names {sorted(map(str, towers))} but not {dropped}, which "
+                f"{defined[dropped[0]]} defines; a later --config file's towers mapping REPLACES the earlier one "
+                f"(only the towers it names are kept, each merged with its earlier definition), so {dropped} would be "
+                f"dropped. Name every tower the overlay keeps; an empty entry keeps a tower as defined:\n"
+                f"model:\n  init_args:\n    towers:\n{keep}", parser)
+        defined.update({str(name): str(path) for name in towers})
 
 
 def load_recipe(args: list[str], **kwargs: Any) -> MMAlignCLI:
