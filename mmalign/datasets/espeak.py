@@ -124,6 +124,49 @@ def synthesize_styled(text: str, voice: str, path: Path, espeak: str, speed: int
         tmp.unlink(missing_ok=True)
 
 
+def synthesize_augmented(text: str, voice: str, path: Path, espeak: str, speed: int | None, pitch: int | None,
+                         aug, seed: int) -> str | None:
+    """:func:`synthesize_styled`, then ``aug`` (a :class:`mmalign.data.augment.SpeechAugment`, seeded by ``seed``)
+    applied to the waveform; ``path`` is written atomically (PCM16 at espeak-ng's rate).
+
+    Returns:
+        None on success, else why it failed (the target is then left untouched).
+    """
+    import soundfile as sf
+
+    from mmalign.data.augment import apply_augment
+
+    dry = path.with_name(f".{path.name}.{os.getpid()}.dry.wav")
+    try:
+        problem = synthesize_styled(text, voice, dry, espeak, speed, pitch)
+        if problem is not None:
+            return problem
+        wave, rate = sf.read(str(dry), dtype="float32")
+        wet = apply_augment(wave, rate, aug, seed=seed)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            sf.write(str(tmp), wet, rate, subtype="PCM_16", format="WAV")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return None
+    finally:
+        dry.unlink(missing_ok=True)
+
+
+def sample_style(rng: np.random.Generator, lang: str) -> dict:
+    """A random espeak-ng speaker for ``lang`` (voice variant, rate, pitch) and a random waveform augmentation:
+    ``{"voice", "speed", "pitch", "aug", "tag"}``, the tag naming all of them (for file names and cache keys)."""
+    from mmalign.data.augment import sample_augment
+
+    variant = str(rng.choice(VOICE_VARIANTS))
+    speed = int(rng.integers(ESPEAK_SPEED[0], ESPEAK_SPEED[1] + 1))
+    pitch = int(rng.integers(ESPEAK_PITCH[0], ESPEAK_PITCH[1] + 1))
+    aug = sample_augment(rng)
+    return {"voice": f"{ESPEAK_VOICES[lang]}+{variant}", "speed": speed, "pitch": pitch, "aug": aug,
+            "tag": f"{variant}_s{speed}_p{pitch}_{aug.name}"}
+
+
 def _robust_jobs(rows: Sequence[dict], variants: int, sentences: int, seed: int) -> list[dict]:
     """The augmented clips to make: per row ``variants`` styled names, per row ``sentences`` styled sentences."""
     from mmalign.data.augment import sample_augment, seed_for
@@ -176,10 +219,9 @@ def build_robust_speech(
     """
     import json
 
-    import soundfile as sf
     from tqdm.auto import tqdm
 
-    from mmalign.data.augment import apply_augment, seed_for
+    from mmalign.data.augment import seed_for
 
     root = Path(root)
     (root / "audio").mkdir(parents=True, exist_ok=True)
@@ -193,19 +235,8 @@ def build_robust_speech(
         path = root / "audio" / name
         if path.is_file():
             return None
-        dry = path.with_name(f".{name}.dry.wav")
-        problem = synthesize_styled(job["text"], job["voice"], dry, espeak, job["speed"], job["pitch"])
-        if problem is not None:
-            return problem
-        try:
-            wave, rate = sf.read(str(dry), dtype="float32")
-            wet = apply_augment(wave, rate, job["aug"], seed=seed_for(seed, name))
-            tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
-            sf.write(str(tmp), wet, rate, subtype="PCM_16", format="WAV")
-            os.replace(tmp, path)
-        finally:
-            dry.unlink(missing_ok=True)
-        return None
+        return synthesize_augmented(job["text"], job["voice"], path, espeak, job["speed"], job["pitch"], job["aug"],
+                                    seed=seed_for(seed, name))
 
     from concurrent.futures import ThreadPoolExecutor
 

@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
-from mmalign.datasets.espeak import check_voices, find_espeak, synthesize, wav_problem
+from mmalign.datasets.espeak import check_voices, find_espeak, sample_style, synthesize, synthesize_augmented, wav_problem
 from mmalign.datasets.files import atomic_write_text, dumps_json, prune
 from mmalign.data.langs import ESPEAK_VOICES
 from mmalign.data.manifest import read_manifest
@@ -121,8 +121,19 @@ def select_words(
     raise ValueError(f"wordfreq's {lang!r} list has only {len(words)} usable words after skipping; asked for {n}")
 
 
-def _audio_path(lang: str, word: str) -> str:
-    return f"audio/{lang}/{hashlib.blake2b(word.encode('utf-8'), digest_size=8).hexdigest()}.wav"
+def _audio_path(lang: str, word: str, tag: str | None = None) -> str:
+    digest = hashlib.blake2b(word.encode("utf-8"), digest_size=8).hexdigest()
+    return f"audio/{lang}/{digest}.wav" if tag is None else f"audio/{lang}/{digest}~{tag}.wav"
+
+
+def word_style(seed: int, lang: str, word: str) -> dict:
+    """The speaker and augmentation of one styled word clip (:func:`mmalign.datasets.espeak.sample_style`),
+    a function of ``(seed, lang, word)`` only: a larger word list keeps every smaller list's clips."""
+    import numpy as np
+
+    from mmalign.data.augment import seed_for
+
+    return sample_style(np.random.default_rng(seed_for(seed, "words", lang, word)), lang)
 
 
 def build_words_dataset(
@@ -135,6 +146,8 @@ def build_words_dataset(
     progress: bool = True,
     overwrite: bool = False,
     workers: int = 2,
+    styled: bool = False,
+    seed: int = 0,
 ) -> WordsInfo:
     """Build (or find cached) a train-only manifest of frequent words spoken by espeak-ng.
 
@@ -151,6 +164,12 @@ def build_words_dataset(
         progress: Show a tqdm bar.
         overwrite: Allow rebuilding a finished folder made with other arguments.
         workers: Parallel espeak-ng processes.
+        styled: Speak every word with a random espeak-ng voice variant, rate and pitch, then a random speed/pitch
+            perturbation, reverberation and noise (:func:`mmalign.datasets.espeak.sample_style`, drawn from
+            ``seed``, the language and the word), BEFORE any encoder: robustness data for real voices
+            (issue 17.3). The file name and the row's ``augment`` record name the style, so the feature cache
+            keys each clip by its augmentation. False: the language's default voice, unaugmented.
+        seed: Seed of the styles (``styled`` only).
 
     Rows: ``{"id": "word-<lang>-<word>", "concept": "word:<word>", "lang", "text", "audio"}``. A word
     spelled alike in two languages shares its concept, so false-negative masking treats the pair as one.
@@ -176,6 +195,8 @@ def build_words_dataset(
     names = held_out_names(exclude)
     args = {"languages": languages, "words_per_language": words_per_language, "skip_top": skip_top,
             "min_length": min_length}
+    if styled:  # only then, so fingerprints of unstyled folders built before the option stay valid
+        args.update(styled=True, seed=int(seed))
     fingerprint = {
         "generator_version": GENERATOR_VERSION, "wordfreq_version": getattr(wordfreq, "__version__", "unknown"),
         "args": args, "held_out_names": hashlib.blake2b("\n".join(sorted(names)).encode(), digest_size=16).hexdigest(),
@@ -206,12 +227,22 @@ def build_words_dataset(
         (root / "audio" / lang).mkdir(parents=True, exist_ok=True)
 
     jobs = [(lang, words[lang][i]) for i in range(words_per_language) for lang in languages]  # rank-interleaved
+    styles = {job: word_style(seed, *job) for job in jobs} if styled else {}
+
+    def audio_of(lang: str, word: str) -> str:
+        return _audio_path(lang, word, styles[lang, word]["tag"] if styled else None)
 
     def run(job: tuple[str, str]) -> str | None:
         lang, word = job
-        path = root / _audio_path(lang, word)
+        path = root / audio_of(lang, word)
         if path.is_file() and wav_problem(path) is None:
             return None  # resumed: written atomically and still valid
+        if styled:
+            st = styles[job]
+            from mmalign.data.augment import seed_for
+
+            return synthesize_augmented(word, st["voice"], path, espeak, st["speed"], st["pitch"], st["aug"],
+                                        seed=seed_for(seed, path.name))
         return synthesize(word, ESPEAK_VOICES[lang], path, espeak)
 
     rows = []
@@ -222,8 +253,13 @@ def build_words_dataset(
                 skipped[f"speech_failed_{lang}"] = skipped.get(f"speech_failed_{lang}", 0) + 1
                 tqdm.write(f"espeak-ng failed for {word!r} ({lang}): {problem}")
                 continue
-            rows.append({"id": f"word-{lang}-{word}", "concept": f"word:{word}", "lang": lang, "text": word,
-                         "audio": _audio_path(lang, word)})
+            row = {"id": f"word-{lang}-{word}", "concept": f"word:{word}", "lang": lang, "text": word,
+                   "audio": audio_of(lang, word)}
+            if styled:
+                st = styles[lang, word]
+                row["augment"] = {"voice": st["voice"], "espeak_speed": st["speed"], "espeak_pitch": st["pitch"],
+                                  **st["aug"].to_dict()}
+            rows.append(row)
     atomic_write_text(root / "train.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     for lang in languages:
         prune(root / "audio" / lang, {Path(r["audio"]).name for r in rows if r["lang"] == lang})
