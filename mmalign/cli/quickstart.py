@@ -7,7 +7,8 @@
    (``configs/anchor_bind.yaml`` + its offline overlay): image and speech projectors bound to the frozen USE-m text
    anchor in one fit, on partial rows (most concepts have no audio: their rows feed image<->text only),
 3. tests retrieval on held-out concepts and prints per-language tables for text->image and speech->text (trained)
-   and speech->image (emergent: never trained) beside chance,
+   and speech->image (emergent: never trained) beside chance: one row per language (its queries against its own
+   gallery) and their unweighted mean,
 4. writes the checkpoint, a report (JSON, Markdown, plots) and an export answering ``embed_text``,
    ``embed_image`` and ``embed_speech`` in one space.
 """
@@ -69,7 +70,10 @@ def chance_levels(collected: dict[str, Any], pair: str, direction: str) -> dict[
 
 def trimodal_tables(results: dict[str, Any], kinds: dict[str, str], collected: dict[str, Any],
                     heard: tuple[str, ...] = ("en", "de", "es")) -> str:
-    """Markdown tables, one per direction of :data:`DIRECTIONS`: R@1/R@5/MRR per language beside chance."""
+    """Markdown tables, one per direction of :data:`DIRECTIONS`: R@1/R@5/MRR per language beside chance, then the
+    unweighted mean over the languages (the eval report's *mean* row; the checkpoint monitor averages the same
+    per-language figures). The pooled ``all`` row is left to the report: there a query may hit its concept's item in
+    any language, so it is not comparable with the language rows."""
     blocks = []
     for pair, direction in DIRECTIONS:
         if pair not in results:
@@ -79,13 +83,19 @@ def trimodal_tables(results: dict[str, Any], kinds: dict[str, str], collected: d
         lines = [f"{direction} ({kinds.get(pair, 'trained')})", "",
                  "| lang | R@1 | R@5 | MRR | chance | x chance | queries |" + (" speech |" if speech else ""),
                  "|---|---|---|---|---|---|---|" + ("---|" if speech else "")]
-        for lang, directions in results[pair].items():
-            m = directions[direction]
-            c = chance.get(lang, float("nan"))
+        rows = [(lang, directions[direction], chance.get(lang, float("nan")))
+                for lang, directions in results[pair].items() if lang != "all"]
+        for lang, m, c in rows:
             row = f"| {lang} | {m['R@1']:.3f} | {m['R@5']:.3f} | {m['MRR']:.3f} | {c:.3f} | {m['R@1'] / c:.0f}x | {m['num_queries']} |"
             if speech:
-                row += " heard |" if lang in heard else (" never heard |" if lang != "all" else " |")
+                row += " heard |" if lang in heard else " never heard |"
             lines.append(row)
+        if len(rows) > 1:
+            mean = {k: sum(m[k] for _, m, _ in rows) / len(rows) for k in ("R@1", "R@5", "MRR")}
+            c = sum(c for _, _, c in rows) / len(rows)
+            lines.append(f"| mean ({len(rows)} languages) | {mean['R@1']:.3f} | {mean['R@5']:.3f} | {mean['MRR']:.3f} | "
+                         f"{c:.3f} | {mean['R@1'] / c:.0f}x | {sum(int(m['num_queries']) for _, m, _ in rows)} |"
+                         + (" |" if speech else ""))
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
