@@ -3,6 +3,8 @@
 Layout of one split (``<cache_dir>/<split>/``)::
 
     manifest.json                       written LAST by the merge step; a split without it is not a cache
+    row_ids.offsets.npy                 [N+1] int64: where each row id starts in row_ids.utf8.npy (format 2)
+    row_ids.utf8.npy                    [B] uint8: the row ids' UTF-8 bytes, concatenated
     <field>--<encoder cache_key>/       one *entry*: the features of one encoder over one field
         shard-00000.pooled.npy          [n, D]  float16 (default) or float32
         shard-00000.tokens.npy          [n, T_shard, D_tok], only when a projector uses tokens
@@ -14,6 +16,12 @@ Layout of one split (``<cache_dir>/<split>/``)::
 Entries store each *unique* value of a field once (e.g. the one image shared by 14 caption rows), so
 the cache is keyed by (dataset fingerprint, encoder cache_key) and encodes every item exactly once.
 Token sequences are padded per shard to that shard's longest sequence (``mask`` marks real tokens).
+
+Format 2 keeps the split's row ids out of ``manifest.json`` (format 1 listed them there: ~1.2 GB of JSON read
+and compared as Python strings on every open of a 10M-row split): two memory-mapped arrays hold them, checked
+against the manifest's ``num_rows`` / ``row_id_bytes`` before use and compared with the dataset's id column
+vectorised. A format-1 cache is refused with a message saying to re-run ``mmalign cache``, which re-encodes
+nothing (its shards are kept) and rewrites only the manifest and the row-id files.
 """
 
 from __future__ import annotations
@@ -30,8 +38,11 @@ import numpy as np
 
 from mmalign.data.manifest import PATH_FIELDS
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+#: The split's row ids: offsets into the UTF-8 bytes (format 2; fixed names, never read from the manifest).
+ROW_IDS_OFFSETS = "row_ids.offsets.npy"
+ROW_IDS_DATA = "row_ids.utf8.npy"
 FINGERPRINT_MODES = ("stat", "content", "rows")
 DTYPES = ("float16", "float32")
 #: Reason under which rows with NaN/Inf features are skipped (``mmalign.data.policy``).
@@ -125,7 +136,12 @@ def digest(*parts: Any) -> str:
 
 
 def rows_fingerprint(row_ids: Sequence[str]) -> str:
-    return digest("\n".join(row_ids))
+    """Digest of the ordered row ids (the same value as :meth:`~mmalign.cache.rowtable.RowTable.rows_fingerprint`)."""
+    import pyarrow as pa
+
+    from mmalign.cache.rowtable import ids_fingerprint
+
+    return ids_fingerprint(pa.array(list(row_ids), pa.large_string()))
 
 
 # -- atomic files --------------------------------------------------------------------------------
@@ -229,6 +245,51 @@ def spec_diff(cached: dict[str, Any], current: dict[str, Any]) -> str:
     keys = sorted(set(cached) | set(current))
     parts = [f"{k}: cached {cached.get(k)!r}, now {current.get(k)!r}" for k in keys if cached.get(k) != current.get(k)]
     return "; ".join(parts) or "specs are equal but the cache keys differ (encoder class renamed?)"
+
+
+def ids_difference(cached: Any, current: Any) -> str | None:
+    """How two ordered Arrow id columns differ (None when equal), naming the first differing row.
+
+    Compared vectorised chunk by chunk (no Python string per row); the counts of ids gone / new come from
+    64-bit hashes of the ids (a message only: equality itself is exact).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    chunks = current.chunks if isinstance(current, pa.ChunkedArray) else [current]
+    n_cached, n_current = len(cached), sum(len(c) for c in chunks)
+    first, at = None, 0
+    for c in chunks:
+        k = min(len(c), max(0, n_cached - at))
+        if k:
+            eq = pc.equal(cached.slice(at, k), c.slice(0, k).cast(cached.type))
+            eq = np.asarray(eq.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
+            if not eq.all():
+                first = at + int(np.argmin(eq))
+                break
+        at += len(c)
+    if first is None and n_cached == n_current:
+        return None
+    if first is None:
+        first = min(n_cached, n_current)
+    cur = pa.chunked_array(chunks, type=chunks[0].type) if chunks else pa.chunked_array([], pa.string())
+
+    def at_row(arr: Any, i: int) -> str:
+        return repr(arr[i].as_py()) if i < len(arr) else "(no row)"
+
+    from mmalign.data.sources.columns import hash_strings
+
+    hc, hn = hash_strings(cached), hash_strings(cur)
+    gone, new = np.flatnonzero(~np.isin(hc, hn)), np.flatnonzero(~np.isin(hn, hc))
+    parts = [f"the cache has {n_cached} rows, the dataset {n_current}"]
+    if len(gone):
+        parts.append(f"{len(gone)} cached ids are gone (e.g. {cached.take(pa.array(gone[:3])).to_pylist()})")
+    if len(new):
+        parts.append(f"{len(new)} ids are new (e.g. {cur.take(pa.array(new[:3])).to_pylist()})")
+    if not len(gone) and not len(new):
+        parts.append("same ids in another order")
+    parts.append(f"first differing row {first}: cached id {at_row(cached, first)}, now {at_row(cur, first)}")
+    return "; ".join(parts)
 
 
 def first_difference(cached: Sequence[str], current: Sequence[str]) -> str:

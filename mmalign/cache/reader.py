@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from mmalign.cache.format import (
-    FORMAT_VERSION, MANIFEST, NON_FINITE, CacheError, digest, entry_name, first_difference, spec_diff,
+    FORMAT_VERSION, MANIFEST, NON_FINITE, CacheError, digest, entry_name, ids_difference, spec_diff,
 )
 from mmalign.cache.rowtable import RowTable, StringColumn, items_digests
-from mmalign.cache.validate import confined, open_npy, validate_manifest
+from mmalign.cache.validate import confined, open_npy, validate_split
 from mmalign.data.manifest import META_FIELDS
 from mmalign.data.policy import ON_ERROR, BadInputReport, check_choice
 
@@ -31,11 +31,21 @@ _SCAN_CHUNK = 1 << 23
 
 
 def load_manifest(split_dir: str | Path) -> dict[str, Any]:
-    """``<split_dir>/manifest.json``, checked field by field (:func:`~mmalign.cache.validate.validate_manifest`).
+    """``<split_dir>/manifest.json``, checked field by field (:func:`~mmalign.cache.validate.validate_split`).
 
     Raises:
         CacheError: The split was never (fully) cached, or its manifest is not one ``mmalign cache``
             writes (the message names the file and the field).
+    """
+    return open_manifest(split_dir)[0]
+
+
+def open_manifest(split_dir: str | Path) -> tuple[dict[str, Any], Any]:
+    """``(manifest, row ids)``: the checked manifest and the split's row ids (a memory-mapped Arrow array).
+
+    Raises:
+        CacheError: As :func:`load_manifest`; a format-1 cache (row ids listed in the JSON) asks for a re-run of
+            ``mmalign cache``, which keeps its shards and rewrites only the manifest and the row-id files.
     """
     split_dir = Path(split_dir)
     path = split_dir / MANIFEST
@@ -49,9 +59,20 @@ def load_manifest(split_dir: str | Path) -> dict[str, Any]:
         raise CacheError(f"{path}: unreadable cache manifest ({e}); delete it and re-run `mmalign cache`") from e
     if not isinstance(manifest, dict):
         raise CacheError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    if manifest.get("format") == 1:
+        raise CacheError(
+            f"{split_dir}: cache format 1 (row ids listed in {MANIFEST}) is older than this mmalign's format {FORMAT_VERSION}; "
+            "re-run `mmalign cache` with the same recipe: its finished shards are kept (nothing is re-encoded), only the "
+            "manifest and the row-id files are rewritten"
+        )
     if manifest.get("format") != FORMAT_VERSION:
         raise CacheError(f"{split_dir}: cache format {manifest.get('format')} is not {FORMAT_VERSION}; re-run `mmalign cache`")
-    return validate_manifest(manifest, split_dir)
+    return manifest, validate_split(manifest, split_dir)
+
+
+def cached_row_ids(split_dir: str | Path) -> list[str]:
+    """The row ids of a cached split in row order, as Python strings (small splits and scripts; checked first)."""
+    return open_manifest(split_dir)[1].to_pylist()
 
 
 @dataclass
@@ -214,10 +235,10 @@ class CachedSplit(torch.utils.data.Dataset):
         self.split_dir = Path(split_dir)
         self.fields = sorted({t.field for t in towers.values()})
         self.table = RowTable.of(rows, self.fields)  # Arrow columns: nothing per row held as a dict
-        manifest = load_manifest(self.split_dir)
-        row_ids = self.table.ids()  # compared with the manifest's list, then dropped
-        if manifest["row_ids"] != row_ids:
-            raise CacheError(f"{self.split_dir}: stale cache, the dataset rows changed: {first_difference(manifest['row_ids'], row_ids)}")
+        manifest, cached_ids = open_manifest(self.split_dir)
+        diff = ids_difference(cached_ids, self.table.columns["id"])  # exact, vectorised; nothing per row held
+        if diff is not None:
+            raise CacheError(f"{self.split_dir}: stale cache, the dataset rows changed: {diff}")
         entries: dict[str, dict[str, Any]] = {}
         full_index: dict[str, np.ndarray] = {}
         skipped: dict[str, str] = {}
@@ -245,9 +266,8 @@ class CachedSplit(torch.utils.data.Dataset):
                     f"{why}) under on_error=skip, but this run uses on_error=error"
                 )
         # Rows left out when caching are never served: indices below count kept rows only.
-        self.keep = np.array([i for i, rid in enumerate(row_ids) if rid not in skipped] if skipped else np.arange(len(row_ids)),
-                             dtype=np.int64)  # [N_kept]
-        del row_ids
+        self.keep = _kept_rows(cached_ids, skipped)  # [N_kept]
+        del cached_ids
         self.rows = _Rows(self.table, self.keep)
         # Batches read these columns (Python strings up to 1M rows, raw UTF-8 buffers beyond).
         self._columns = {k: self._string_column(k) for k in dict.fromkeys([*META_FIELDS, *self.fields])}
@@ -273,7 +293,7 @@ class CachedSplit(torch.utils.data.Dataset):
                 shards=entry["shards"],
                 tokens=bool(getattr(tower.projector, "uses_tokens", False)),
             )
-        self.manifest = {k: v for k, v in manifest.items() if k != "row_ids"}
+        self.manifest = manifest
 
     @property
     def report(self) -> BadInputReport:
@@ -348,6 +368,17 @@ class CachedSplit(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.__getitems__([index])
+
+
+def _kept_rows(ids: Any, skipped: dict[str, str]) -> np.ndarray:
+    """``[N_kept]`` int64 rows whose id is not in ``skipped`` (vectorised over the id column)."""
+    if not skipped:
+        return np.arange(len(ids), dtype=np.int64)
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    left_out = pc.is_in(ids, value_set=pa.array(sorted(skipped), pa.large_string()))
+    return np.flatnonzero(~np.asarray(left_out.to_numpy(zero_copy_only=False), dtype=bool)).astype(np.int64)
 
 
 class _Ids(Sequence):

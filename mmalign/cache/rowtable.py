@@ -6,8 +6,9 @@ A :class:`~mmalign.data.sources.table.TableSource` gives its columns directly (v
 row is built); any other sequence of rows is read once, 64k rows at a time.
 
 Items (the unique values of a field, encoded once each) are found by 64-bit hashes of the values
-(:func:`unique_index`), numbered in first-appearance order as before, so caches written earlier keep
-their ``rows.npy`` / ``items.npy``. Values that are not strings (a PIL image from an HF ``Image`` column,
+(:func:`unique_index`), then the values of each group of equal hashes are compared exactly (a collision
+splits the group instead of merging two values), numbered in first-appearance order as before, so caches
+written earlier keep their ``rows.npy`` / ``items.npy``. Values that are not strings (a PIL image from an HF ``Image`` column,
 a decoded array) are kept as a Python list for that field (such sources hold them anyway).
 """
 
@@ -145,40 +146,125 @@ class RowTable:
         return {k: v for k, v in out.items() if v is not None}
 
     def rows_fingerprint(self) -> str:
-        """:func:`mmalign.cache.format.rows_fingerprint` of the ids, streamed chunk by chunk (same value)."""
-        h = hashlib.sha256()
-        ids = self.columns["id"]
-        for a in range(0, self.n, CHUNK):
-            part = ids.slice(a, CHUNK).to_pylist()
-            h.update((("\n" if a else "") + "\n".join(part)).encode())
-        h.update(b"\0")
-        return h.hexdigest()[:32]
+        """:func:`mmalign.cache.format.rows_fingerprint` of the ids, from the column's buffers chunk by chunk."""
+        return ids_fingerprint(self.columns["id"])
 
     def unique_index(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """``(first_row [M], row_index [N])``: the first row of each unique value of ``name`` in first-appearance
-        order, and each row's item (``-1``: the row lacks the field)."""
+        order, and each row's item (``-1``: the row lacks the field).
+
+        Values are grouped by a 64-bit hash, then every row of a group of equal hashes is compared exactly with
+        the group's first row (vectorised, only where hashes repeat): two values that collide stay two items.
+        """
         if name in self.objects:
+            values = self.objects[name]
             h = np.array([0 if v is None else int.from_bytes(hashlib.sha1(_value_key(v).encode("utf-8", "surrogatepass")).digest()[:8], "little")
-                          for v in self.objects[name]], dtype=np.uint64)
-            present = np.array([v is not None for v in self.objects[name]], dtype=bool)
+                          for v in values], dtype=np.uint64)
+            present = np.array([v is not None for v in values], dtype=bool)
+            keys = [None if v is None else _value_key(v) for v in values]
+
+            def same(rows: np.ndarray, firsts: np.ndarray) -> np.ndarray:
+                return np.array([keys[a] == keys[b] for a, b in zip(rows.tolist(), firsts.tolist())], dtype=bool)
+
+            def exact(rows: np.ndarray) -> list[Any]:
+                return [keys[r] for r in rows.tolist()]
         elif name in self.columns:
+            import pyarrow as pa
             import pyarrow.compute as pc
 
-            from mmalign.data.sources.columns import hash_strings
+            from mmalign.data.sources import columns as colmod
 
             col = self.columns[name]
-            h = hash_strings(col)
+            h = colmod.hash_strings(col)
             present = ~np.asarray(pc.is_null(col).to_numpy(zero_copy_only=False), dtype=bool) if col.null_count else None
+
+            def same(rows: np.ndarray, firsts: np.ndarray) -> np.ndarray:
+                a, b = col.take(pa.array(rows)), col.take(pa.array(firsts))
+                return np.asarray(pc.equal(a, b).to_numpy(zero_copy_only=False), dtype=bool)
+
+            def exact(rows: np.ndarray) -> list[Any]:
+                return col.take(pa.array(rows)).to_pylist()
         else:
             return np.zeros(0, np.int64), np.full(self.n, -1, np.int64)
         rows = np.arange(self.n) if present is None else np.flatnonzero(present)
-        uniq, first, inverse = np.unique(h[rows], return_index=True, return_inverse=True)
+        label = exact_groups(h[rows], rows, same, exact)
+        uniq, first, inverse = np.unique(label, return_index=True, return_inverse=True)
         order = np.argsort(first, kind="stable")  # item numbers in first-appearance order
         rank = np.empty(len(uniq), dtype=np.int64)
         rank[order] = np.arange(len(uniq))
         row_index = np.full(self.n, -1, dtype=np.int64)
         row_index[rows] = rank[inverse.reshape(-1)]
         return rows[first[order]].astype(np.int64), row_index
+
+
+def exact_groups(h: np.ndarray, rows: np.ndarray, same: Any, exact: Any, chunk: int = 1 << 20) -> np.ndarray:
+    """``[n]`` int64 group label per row: rows share a label iff their values are equal (not only their hashes).
+
+    Args:
+        h: ``[n]`` uint64 hash of each row's value.
+        rows: ``[n]`` the rows (positions in the column) these hashes belong to.
+        same: ``same(rows_a, rows_b) -> [k] bool``: whether the values at two row arrays are equal (vectorised).
+        exact: ``exact(rows) -> list``: the values of some rows (only for groups whose hashes collided).
+        chunk: Rows compared at a time (bounds the memory of the comparison).
+    """
+    uniq, first, inverse = np.unique(h, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1).astype(np.int64)
+    counts = np.bincount(inverse, minlength=len(uniq))
+    check = np.flatnonzero(counts[inverse] > 1)  # rows whose hash is shared: compared with their group's first row
+    check = check[check != first[inverse[check]]]
+    bad_groups: set[int] = set()
+    for a in range(0, len(check), chunk):
+        part = check[a:a + chunk]
+        eq = same(rows[part], rows[first[inverse[part]]])
+        if not eq.all():
+            bad_groups.update(inverse[part[~eq]].tolist())
+    label = inverse.copy()
+    if bad_groups:  # a 64-bit collision: such a group is split by exact value, one new label per distinct value
+        nxt = len(uniq)
+        for g in sorted(bad_groups):
+            members = np.flatnonzero(inverse == g)
+            seen: dict[Any, int] = {}
+            for pos, value in zip(members.tolist(), exact(rows[members])):
+                if value not in seen:  # the first value keeps the group's label, each other one gets a new one
+                    seen[value] = g if not seen else nxt
+                    nxt += 1 if len(seen) > 1 else 0
+                label[pos] = seen[value]
+    return label
+
+
+def id_buffers(column: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(offsets [N+1] int64, data [B] uint8)``: the UTF-8 bytes of a string column, concatenated, and where each value
+    starts (what the cache stores as ``row_ids.offsets.npy`` / ``row_ids.utf8.npy``). Nulls are empty strings."""
+    import pyarrow as pa
+
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    offsets, data, at = [np.zeros(1, np.int64)], [], 0
+    for c in chunks:
+        if len(c) == 0:
+            continue
+        c = c.cast(pa.large_string())
+        _, off, buf = c.buffers()[:3]
+        o = np.frombuffer(off, dtype=np.int64, count=len(c) + 1, offset=c.offset * 8)
+        raw = np.frombuffer(buf, dtype=np.uint8) if buf is not None else np.zeros(0, np.uint8)
+        data.append(raw[int(o[0]):int(o[-1])])
+        offsets.append(o[1:] - o[0] + at)
+        at += int(o[-1] - o[0])
+    return np.concatenate(offsets), (np.concatenate(data) if data else np.zeros(0, np.uint8))
+
+
+def ids_fingerprint(column: Any) -> str:
+    """Hex digest of an id column: sha256 of the value lengths (int64) and of the UTF-8 bytes, streamed chunk by chunk
+    (independent of the chunking; nothing per row is a Python object)."""
+    import pyarrow as pa
+
+    lengths, data = hashlib.sha256(), hashlib.sha256()
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    for c in chunks:
+        for a in range(0, len(c), CHUNK * 16):
+            off, raw = id_buffers(c.slice(a, CHUNK * 16))
+            lengths.update(np.diff(off).astype("<i8").tobytes())
+            data.update(raw.tobytes())
+    return hashlib.sha256(f"{lengths.hexdigest()}\0{data.hexdigest()}".encode()).hexdigest()[:32]
 
 
 def items_digests(table: RowTable, field: str, item_rows: np.ndarray, mode: str) -> np.ndarray:
@@ -191,4 +277,4 @@ def items_digests(table: RowTable, field: str, item_rows: np.ndarray, mode: str)
     return out
 
 
-__all__ = ["RowTable", "StringColumn", "items_digests"]
+__all__ = ["RowTable", "StringColumn", "exact_groups", "id_buffers", "ids_fingerprint", "items_digests"]

@@ -6,7 +6,10 @@ A cache folder may come from another machine, another user or a half-finished co
 their entry's items exactly (no duplicate name, gap or overlap), every key must be present with its
 type, and every ``.npy`` header must match the manifest *before* any data is mapped: a numeric dtype
 (never ``object``), the shape the manifest gives, and a file long enough for that shape. Arrays are
-memory-mapped, never read whole, so a header claiming 10^12 rows allocates nothing. Each refusal is a
+memory-mapped, never read whole, so a header claiming 10^12 rows allocates nothing. The row ids
+(``row_ids.offsets.npy`` / ``row_ids.utf8.npy``, fixed names) must have the sizes the manifest's ``num_rows``
+and ``row_id_bytes`` give, offsets that start at 0, never decrease and end at the data's size, valid
+UTF-8 and no repeated id, before the reader compares them with the dataset. Each refusal is a
 :class:`~mmalign.cache.format.CacheError` naming the file and the field.
 """
 
@@ -18,7 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from mmalign.cache.format import DTYPES, FINGERPRINT_MODES, MANIFEST, CacheError, entry_name
+from mmalign.cache.format import (
+    DTYPES, FINGERPRINT_MODES, MANIFEST, ROW_IDS_DATA, ROW_IDS_OFFSETS, CacheError, entry_name,
+)
 
 _REDO = "delete the cache folder (or that entry) and re-run `mmalign cache`"
 
@@ -122,39 +127,85 @@ def _need(obj: Any, key: str, kind: Any, where: str) -> Any:
 def validate_manifest(manifest: Any, split_dir: Path) -> dict[str, Any]:
     """Check every field of a split's ``manifest.json`` that the reader uses; returns it unchanged.
 
+    See :func:`validate_split`, which also returns the row ids.
+    """
+    validate_split(manifest, split_dir)
+    return manifest
+
+
+def validate_split(manifest: Any, split_dir: Path) -> Any:
+    """Check a split's ``manifest.json`` and its row-id files; returns the row ids (a mapped Arrow ``large_string`` array).
+
     Args:
         manifest: The parsed JSON.
         split_dir: ``<cache_dir>/<split>``, the folder every file must lie in.
 
     Raises:
-        CacheError: Naming ``manifest.json`` and the field: a missing key or wrong type, duplicate row
-            ids, an entry name that is not ``<field>--<cache_key>``, a shard name that leaves the folder
-            or repeats, shards that do not tile ``[0, num_items)`` (gap, overlap, shifted ``start``),
-            an unknown dtype, or skipped rows that are not rows of the split.
+        CacheError: Naming ``manifest.json`` (or the row-id file) and the field: a missing key or wrong type,
+            row-id files of other sizes than ``num_rows`` / ``row_id_bytes`` say (checked on the ``.npy`` headers
+            before anything is mapped), offsets that do not tile the bytes, ids that are not UTF-8 or repeat, an
+            entry name that is not ``<field>--<cache_key>``, a shard name that leaves the folder or repeats,
+            shards that do not tile ``[0, num_items)`` (gap, overlap, shifted ``start``), an unknown dtype, or
+            skipped rows that are not rows of the split.
     """
     where = str(split_dir / MANIFEST)
-    row_ids = _need(manifest, "row_ids", list, where)
-    if not all(isinstance(r, str) for r in row_ids):
-        raise CacheError(f"{where}: row_ids: every id must be a string")
-    if len(set(row_ids)) != len(row_ids):
-        seen: set[str] = set()
-        dup = next(r for r in row_ids if r in seen or seen.add(r))
-        raise CacheError(f"{where}: row_ids: id {dup!r} appears twice")
-    if _need(manifest, "num_rows", int, where) != len(row_ids):
-        raise CacheError(f"{where}: num_rows is {manifest['num_rows']} but row_ids lists {len(row_ids)}")
+    num_rows = _need(manifest, "num_rows", int, where)
+    num_bytes = _need(manifest, "row_id_bytes", int, where)
+    if num_rows < 0 or num_bytes < 0:
+        raise CacheError(f"{where}: num_rows and row_id_bytes must not be negative, got {num_rows} / {num_bytes}")
+    ids = row_ids(split_dir, num_rows, num_bytes)
     if _need(manifest, "fingerprint_mode", str, where) not in FINGERPRINT_MODES:
         raise CacheError(f"{where}: fingerprint_mode {manifest['fingerprint_mode']!r} is not one of {FINGERPRINT_MODES}")
     entries = _need(manifest, "entries", dict, where)
-    ids = set(row_ids)
     for name, entry in entries.items():
         _validate_entry(name, entry, split_dir, f"{where}: entries[{name!r}]", ids)
     skipped = manifest.get("skipped_rows", {})
-    if not isinstance(skipped, dict) or not set(skipped) <= ids:
+    if not isinstance(skipped, dict) or not _all_ids(skipped, ids):
         raise CacheError(f"{where}: skipped_rows must map row ids of this split to reasons")
-    return manifest
+    return ids
 
 
-def _validate_entry(name: Any, entry: Any, split_dir: Path, where: str, row_ids: set[str]) -> None:
+def row_ids(split_dir: Path, num_rows: int, num_bytes: int) -> Any:
+    """The row ids of a split from ``row_ids.offsets.npy`` / ``row_ids.utf8.npy``, checked, as a mapped Arrow array."""
+    import pyarrow as pa
+
+    from mmalign.data.sources.columns import repeated
+
+    where = f"{split_dir / MANIFEST}: row ids"
+    offsets = open_npy(split_dir / ROW_IDS_OFFSETS, split_dir, (num_rows + 1,), np.int64, f"{where} ({ROW_IDS_OFFSETS})")
+    data = open_npy(split_dir / ROW_IDS_DATA, split_dir, (num_bytes,), np.uint8, f"{where} ({ROW_IDS_DATA})")
+    if int(offsets[0]) != 0 or int(offsets[-1]) != num_bytes:
+        raise CacheError(f"{where}: {ROW_IDS_OFFSETS} must start at 0 and end at row_id_bytes ({num_bytes}), got "
+                         f"{int(offsets[0])}..{int(offsets[-1])}; {_REDO}")
+    for a in range(0, num_rows, 1 << 22):  # bounded memory: 4M offsets at a time
+        part = np.asarray(offsets[a:a + (1 << 22) + 1])
+        if (np.diff(part) < 0).any():
+            raise CacheError(f"{where}: {ROW_IDS_OFFSETS} decreases at row {a + int(np.argmax(np.diff(part) < 0))}; {_REDO}")
+    arr = pa.LargeStringArray.from_buffers(num_rows, pa.py_buffer(offsets), pa.py_buffer(data) if num_bytes else None)
+    try:
+        arr.validate(full=True)  # UTF-8 of every id, offsets within the data
+    except pa.ArrowInvalid as e:
+        raise CacheError(f"{where}: {ROW_IDS_DATA} does not hold valid ids ({e}); {_REDO}") from e
+    dup = repeated(arr)  # hashed, then equal hashes compared exactly
+    if dup is not None and dup.any():
+        raise CacheError(f"{where}: id {arr[int(np.argmax(dup))].as_py()!r} appears twice; {_REDO}")
+    return arr
+
+
+def _all_ids(keys: dict[str, Any], ids: Any) -> bool:
+    """Whether every key is one of ``ids`` (vectorised: the ids are scanned once against the keys)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not keys:
+        return True
+    if not all(isinstance(k, str) for k in keys):
+        return False
+    found = pc.sum(pc.is_in(ids, value_set=pa.array(sorted(keys), pa.large_string()))).as_py() or 0
+    return found == len(keys)  # ids are unique (checked), so each key is found at most once
+
+
+def _validate_entry(name: Any, entry: Any, split_dir: Path, where: str, ids: Any) -> None:
     plain_name(name, where)
     field = _need(entry, "field", str, where)
     cache_key = _need(entry, "cache_key", str, where)
@@ -171,7 +222,7 @@ def _validate_entry(name: Any, entry: Any, split_dir: Path, where: str, row_ids:
         raise CacheError(f"{where}.token_dim: must be a positive int when tokens are stored, got {entry.get('token_dim')!r}")
     num_items = _need(entry, "num_items", int, where)
     skipped = entry.get("skipped_rows", {})
-    if not isinstance(skipped, dict) or not set(skipped) <= row_ids:
+    if not isinstance(skipped, dict) or not _all_ids(skipped, ids):
         raise CacheError(f"{where}.skipped_rows: must map row ids of this split to reasons")
     names: dict[str, int] = {}
     end = 0

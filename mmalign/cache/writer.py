@@ -23,10 +23,10 @@ from tqdm.auto import tqdm
 from encoders.base import Encoder
 from mmalign.cache.claim import SplitClaim
 from mmalign.cache.encode import encode_shard
-from mmalign.cache.rowtable import RowTable, items_digests
+from mmalign.cache.rowtable import RowTable, id_buffers, items_digests
 from mmalign.cache.format import (
-    DTYPES, FORMAT_VERSION, MANIFEST, NON_FINITE, CacheError, atomic_save_npy, atomic_write_json, digest, entry_name,
-    read_json, remove_dead_tmp_tree, shard_name,
+    DTYPES, FORMAT_VERSION, MANIFEST, NON_FINITE, ROW_IDS_DATA, ROW_IDS_OFFSETS, CacheError, atomic_save_npy,
+    atomic_write_json, digest, entry_name, read_json, remove_dead_tmp_tree, shard_name,
 )
 from mmalign.data.policy import ON_ERROR, SILENT_AUDIO, BadInputError, BadInputReport, check_choice
 
@@ -304,6 +304,15 @@ def _same_npy(path: Path, array: np.ndarray) -> bool:
         return False
 
 
+def _same_rows(split_dir: Path, old: dict[str, Any], table: RowTable, arrays: dict[Path, np.ndarray]) -> bool:
+    """Whether an earlier manifest (format 2: its row-id files; format 1: its ``row_ids`` list) has the rows of ``table``."""
+    if old.get("format") == 1 and isinstance(old.get("row_ids"), list):  # upgrading a format-1 cache: once
+        return old["row_ids"] == table.ids()
+    if old.get("format") != FORMAT_VERSION:
+        return False
+    return all(_same_npy(split_dir / name, arrays[split_dir / name]) for name in (ROW_IDS_OFFSETS, ROW_IDS_DATA))
+
+
 def merge_split(
     split_dir: Path, plans: list[EntryPlan], *, split: str, dtype: str, fingerprint: str,
     rows: Any, on_error: str = "error", report: BadInputReport | None = None,
@@ -352,10 +361,13 @@ def merge_split(
                 for k, m in enumerate(markers)
             ],
         }
-    # The manifest lists the row ids (JSON): the one per-row list a cache run builds, at the merge only.
-    row_ids = table.ids()
+    # The row ids as two arrays (offsets + UTF-8 bytes, format 2): no per-row Python list, none in the JSON.
+    id_offsets, id_bytes = id_buffers(table.columns["id"])
+    arrays[split_dir / ROW_IDS_OFFSETS] = id_offsets
+    arrays[split_dir / ROW_IDS_DATA] = id_bytes
+    num_rows = len(id_offsets) - 1
     old = read_json(split_dir / MANIFEST)
-    if isinstance(old, dict) and old.get("row_ids") == row_ids and old.get("fingerprint_mode") == fingerprint:
+    if isinstance(old, dict) and old.get("fingerprint_mode") == fingerprint and _same_rows(split_dir, old, table, arrays):
         for name, entry in (old.get("entries") or {}).items():
             if name not in entries and isinstance(name, str) and "/" not in name and (split_dir / name).is_dir():
                 entries[name] = entry
@@ -376,18 +388,19 @@ def merge_split(
         "format": FORMAT_VERSION,
         "split": split,
         "fingerprint_mode": fingerprint,
-        "num_rows": len(row_ids),
-        "num_cached_rows": len(row_ids) - len(skipped_rows),
+        "num_rows": num_rows,
+        "num_cached_rows": num_rows - len(skipped_rows),
+        "row_id_bytes": int(len(id_bytes)),
         "on_error": on_error,
         "skipped": counts,
         "skipped_rows": skipped_rows,
         "rows_fingerprint": table.rows_fingerprint(),
         "dataset_fingerprint": digest(table.rows_fingerprint(), *sorted(e["items_fingerprint"] for e in entries.values())),
         "entries": entries,
-        "row_ids": row_ids,
     }
     manifest = json.loads(json.dumps(manifest, sort_keys=True, default=str))  # as it reads back (tuples -> lists)
     changed = [path for path, arr in arrays.items() if not _same_npy(path, arr)]
+    # the manifest is written last (its presence makes the split a cache): the id files come before it
     if changed or old != manifest:
         if before_write is not None:
             before_write()

@@ -115,7 +115,8 @@ def repeated(column: Any) -> np.ndarray | None:
     hc = hv[np.isin(hv, dup_hashes)]
     order = np.lexsort((candidates, hc))  # by hash, then row: each group's first row comes first
     rows_sorted, h_sorted = candidates[order], hc[order]
-    values = _as_strings(column.take(pa.array(rows_sorted)).combine_chunks())
+    values = column.take(pa.array(rows_sorted))
+    values = _as_strings(values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values)
     same_hash = h_sorted[1:] == h_sorted[:-1]
     same_value = np.asarray(pc.equal(values[1:], values[:-1]).fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
     mask = np.zeros(len(h), dtype=bool)
