@@ -8,7 +8,7 @@ from mmalign.data import AlignmentDataModule
 from tests.test_module import make_module
 
 
-def _fit(synthetic_data, tmp_path, log_every: int, batch_size: int = 4, epochs: int = 1):
+def _fit(synthetic_data, tmp_path, log_every: int, batch_size: int = 4, epochs: int = 1, callbacks=None):
     module = make_module()
     logged: list[int] = []
     original = module.log
@@ -23,26 +23,38 @@ def _fit(synthetic_data, tmp_path, log_every: int, batch_size: int = 4, epochs: 
                                batch_size=batch_size, train_languages=["en"], eval_languages=["en"])
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=CSVLogger(tmp_path), log_every_n_steps=log_every,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=tmp_path)
+                        limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=tmp_path,
+                        callbacks=callbacks or [])
     trainer.fit(module, data)
     return trainer, logged
 
 
-def test_train_metrics_are_logged_on_logging_steps_and_epoch_ends_only(synthetic_data, tmp_path):
-    trainer, logged = _fit(synthetic_data, tmp_path, log_every=3, epochs=2)
+def test_train_metrics_are_logged_on_logging_steps_and_the_last_step_only(synthetic_data, tmp_path):
+    trainer, logged = _fit(synthetic_data, tmp_path, log_every=4, epochs=2)
     per_epoch = trainer.num_training_batches
     steps = trainer.global_step
-    assert per_epoch > 4 and steps == 2 * per_epoch
-    expected = sorted({s for s in range(steps) if (s + 1) % 3 == 0} | {per_epoch - 1, steps - 1})
+    assert per_epoch > 4 and steps == 2 * per_epoch and per_epoch % 4 != 0  # the first epoch end is no logging step
+    expected = sorted({s for s in range(steps) if (s + 1) % 4 == 0} | {steps - 1})  # no epoch-end extra: nothing reads it
     assert logged == expected, (logged, expected)
     # what the logger wrote is what was logged: one row per logging step, none lost
     import csv
     rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
     written = sorted({int(r["step"]) for r in rows if r.get("train/loss")})
-    assert written == [s for s in range(steps) if (s + 1) % 3 == 0]
-    # epoch-end monitors (EarlyStopping, ModelCheckpoint on a train metric) see a fresh value
+    assert written == [s for s in range(steps) if (s + 1) % 4 == 0]
+    # the fit's end has fresh values (the export and callbacks after the fit read them)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert "train/image->text/inbatch_R@1" in trainer.callback_metrics
+
+
+def test_epoch_ends_log_when_a_callback_monitors_a_train_metric(synthetic_data, tmp_path):
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    stop = EarlyStopping(monitor="train/loss", patience=100, check_on_train_epoch_end=True)
+    trainer, logged = _fit(synthetic_data, tmp_path, log_every=4, epochs=2, callbacks=[stop])
+    per_epoch, steps = trainer.num_training_batches, trainer.global_step
+    expected = sorted({s for s in range(steps) if (s + 1) % 4 == 0} | {per_epoch - 1, steps - 1})
+    assert logged == expected, (logged, expected)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"]) and stop.wait_count >= 0
 
 
 def test_every_step_logs_when_asked(synthetic_data, tmp_path):
