@@ -219,11 +219,22 @@ def variant_model(v: dict, seed: int):
     if v.get("linear"):
         tower.projector = projectors.Linear(in_dim, model.embed_dim)
     elif v.get("uclip_head"):
-        tower.projector = UclipHead(in_dim, model.embed_dim)
+        tower.projector = UclipHead(in_dim, model.embed_dim, hidden_dim=int(v.get("hidden_dim") or 1024))
+    elif any(k in v for k in ("hidden_dim", "num_blocks", "norm", "dropout")):  # projectors.MLP with other capacity
+        tower.projector = projectors.MLP(in_dim, model.embed_dim, hidden_dim=int(v.get("hidden_dim") or 1024),
+                                         num_blocks=int(v.get("num_blocks") or 0), dropout=float(v.get("dropout", 0.1)),
+                                         norm=v.get("norm", "none"), input_norm=False)
     else:
         tower.projector = tower._projector_factory(in_dim, model.embed_dim)
     if "mse_weight" in v:
         model.objectives[1].weight = float(v["mse_weight"])
+    if v.get("cosine"):  # cosine distillation beside InfoNCE (and the recipe's MSE)
+        from mmalign import Objective
+        from mmalign.training.losses import CosineLoss
+
+        model.objectives.append(Objective(CosineLoss(), ["student", "teacher"], weight=float(v["cosine"])))
+    if v.get("clip_weight") is not None:
+        model.objectives[0].weight = float(v["clip_weight"])
     if v.get("temperature"):
         model.objectives[0].loss = ClipLoss(logit_scale=1.0 / v["temperature"], learnable_scale=False)
     else:
@@ -235,17 +246,31 @@ def variant_model(v: dict, seed: int):
 def fit_features(v: dict, x_s: torch.Tensor, x_t: torch.Tensor, steps: int, seed: int):
     """Train the student tower of the (patched) recipe on paired features: the module's own losses
     (``compute_losses``) and latent mixup (``mixup_batch``) as in ``AlignmentModule.training_step``, AdamW as in the
-    recipe (lr 1e-3, weight decay 0.01), ``steps`` steps of the recipe's batch size."""
+    recipe (lr 1e-3, weight decay 0.01), ``steps`` steps of the recipe's batch size.
+
+    Variant keys beyond :func:`variant_model`'s: ``steps`` and ``batch_size`` (override the arguments), ``lr``,
+    ``schedule: cosine`` (``CosineAnnealingLR`` over the ``steps``: cosine decay to 0), ``noise`` (Gaussian input
+    noise std), ``bank`` (a memory bank of ``bank`` teacher rows drawn at random from the training set each step as
+    extra InfoNCE negatives for the student -> teacher direction: the teacher is frozen and has no projector, so its
+    features are exact, never stale; a bank row equal to a batch row's own text is masked), ``bank_weight``."""
+    import torch.nn.functional as F
+
     from mmalign.training.mixup import mixup_batch
 
     model = variant_model(v, seed)
     model.train()
-    bs = recipe_config()["data"]["init_args"]["batch_size"]
+    steps = int(v.get("steps") or steps)
+    bs = int(v.get("batch_size") or recipe_config()["data"]["init_args"]["batch_size"])
     noise = float(v.get("noise") or 0.0)
+    bank, bank_w = int(v.get("bank") or 0), float(v.get("bank_weight", 1.0))
     g = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=float(v.get("lr") or 1e-3), weight_decay=0.01)
+    sched = None
+    if v.get("schedule") == "cosine":  # what the recipe's `scheduler: CosineAnnealingLR` (stepped every step) does
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     n, step = len(x_s), 0
+    x_tn = F.normalize(x_t.float(), dim=-1) if bank else None
     while step < steps:
         order = torch.randperm(n, generator=g)
         for start in range(0, n - bs + 1 if n > bs else 1, bs):
@@ -257,10 +282,21 @@ def fit_features(v: dict, x_s: torch.Tensor, x_t: torch.Tensor, steps: int, seed
                      "features": {"student": {"pooled": xs}, "teacher": {"pooled": x_t[idx]}}}
             if model.hparams.get("mixup_alpha"):
                 batch = mixup_batch(batch, model.hparams["mixup_alpha"], generator=g)
-            loss = torch.stack(list(model.compute_losses(model(batch)).values())).sum()
+            embeds = model(batch)
+            losses = model.compute_losses(embeds)
+            if bank:
+                bidx = torch.randint(0, n, (bank,), generator=g)
+                s = F.normalize(embeds["student"].float(), dim=-1)
+                t = F.normalize(embeds["teacher"].float(), dim=-1)
+                logits = model.objectives[0].loss.logit_scale() * (s @ torch.cat([t, x_tn[bidx]]).T)
+                logits[:, len(idx):] = logits[:, len(idx):].masked_fill(idx[:, None] == bidx[None, :], float("-inf"))
+                losses["bank_loss"] = bank_w * F.cross_entropy(logits, torch.arange(len(idx)))
+            loss = torch.stack(list(losses.values())).sum()
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             step += 1
             if step == steps:
                 break
@@ -325,14 +361,18 @@ def run(args) -> None:
               flush=True)
 
     t0 = time.time()
-    if "variants" in args.parts:  # seed 0, chosen on emoji VALIDATION only
-        for label, v in VARIANTS.items():
-            record(f"variant: {label}", [score_model(fit_features(v, train["student"], train["teacher"], args.steps, 0), sets)])
+    variants = json.loads(args.variants) if args.variants else VARIANTS
+    if "variants" in args.parts:  # chosen on emoji VALIDATION only (seed 0 unless --variant_seeds)
+        for label, v in variants.items():
+            t1 = time.time()
+            record(f"variant: {label}", [score_model(fit_features(v, train["student"], train["teacher"], args.steps, s), sets)
+                                         for s in args.variant_seeds])
+            print(f"    ({time.time() - t1:.0f} s)", flush=True)
     if args.best == "auto":  # the single change that scored best on emoji VALIDATION (never on a test set)
         val = {label: mean({lang: sum(v) / len(v) for lang, v in results[f"variant: {label}"]["emoji-val"].items()})
-               for label in VARIANTS}
+               for label in variants}
         chosen = max(val, key=val.get)
-        best = VARIANTS[chosen]
+        best = variants[chosen]
         out["chosen_label"] = chosen
         print(f"chosen on emoji val: {chosen} {best}", flush=True)
     else:
@@ -356,11 +396,11 @@ def run(args) -> None:
 
 
 # -- report ------------------------------------------------------------------------------------------
-def _cell(values: list[float]) -> str:
+def _cell(values: list[float], digits: int = 2) -> str:
     import statistics
 
     m = statistics.mean(values)
-    return f"{m:.2f}" if len(values) == 1 else f"{m:.2f}±{statistics.stdev(values):.2f}"
+    return f"{m:.{digits}f}" if len(values) == 1 else f"{m:.{digits}f}±{statistics.stdev(values):.{digits}f}"
 
 
 def tables(result: dict, names: list[str], methods: list[str]) -> str:
@@ -395,15 +435,16 @@ def tables(result: dict, names: list[str], methods: list[str]) -> str:
 
 
 def variant_table(result: dict) -> str:
+    """Markdown: each variant's mean R@1 over languages (mean over its seeds; ± std when several)."""
     import statistics
 
-    lines = ["| variant (seed 0) | emoji val mean R@1 | " + " | ".join(n for n in result["sets"] if n != "emoji-val") + " |",
-             "|---|---|" + "---|" * (len(result["sets"]) - 1)]
+    names = [n for n in result["sets"] if n != "emoji-val"]
+    lines = ["| variant | seeds | emoji val mean R@1 | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
     for label, r in result["results"].items():
         if label.startswith("variant: "):
-            cols = [statistics.mean(v[0] for v in r[n].values()) for n in result["sets"] if n != "emoji-val"]
-            lines.append(f"| {label[9:]} | {statistics.mean(v[0] for v in r['emoji-val'].values()):.3f} | "
-                         + " | ".join(f"{c:.3f}" for c in cols) + " |")
+            k = len(next(iter(r["emoji-val"].values())))
+            cells = [_cell([statistics.mean(v[i] for v in r[n].values()) for i in range(k)], 3) for n in ["emoji-val"] + names]
+            lines.append(f"| {label[9:]} | {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -415,6 +456,8 @@ def main(argv=None) -> None:
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--parts", nargs="+", default=["variants", "curve", "final"], choices=["variants", "curve", "final"])
     ap.add_argument("--best", default="", help="JSON patch of the chosen variant (picked on emoji val), e.g. '{\"mixup\": 1}'")
+    ap.add_argument("--variants", default="", help="JSON {label: patch} of variants to try instead of VARIANTS")
+    ap.add_argument("--variant_seeds", type=int, nargs="+", default=[0], help="seeds of each variant")
     ap.add_argument("--curve", type=int, nargs="+", default=[1000, 3000, 10000, 30000, 110000])
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the chosen recipe on the corpus")
@@ -430,7 +473,7 @@ def main(argv=None) -> None:
 
         result = json.loads(args.output.read_text())
         methods = [m for m in result["results"] if not m.startswith("variant: ")]
-        print(variant_table(result) + "\n\n" + tables(result, list(result["sets"]), methods))
+        print(variant_table(result) + ("\n\n" + tables(result, list(result["sets"]), methods) if methods else ""))
     else:
         run(args)
 
