@@ -113,11 +113,9 @@ def open_source(
         A map-style dataset (:class:`~mmalign.data.manifest.ManifestDataset` or a :class:`RowSource`) or, for
         WebDataset shards, an ``IterableDataset`` (:class:`~mmalign.data.sources.wds.WebDatasetSource`).
     """
-    from mmalign.data.manifest import ManifestDataset
-
     kw = {"languages": languages, "required_fields": list(required_fields), "on_error": on_error}
     if is_plain_manifests(spec):
-        return ManifestDataset(spec, check_files=True if check_files is None else check_files, **kw)
+        return _open_manifests(spec, check_files=True if check_files is None else check_files, **kw)
     if isinstance(spec, (list, tuple)):
         if not spec:
             raise SourceError("no data source given (an empty list)")
@@ -158,10 +156,83 @@ def open_source(
         return audio_folder_source(Path(path), fmt, opts.get("lang"), opts.get("split"),
                                    check_files=True if check_files is None else check_files, **kw)
     if fmt in ("jsonl", "csv") and not any(k in opts for k in ("fields", "root", "lang")):
-        return ManifestDataset(path, check_files=True if check_files is None else check_files, **kw)
+        return _open_manifests(path, check_files=True if check_files is None else check_files, **kw)
     from mmalign.data.sources.table import TableSource
 
     if path is not None and not Path(path).exists():
         raise FileNotFoundError(f"data source not found: {path}")
     return TableSource(path, fmt, opts.get("fields"), opts.get("root"), opts.get("lang"), opts.get("split"),
                        opts.get("name"), opts.get("config"), check_files=check_files, **kw)
+
+
+def _open_manifest(path: str | Path, **kw: Any) -> Any:
+    """One long-format manifest: vectorised (:class:`~mmalign.data.sources.manifest_table.ManifestTableSource`) from
+    ``MMALIGN_MANIFEST_TABLE_BYTES`` bytes on, else (or when it needs it) the row reader."""
+    import logging
+
+    from mmalign.data.manifest import ManifestDataset
+    from mmalign.data.sources.manifest_table import ManifestFallback, ManifestTableSource, table_bytes
+
+    p = Path(path)
+    if p.is_file() and p.stat().st_size >= table_bytes():
+        try:
+            return ManifestTableSource(p, **kw)
+        except ManifestFallback as e:
+            logging.getLogger("mmalign.data").info("%s: read row by row (%s)", p, e)
+    return ManifestDataset(p, **kw)
+
+
+def _open_manifests(spec: Any, **kw: Any) -> Any:
+    """Long-format manifests: one path, or a list read in order whose ids must be unique across the files."""
+    from mmalign.data.manifest import ManifestDataset
+    from mmalign.data.sources.manifest_table import table_bytes
+
+    paths = [spec] if isinstance(spec, (str, Path)) else list(spec)
+    if len(paths) == 1:
+        return _open_manifest(paths[0], **kw)
+    if all(not Path(p).is_file() or Path(p).stat().st_size < table_bytes() for p in paths):
+        return ManifestDataset(paths, **kw)  # small files: the row reader, as before
+    from mmalign.data.sources.concat import ConcatSource
+
+    languages = kw.pop("languages")
+    parts = [_open_manifest(p, languages=None, **kw) for p in paths]
+    _drop_repeated_ids(parts, kw["on_error"])
+    return ConcatSource(parts, languages)
+
+
+def _drop_repeated_ids(parts: list[Any], on_error: str) -> None:
+    """An id of a later manifest already in an earlier one is a ``duplicate id`` (``already in <file>``), vectorised."""
+    import numpy as np
+    import pyarrow as pa
+
+    from mmalign.data.manifest import ManifestRowError
+    from mmalign.data.sources.columns import repeated
+
+    cols = []
+    for part in parts:
+        got = part.columns_of(["id"]) if hasattr(part, "columns_of") else None
+        cols.append(got[0]["id"].cast(pa.large_string()) if got else pa.chunked_array([pa.array([r["id"] for r in part.rows], pa.large_string())]))
+    sizes = np.cumsum([0] + [len(c) for c in cols])
+    dup = repeated(pa.chunked_array([c for col in cols for c in col.chunks], pa.large_string()))
+    if dup is None or not dup.any():
+        return
+    every = pa.chunked_array([c for col in cols for c in col.chunks], pa.large_string())
+    import pyarrow.compute as pc
+
+    rows = np.flatnonzero(dup)
+    first = np.asarray(pc.index_in(every.take(pa.array(rows)), value_set=every.combine_chunks()).to_numpy(zero_copy_only=False))
+    for k, part in enumerate(parts):
+        mine = rows[(rows >= sizes[k]) & (rows < sizes[k + 1])]
+        if not len(mine):
+            continue
+        for r, f in zip(mine.tolist(), first[np.isin(rows, mine)].tolist()):
+            where = int(np.searchsorted(sizes, f, side="right")) - 1
+            rid = every[r].as_py()
+            part.report.handle(ManifestRowError(part.path, None, rid, "id", "duplicate id", f"already in {parts[where].path}"), on_error)
+        local = mine - sizes[k]
+        if hasattr(part, "_index") and getattr(part, "_slot", None) is None:
+            positions = np.arange(len(part)) if part._index is None else part._index
+            part._index = np.delete(positions, local)
+        else:
+            gone = set(local.tolist())
+            part.rows = [r for i, r in enumerate(part.rows) if i not in gone]

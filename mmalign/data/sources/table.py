@@ -290,7 +290,7 @@ class TableSource(RowSource):
         m = self.fields
         bad = np.zeros(n, dtype=bool)
         self._id_col = m.get("id") if isinstance(m.get("id"), str) else None
-        check_key = self._check_key(required, check_files)
+        check_key = self._check_key(required, check_files, languages)
         problems = self._load_checks(check_key, n) if check_key else None
         if problems is not None:
             for mask, *_ in problems:
@@ -318,6 +318,8 @@ class TableSource(RowSource):
                          f"not an ISO 639-1 code or 'und' (e.g. {wrong[0]!r})")
             if self.lang is not None and not is_known_language(self.lang):
                 raise SourceError(f"{self.path}: lang: {self.lang!r} is not an ISO 639-1 code or 'und'")
+            # Fields are checked on the rows of the requested languages only (as a manifest's are).
+            in_langs = self._wanted_rows(languages)
             for field in required:
                 spec = m.get(field)
                 if field in TEXT_FIELDS and isinstance(spec, dict):
@@ -327,24 +329,24 @@ class TableSource(RowSource):
                                       f"map one in `fields:` (columns: {t.column_names})")
                 col = t.column(spec)
                 if pa.types.is_struct(col.type):
-                    flag(_bool(pc.is_null(col)), field, f"missing {field}", f"column {spec!r} is null")
+                    flag(_bool(pc.is_null(col)) & in_langs, field, f"missing {field}", f"column {spec!r} is null")
                     continue
-                flag(_bool(pc.is_null(col)), field, f"missing {field}", f"column {spec!r} is empty")
-                flag(blank(col), field, f"missing {field}" if field in PATH_FIELDS else "empty text", f"{spec!r} has no visible character")
+                flag(_bool(pc.is_null(col)) & in_langs, field, f"missing {field}", f"column {spec!r} is empty")
+                flag(blank(col) & in_langs, field, f"missing {field}" if field in PATH_FIELDS else "empty text",
+                     f"{spec!r} has no visible character")
             if check_files if check_files is not None else n <= CHECK_FILES_UP_TO:
                 for field in (f for f in required if f in PATH_FIELDS and isinstance(m.get(f), str)):
                     col = self._col(m[field])
-                    for i in np.flatnonzero(~bad):
+                    for i in np.flatnonzero(~bad & in_langs):
                         value = self._media(col.value(int(i)))
                         if isinstance(value, str) and not Path(value).is_file():
                             flag(np.eye(1, n, int(i), dtype=bool)[0], field, "missing file", f"no such file {value}")
             if check_key:
                 self._save_checks(check_key, problems)
         if on_error == "error" and problems:  # the first bad row of the table is the one raised
-            problems = [min(problems, key=lambda p: int(np.argmax(p[0])))]
-        for mask, field, reason, detail in problems:
-            for i in np.flatnonzero(mask):
-                self.report.handle(RowError(self.path, int(i), self._base_id(int(i)), field, reason, detail), on_error)
+            mask, *rest = self._first_problem(problems)
+            problems = [(np.eye(1, n, int(np.argmax(mask)), dtype=bool)[0], *rest)]
+        self._report_problems(problems, on_error)
         keep = ~bad
         # wide text: one row per (table row, slot, list element)
         self._slots: list[tuple[str, str, str]] = []  # (field, lang, column)
@@ -381,8 +383,31 @@ class TableSource(RowSource):
             raise ManifestError(f"{self.path}: no rows left after filtering (languages={languages}, fields={required}; "
                                 f"{self.report.summary()})")
 
+    def _first_problem(self, problems: list) -> Any:
+        """The problem raised under ``on_error="error"``: the one of the table's first bad row."""
+        return min(problems, key=lambda p: int(np.argmax(p[0])))
+
+    def _report_problems(self, problems: list, on_error: str) -> None:
+        for mask, field, reason, detail in problems:
+            for i in np.flatnonzero(mask):
+                self.report.handle(RowError(self.path, int(i), self._base_id(int(i)), field, reason, detail), on_error)
+
+    def _wanted_rows(self, languages: Iterable[str] | None) -> np.ndarray | bool:
+        """``[n]`` bool: the table rows in ``languages`` (True: all rows, or a wide table, whose language is per caption)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if languages is None or any(isinstance(self.fields.get(f), dict) for f in TEXT_FIELDS):
+            return True
+        wanted = sorted(set(languages))
+        lang_col = self.fields.get("lang") if isinstance(self.fields.get("lang"), str) else None
+        if lang_col is None:
+            return (self.lang or "und") in wanted
+        col = self.table.column(lang_col).cast(pa.string()).fill_null(self.lang or "und")
+        return _bool(pc.is_in(col, value_set=pa.array(wanted, pa.string())))
+
     # -- the checks are computed once per file version (a 10M-row id uniqueness check costs seconds) --------
-    def _check_key(self, required: list[str], check_files: bool | None) -> str | None:
+    def _check_key(self, required: list[str], check_files: bool | None, languages: Iterable[str] | None = None) -> str | None:
         path, fmt, split, name, config = self._open_args
         if path is None or fmt not in ("parquet", "arrow", "hf", "csv", "jsonl"):
             return None
@@ -391,7 +416,8 @@ class TableSource(RowSource):
             return None  # media files come and go: checked every time
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in (".arrow", ".json"))
         ident = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-        spec = json.dumps([ident, split, self.fields, sorted(required), self.lang, check_files, str(self.root)], sort_keys=True, default=str)
+        spec = json.dumps([ident, split, self.fields, sorted(required), self.lang, check_files, str(self.root), type(self).__name__,
+                           None if languages is None else sorted(set(languages))], sort_keys=True, default=str)
         return hashlib.sha256(spec.encode()).hexdigest()[:24]
 
     def _load_checks(self, key: str, n: int) -> list | None:
