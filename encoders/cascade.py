@@ -36,6 +36,33 @@ from encoders.utils import quiet_transformers, torch_dtype
 EMPTY_TRANSCRIPT = "-"
 
 
+#: The package whose classes ``text_encoder`` may name by string: the string comes from recipes and shared exports,
+#: and importing a module runs it, so nothing outside the project's encoders is imported (pass a class object instead).
+TEXT_ENCODER_PACKAGE = "encoders"
+
+
+def text_encoder_class(text_encoder: "str | type") -> type:
+    """The text :class:`~encoders.base.Encoder` class ``text_encoder`` names; a string is checked BEFORE any import
+    (a dotted path under :data:`TEXT_ENCODER_PACKAGE`, no dunder part), a class object is taken as given.
+
+    Raises:
+        TypeError: Not such a path, or not a text encoder class.
+    """
+    if isinstance(text_encoder, type):
+        cls: Any = text_encoder
+    else:
+        parts = text_encoder.split(".") if isinstance(text_encoder, str) else []
+        if (len(parts) < 2 or parts[0] != TEXT_ENCODER_PACKAGE
+                or not all(p.isidentifier() and not p.startswith("__") for p in parts)):
+            raise TypeError(f"text_encoder {text_encoder!r}: refusing to import it; a cascade names its text encoder by "
+                            f"a class path under {TEXT_ENCODER_PACKAGE}. (e.g. encoders.UniversalSentenceEncoderM); "
+                            "pass the class itself to use one from elsewhere")
+        cls = load_object(text_encoder)
+    if not (isinstance(cls, type) and issubclass(cls, Encoder)) or cls.modality != Modality.TEXT:
+        raise TypeError(f"text_encoder {text_encoder!r} is not a text Encoder class")
+    return cls
+
+
 class WhisperCascadeEncoder(Encoder):
     """Speech -> Whisper transcript -> frozen text encoder embedding.
 
@@ -43,7 +70,8 @@ class WhisperCascadeEncoder(Encoder):
         model_name_or_path: A ``WhisperForConditionalGeneration`` checkpoint: hub id (``openai/whisper-small``),
             local directory, ``packaged:whisper-base`` or ``tiny:whisper``. It needs its tokenizer files
             (hub checkpoints and :func:`encoders.convert_ct2.packaged_whisper_base` have them).
-        text_encoder: ``class_path`` of the frozen text encoder that embeds the transcripts.
+        text_encoder: ``class_path`` of the frozen text encoder that embeds the transcripts (under ``encoders.``:
+            see :func:`text_encoder_class`), or the class itself.
         text_encoder_args: Its ``init_args``.
         language: Language hint (``"en"``, ``"de"``...: the language token is forced) or ``None`` (detected per clip).
         task: ``"transcribe"`` or ``"translate"`` (Whisper's translation into English).
@@ -78,6 +106,7 @@ class WhisperCascadeEncoder(Encoder):
         super().__init__()
         from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
+        cls = text_encoder_class(text_encoder)  # checked before anything is loaded
         if task not in ("transcribe", "translate"):
             raise ValueError(f"task must be 'transcribe' or 'translate', got {task!r}")
         if not 0 < max_seconds <= 30.0:
@@ -102,9 +131,6 @@ class WhisperCascadeEncoder(Encoder):
         gen = self.asr.generation_config
         if language is not None and getattr(gen, "lang_to_id", None) and f"<|{language}|>" not in gen.lang_to_id:
             raise ValueError(f"Whisper {model_name_or_path!r} has no language {language!r}")
-        cls = load_object(text_encoder)
-        if not (isinstance(cls, type) and issubclass(cls, Encoder)) or cls.modality != Modality.TEXT:
-            raise TypeError(f"text_encoder {text_encoder!r} is not a text Encoder class")
         self.text = cls(**(text_encoder_args or {}))
         self.output_dim = int(self.text.output_dim)
         self.freeze()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -451,3 +452,118 @@ def test_export_refuses_nan_module(module, tmp_path):
     with pytest.raises(ExportError, match=r"tensors \['towers.image.projector.\S+'\] hold NaN/Inf values \(did training diverge\?\)"):
         export_module(broken, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out-*"))  # nothing left behind
+
+
+# -- fields that name code or files indirectly (issue 17: every field the loaders read) -------------------------
+def importable_marker_module(tmp_path: Path, monkeypatch, marker: Path, name: str = "evil_module_f") -> str:
+    """A module on sys.path that leaves ``marker`` when IMPORTED (what a dotted string could make a loader run)."""
+    (tmp_path / f"{name}.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Evil:\n    pass\ndef make(*a, **k):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+def _local_text_model(tmp_path: Path, marker: Path) -> Path:
+    """A local copy of the tiny text model turned hostile: pickled weights and custom code that leave ``marker``."""
+    from safetensors.torch import load_file
+
+    from encoders.tiny import resolve_model_path
+
+    local = tmp_path / "local_model"
+    shutil.copytree(resolve_model_path("tiny:bert-text"), local)
+    torch.save({"evil": _Pickled(marker), **load_file(str(local / "model.safetensors"))}, local / "pytorch_model.bin")
+    (local / "model.safetensors").unlink()
+    cfg = json.loads((local / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModel": "modeling_evil.Evil"}
+    (local / "config.json").write_text(json.dumps(cfg))
+    (local / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Evil:\n    pass\n")
+    return local
+
+
+def test_cascade_text_encoder_string_never_imports_outside_encoders(export, tmp_path, marker, monkeypatch):
+    """``WhisperCascadeEncoder(text_encoder=...)`` is a class path inside init_args: it is checked before any import."""
+    from encoders.cascade import text_encoder_class
+
+    name = importable_marker_module(tmp_path, monkeypatch, marker)
+
+    def cascade(c: dict) -> None:
+        c["towers"]["text"]["encoder"] = {**c["towers"]["text"]["encoder"], "class_path": "encoders.cascade.WhisperCascadeEncoder",
+                                          "init_args": {"model_name_or_path": "tiny:whisper-asr", "text_encoder": f"{name}.Evil"}}
+
+    target = edit_config(copy(export, tmp_path), cascade)
+    with pytest.raises(ExportError, match=rf"tower 'text' encoder encoders.cascade.WhisperCascadeEncoder: .*text_encoder '{name}.Evil': "
+                                          r"refusing to import it; a cascade names its text encoder by a class path under encoders\."):
+        AlignedModel.from_pretrained(target, device="cpu")
+    for bad in ("subprocess.getoutput", "encoders.__main__.X", "encoders"):
+        with pytest.raises(TypeError, match="refusing to import it"):
+            text_encoder_class(bad)
+    with pytest.raises(TypeError, match="is not a text Encoder class"):
+        text_encoder_class("encoders.WhisperSpeechEncoder")
+    assert name not in __import__("sys").modules
+
+
+LOCAL_PATH_CASES = {  # (tower, init arg, value given the test's tmp_path and hostile local model)
+    "absolute": ("text", "model_name_or_path", lambda tmp, local: str(local)),
+    "relative-existing": ("text", "model_name_or_path", lambda tmp, local: "local_model"),  # looks like a name, is a folder
+    "dotdot": ("text", "model_name_or_path", lambda tmp, local: "../local_model"),
+    "home": ("text", "model_name_or_path", lambda tmp, local: "~/models/bert"),
+    "timm-local-dir": ("image", "model_name", lambda tmp, local: f"local-dir:{local}"),
+    "timm-checkpoint-file": ("image", "checkpoint_path", lambda tmp, local: str(local / "pytorch_model.bin")),
+}
+
+
+@pytest.mark.parametrize("case", list(LOCAL_PATH_CASES))
+def test_encoder_arguments_naming_local_paths_refused(export, tmp_path, marker, monkeypatch, case):
+    """An export names its frozen models by hub id or tiny:/packaged: name; a local path (which the loader would read,
+    outside the export folder) is refused before the encoder is built, and the hostile model there never runs."""
+    tower, arg, value = LOCAL_PATH_CASES[case]
+    local = _local_text_model(tmp_path, marker)
+    monkeypatch.chdir(tmp_path)
+    path = value(tmp_path, local)
+    target = edit_config(copy(export, tmp_path), lambda c: c["towers"][tower]["encoder"]["init_args"].update({arg: path}))
+    with pytest.raises(ExportError, match=rf"^tower '{tower}' encoder: config.json towers.{tower}.encoder.init_args.{arg} "
+                                          rf"'{re.escape(path)}' names a local path; .* encoder_overrides="):
+        AlignedModel.from_pretrained(target, device="cpu")
+
+
+def test_local_path_the_user_passes_is_theirs(export, tmp_path):
+    """``encoder_overrides`` (the user's own argument) may name a local model: the refusal covers recorded values only."""
+    from encoders.tiny import resolve_model_path
+
+    local = shutil.copytree(resolve_model_path("tiny:bert-text"), tmp_path / "mine")
+    target = edit_config(copy(export, tmp_path), lambda c: c["towers"]["text"]["encoder"]["init_args"].update(
+        model_name_or_path=str(local)))
+    with pytest.raises(ExportError, match="names a local path"):
+        AlignedModel.from_pretrained(target, device="cpu")
+    with pytest.warns(UserWarning, match="is not the one the projector was trained on"):
+        model = AlignedModel.from_pretrained(target, device="cpu", strict=False,
+                                             encoder_overrides={"text": {"model_name_or_path": str(local)}})
+    ref = AlignedModel.from_pretrained(export, device="cpu")
+    torch.testing.assert_close(model.embed_text(["a dog"]), ref.embed_text(["a dog"]))  # same tiny weights, same output
+
+
+def test_cascade_nested_text_encoder_local_path_refused(export, tmp_path):
+    def cascade(c: dict) -> None:
+        c["towers"]["text"]["encoder"]["class_path"] = "encoders.cascade.WhisperCascadeEncoder"
+        c["towers"]["text"]["encoder"]["init_args"] = {"model_name_or_path": "tiny:whisper-asr", "text_encoder": "encoders.HFTextEncoder",
+                                                       "text_encoder_args": {"model_name_or_path": "/etc"}}
+
+    with pytest.raises(ExportError, match=r"init_args.text_encoder_args.model_name_or_path '/etc' names a local path"):
+        AlignedModel.from_pretrained(edit_config(copy(export, tmp_path), cascade), device="cpu")
+
+
+def test_captioner_lm_local_path_refused(captioner_export, tmp_path):
+    target = edit_config(copy(captioner_export, tmp_path), lambda c: c["lm"]["init_args"].update(model_name="/etc"))
+    with pytest.raises(ExportError, match=r"^lm: config.json lm.init_args.model_name '/etc' names a local path"):
+        mmalign.load(target)
+
+
+def test_checkpoint_recipe_plain_dotted_string_never_imported(module, tmp_path, marker, monkeypatch):
+    """jsonargparse imports a dotted STRING given for a callable-typed argument (the projector factory) with no
+    ``class_path`` key; such strings are checked like class paths before parsing."""
+    from mmalign.cli import main
+
+    name = importable_marker_module(tmp_path, monkeypatch, marker)
+    ckpt = _run(module, tmp_path, _with(RECIPE, "model", "init_args", "towers", "text", "init_args", "projector", value=f"{name}.make"))
+    with pytest.raises(ExportError, match=rf"recipe model.init_args.towers.text.init_args.projector: refusing to import '{name}.make'"):
+        main(["export", "--ckpt", str(ckpt), "--output", str(tmp_path / "out")])
+    assert name not in __import__("sys").modules

@@ -36,7 +36,7 @@ import torch
 from mmalign.export.format import (
     CAPTIONER_FORMAT, FORMAT_VERSION, ClassList, ExportError, class_path, field, json_strict, read_config,
 )
-from mmalign.export.rebuild import build_encoder, check_projector, instantiate
+from mmalign.export.rebuild import build_encoder, check_projector, instantiate, refuse_local_paths
 from mmalign.export.weights import check_tensors, load_tensors, open_weights, verify_checksum
 
 #: Constructor arguments of the module that are objects (rebuilt from their own entries) or training-only;
@@ -116,6 +116,8 @@ def load_captioner(cls: type, path: str | os.PathLike, map_location: str | torch
                           f"(unknown: {unknown}; known: {allowed})")
     lm_cfg = field(config, "lm", dict, "config")
     lm_cls = resolve_class(field(lm_cfg, "class_path", str, "lm"), FrozenLM, "lm", trusted_classes)
+    refuse_local_paths(field(lm_cfg, "init_args", dict, "lm"), "lm", "lm", "A local language model you trust is "
+                       "rebuilt in code (FrozenLM(<path>)), not named by a shared export.")
     key = cls.encoder_arg
     enc_cfg = field(config, key, dict, "config")
     weights = open_weights(root, config)

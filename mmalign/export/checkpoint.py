@@ -71,8 +71,27 @@ def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
     return recipe
 
 
+def _names_a_module(text: str) -> bool:
+    """True for a dotted name whose first part is an importable top-level module (found, never imported)."""
+    import importlib.util
+
+    parts = text.split(".")
+    if len(parts) < 2 or not all(p.isidentifier() for p in parts):
+        return False
+    try:
+        return importlib.util.find_spec(parts[0]) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _check_class_paths(value: Any, where: str, trusted: ClassList | None) -> None:
-    """Every ``class_path`` in a recipe section must be allowed (checked before jsonargparse imports it)."""
+    """Every ``class_path`` in a recipe section must be allowed (checked before jsonargparse imports it); so must
+    every plain string that names an importable module: jsonargparse imports a dotted string given for a
+    callable- or class-typed argument (a projector factory, say) without any ``class_path`` key."""
+    if isinstance(value, str):
+        if _names_a_module(value):
+            allowed_class_path(value, f"recipe {where}", trusted, kind="classes")
+        return
     if isinstance(value, Mapping):
         if "class_path" in value:
             allowed_class_path(value["class_path"], f"recipe {where}", trusted, kind="classes")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 from typing import Any, Mapping
 
 from torch import nn
@@ -26,6 +27,46 @@ def spec_diff(recorded: Mapping[str, Any], rebuilt: Mapping[str, Any]) -> list[s
         f"{k}: recorded {recorded.get(k, '<absent>')!r}, rebuilt {rebuilt.get(k, '<absent>')!r}"
         for k in keys if recorded.get(k, "<absent>") != rebuilt.get(k, "<absent>")
     ]
+
+
+#: Constructor arguments through which an encoder or LM reads model files (a nested ``*_args`` dict is searched too).
+MODEL_LOCATION_ARGS = ("model_name_or_path", "model_name", "tokenizer_name", "checkpoint_path", "path")
+
+
+def local_model_paths(init_args: Mapping[str, Any], prefix: str = "init_args") -> list[tuple[str, str]]:
+    """``(key, value)`` of the recorded arguments that name a LOCAL file or folder rather than a model by name.
+
+    A shared export names its frozen models by hub id or ``tiny:``/``packaged:`` name; a local path (absolute,
+    ``~``, ``.``/``..``, a ``local-dir:``/``file:`` reference, or any value that exists on disk relative to the
+    current directory) would make loading it read files outside its folder, so the loader refuses those unless
+    the user passes the path themselves (``encoder_overrides``).
+    """
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    found = []
+    for key, value in init_args.items():
+        if isinstance(value, Mapping):
+            found += local_model_paths(value, f"{prefix}.{key}")
+            continue
+        if key not in MODEL_LOCATION_ARGS or not isinstance(value, str) or not value:
+            continue
+        if value.startswith(("tiny:", "packaged:")):
+            continue
+        bare = value.split(":", 1)[1] if value.startswith(("local-dir:", "file:")) else value
+        posix, windows = PurePosixPath(bare), PureWindowsPath(bare)
+        if (bare != value or posix.is_absolute() or windows.is_absolute() or windows.drive or bare.startswith((".", "~"))
+                or ".." in posix.parts or ".." in windows.parts or Path(bare).exists()):
+            found.append((f"{prefix}.{key}", value))
+    return found
+
+
+def refuse_local_paths(init_args: Mapping[str, Any], key: str, who: str, hint: str) -> None:
+    """:class:`ExportError` naming each recorded argument of ``key`` that is a local path (:func:`local_model_paths`)."""
+    bad = local_model_paths(init_args)
+    if bad:
+        listed = ", ".join(f"{k} {v!r}" for k, v in bad)
+        raise ExportError(f"{who}: config.json {key}.{listed} names a local path; an export names its frozen models by "
+                          f"hub id or tiny:/packaged: name, so loading it never reads files outside its folder. {hint}")
 
 
 def instantiate(cls: type, init_args: Mapping[str, Any], where: str) -> Any:
@@ -58,7 +99,11 @@ def build_encoder(cfg: Any, key: str, who: str, override: Mapping[str, Any] | No
     label = label or f"{who} encoder"
     path = field(cfg, "class_path", str, key)
     cls = resolve_class(path, Encoder, label, trusted)
-    init_args = {**field(cfg, "init_args", dict, key), **dict(override or {})}
+    recorded = field(cfg, "init_args", dict, key)
+    mine = {k: v for k, v in recorded.items() if k not in (override or {})}  # what the user passes is theirs to trust
+    refuse_local_paths(mine, key, label, "To load a local model you trust, pass its path yourself: "
+                       "AlignedModel.from_pretrained(..., encoder_overrides={<tower>: {<argument>: <path>}}).")
+    init_args = {**recorded, **dict(override or {})}
     output_dim = field(cfg, "output_dim", int, key)
     encoder = instantiate(cls, init_args, f"{label} {path}")
     problems = []
