@@ -37,9 +37,14 @@ DIRECTIONS = ("text->image", "speech->image", "speech->text")
 
 
 def subset_manifests(data: Path, out: Path, speech_concepts: int, val_concepts: int, test_concepts: int,
-                     train_concepts: int | None = None) -> dict[str, str]:
+                     train_concepts: int | None = None, speech_targets: Sequence[str] = ()) -> dict[str, str]:
     """Write the study's manifests: the first ``train_concepts`` train concepts (audio kept for the first
-    ``speech_concepts``), the first val/test concepts. Paths stay absolute, so the subset reads the original media."""
+    ``speech_concepts``), the first val/test concepts. Paths stay absolute, so the subset reads the original media.
+
+    ``speech_targets``: several positives for the speech tower. Each spoken TRAINING row also gets a speech-text row
+    (no image) per language of ``speech_targets`` pairing its clip with the concept's name in that language, so the
+    speech tower learns the concept's place among the names in every caption language, as the image tower does
+    (an image is captioned in all of them); the feature cache encodes each clip once."""
     out.mkdir(parents=True, exist_ok=True)
     manifests = {}
     for split, keep in (("train", train_concepts), ("val", val_concepts), ("test", test_concepts)):
@@ -47,6 +52,7 @@ def subset_manifests(data: Path, out: Path, speech_concepts: int, val_concepts: 
         order = list(dict.fromkeys(r["concept"] for r in rows))
         chosen = set(order if keep is None else order[:keep])
         spoken = set(order[:speech_concepts]) if split == "train" else chosen
+        names = {(r["concept"], r["lang"]): r["text"] for r in rows}
         lines = []
         for r in rows:
             if r["concept"] not in chosen:
@@ -57,6 +63,12 @@ def subset_manifests(data: Path, out: Path, speech_concepts: int, val_concepts: 
             if r["concept"] not in spoken:
                 r.pop("audio", None)  # a partial row: image + text only
             lines.append(json.dumps(r, ensure_ascii=False) + "\n")
+            if split == "train" and r.get("audio") and r["lang"] in HEARD:
+                for lang in speech_targets:
+                    if lang != r["lang"] and (r["concept"], lang) in names:
+                        extra = {"id": f"{r['id']}-to-{lang}", "concept": r["concept"], "lang": lang,
+                                 "text": names[(r["concept"], lang)], "audio": r["audio"]}
+                        lines.append(json.dumps(extra, ensure_ascii=False) + "\n")
         path = out / f"{split}.jsonl"
         path.write_text("".join(lines), encoding="utf-8")
         manifests[split] = str(path)
@@ -133,7 +145,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     start = time.time()
     out = Path(args.output)
     manifests = subset_manifests(Path(args.data), out / "data", args.speech_concepts, args.val_concepts, args.test_concepts,
-                                 args.train_concepts)
+                                 args.train_concepts, speech_targets=args.speech_targets)
     langs = HEARD + UNHEARD
     lst = lambda v: "[" + ",".join(v) + "]"  # noqa: E731
     cli, ckpt = train_trimodal(manifests, out, max_epochs=args.epochs, extra_args=[
@@ -154,10 +166,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "command": f"python -m benchmarks.studies.trimodal --data {args.data} --output {args.output} --train_concepts "
                    f"{args.train_concepts} --speech_concepts {args.speech_concepts} --test_concepts {args.test_concepts} "
                    f"--val_concepts {args.val_concepts}"
-                   + (f" --epochs {args.epochs}" if args.epochs else "") + f" --seed {args.seed}",
+                   + (f" --epochs {args.epochs}" if args.epochs else "") + f" --seed {args.seed}"
+                   + (f" --speech_targets {','.join(args.speech_targets)}" if args.speech_targets else ""),
         "recipe": recipe, "least_squares": ls, "ridge_lambda": {t: m[1] for t, m in maps.items()},
         "checkpoint": ckpt, "seconds": round(time.time() - start),
         "train_rows": len(train[0]), "train_speech_rows": int(train[2]["speech"].sum()),
+        "speech_targets": list(args.speech_targets),
     }
     (out / "trimodal.json").write_text(json.dumps(result, indent=2))
     write_markdown(result, Path(args.doc))
@@ -180,7 +194,10 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         "",
         f"Recipe `configs/anchor_bind.yaml` + `configs/offline/anchor_bind.yaml`: frozen USE-m text anchor; EfficientNet-Lite0 "
         f"image tower <-> anchor (InfoNCE, captions in {', '.join(TRAIN_LANGUAGES)}); Whisper base speech tower -> anchor "
-        f"(InfoNCE against the frozen anchor, speech in {', '.join(HEARD)}). One fit on partial rows: {result['train_rows']} "
+        f"(InfoNCE against the frozen anchor, speech in {', '.join(HEARD)}"
+        + (f"; each clip also paired with its concept's names in {', '.join(result['speech_targets'])}"
+           if result.get("speech_targets") else "")
+        + f"). One fit on partial rows: {result['train_rows']} "
         f"training rows, {result['train_speech_rows']} of them with audio. Speech->image is never trained (emergent). Test: "
         "held-out concepts, one gallery item per concept; fr/it/pt/ru speech was never heard and their captions never "
         "paired with images. Checkpoint and ridge lambdas chosen on val. R@1 in %.",
@@ -228,6 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--test_concepts", type=int, default=80)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speech_targets", type=lambda v: tuple(x for x in v.split(",") if x), default=(),
+                   help="several positives: pair each spoken training clip with the concept's name in these languages "
+                        "too (e.g. en,de,es,ja,ko,zh: the image captions' languages)")
     run(p.parse_args(argv))
 
 

@@ -113,14 +113,14 @@ STAGES = {
       class_path: torch.optim.AdamW
       init_args: {lr: 0.001, weight_decay: 0.01}
 """ + _DATA,
-    "3_sonar": "# Stage 3 (SONAR): speech -> stage 2's multilingual text tower (the transcript), speech in en/de/es.\n"
+    "3_sonar": "# Stage 3 (SONAR): speech -> @TARGET_DOC@, speech in en/de/es.\n"
     "seed_everything: 0\n" + _TRAINER + """model:
   class_path: mmalign.AlignmentModule
   init_args:
     towers:
-      text:
+      @TARGET@:
         class_path: mmalign.ExportTower
-        init_args: {path: @BASE@, tower: text, field: text}
+        init_args: {path: @BASE@, tower: @TARGET@, field: @TARGET@}
       speech:
         class_path: mmalign.Tower
         init_args:
@@ -134,7 +134,7 @@ STAGES = {
     objectives:
       - class_path: mmalign.Objective
         init_args:
-          towers: [speech, text]
+          towers: [speech, @TARGET@]
           loss:
             class_path: mmalign.ClipLoss
             init_args: {false_negatives: mask, logit_scale: 30.0, learnable_scale: false}
@@ -155,6 +155,13 @@ def _write(path: Path, rows: list[dict[str, Any]]) -> str:
     return str(path)
 
 
+#: What stage 3's speech tower is trained to (``--speech_target``): ``text`` (SONAR through stage 2: the multilingual
+#: text tower reading the transcript; two hops to the image) or ``text_en`` (the image-aligned English anchor itself,
+#: reading the spoken concept's English name: one hop, cross-lingual targets for de/es clips).
+SPEECH_TARGETS = {"text": "stage 2's multilingual text tower (the transcript)",
+                  "text_en": "the English anchor of stage 1 (the concept's English name: the image-aligned space)"}
+
+
 def stage_manifests(subset: dict[str, str], out: Path) -> dict[str, dict[str, str]]:
     """Per-stage train/val manifests cut from the study subset (English-only pairs for 1 and 2; heard speech for 3)."""
     train, val = _read(Path(subset["train"])), _read(Path(subset["val"]))
@@ -164,9 +171,9 @@ def stage_manifests(subset: dict[str, str], out: Path) -> dict[str, dict[str, st
                   "val": _write(out / "1_val.jsonl", strip([r for r in val if r["lang"] == "en"], ("text_en", "image")))},
         "2_pivot": {"train": _write(out / "2_train.jsonl", strip([r for r in train if r["lang"] == "en"], ("text", "text_en"))),
                     "val": _write(out / "2_val.jsonl", strip([r for r in val if r["lang"] in USE_M], ("text", "text_en")))},
-        "3_sonar": {"train": _write(out / "3_train.jsonl", strip([r for r in train if r["lang"] in HEARD and r.get("audio")], ("text", "audio"))),
+        "3_sonar": {"train": _write(out / "3_train.jsonl", strip([r for r in train if r["lang"] in HEARD and r.get("audio")], ("text", "text_en", "audio"))),
                     # every spoken val row (7 languages): the checkpoint is picked on val concepts, never on test
-                    "val": _write(out / "3_val.jsonl", strip([r for r in val if r.get("audio")], ("text", "audio")))},
+                    "val": _write(out / "3_val.jsonl", strip([r for r in val if r.get("audio")], ("text", "text_en", "audio")))},
     }
 
 
@@ -219,7 +226,10 @@ def cached(split_dir: Path, field: str, key_prefix: str) -> np.ndarray:
     return read(split_dir, field, key_prefix)
 
 
-def run(data: Path, output: Path, epochs: dict[str, int], reuse_cache: Path = Path("runs/trimodal/cache")) -> dict[str, Any]:
+def run(data: Path, output: Path, epochs: dict[str, int], reuse_cache: Path = Path("runs/trimodal/cache"),
+        speech_target: str = "text", reuse_stages: Path | None = None) -> dict[str, Any]:
+    """The three stages, then the held-out scores. ``reuse_stages``: a finished chain's folder whose stage 1 and 2
+    exports (and caches) are taken as they are, so only stage 3 trains (same data and seeds)."""
     from benchmarks.studies.extend import apply, pick_lambda, r_at_1, ridge
     from benchmarks.studies.trimodal import subset_manifests
     from mmalign.extend import extend
@@ -228,11 +238,18 @@ def run(data: Path, output: Path, epochs: dict[str, int], reuse_cache: Path = Pa
     manifests = stage_manifests(subset, output / "data")
     seconds: dict[str, int] = {}
     base: Path | None = None
+    stage_dir = {stage: output / stage for stage in STAGES}
     for stage, template in STAGES.items():
         start = time.time()
+        if reuse_stages is not None and stage != "3_sonar":
+            base = reuse_stages / stage / "export"
+            stage_dir[stage] = reuse_stages / stage
+            print(f"[uclip chain] {stage}: reused {base}")
+            continue
         recipe = output / "stages" / f"{stage}.yaml"
         recipe.parent.mkdir(parents=True, exist_ok=True)
         recipe.write_text(template.replace("@EPOCHS@", str(epochs[stage])).replace("@BASE@", str(base))
+                          .replace("@TARGET_DOC@", SPEECH_TARGETS[speech_target]).replace("@TARGET@", speech_target)
                           .replace("@TRAIN@", manifests[stage]["train"]).replace("@VAL@", manifests[stage]["val"]), encoding="utf-8")
         print(f"[uclip chain] {stage}: seeded {seed_cache(reuse_cache, output / stage / 'cache')}")
         if base is None:
@@ -276,7 +293,7 @@ def run(data: Path, output: Path, epochs: dict[str, int], reuse_cache: Path = Pa
              "speech": raw("speech", "audio", sp_rows)}
     proj = {k: model.embed_features(EncoderOutput(pooled=torch.from_numpy(v)), k).numpy() for k, v in feats.items()}
     # -- the least-squares composition, fit on the same rows as each stage (λ on each stage's val) --------------------
-    c1, c2, c3 = (output / s / "cache" for s in STAGES)
+    c1, c2, c3 = (stage_dir[s] / "cache" for s in STAGES)
     v1 = [r["concept"] for r in _read(Path(manifests["1_lit"]["val"]))]
     v2 = [r["concept"] for r in _read(Path(manifests["2_pivot"]["val"]))]
     v3 = [r["concept"] for r in _read(Path(manifests["3_sonar"]["val"]))]
@@ -288,13 +305,15 @@ def run(data: Path, output: Path, epochs: dict[str, int], reuse_cache: Path = Pa
     use_va, use_va_tgt = cached(c2 / "val", "text", "UniversalSentenceEncoderM"), cached(c2 / "val", "text_en", "ExportEncoder")
     lam_t = pick_lambda(use_tr, use_tgt, use_va, use_va_tgt, v2)
     w_txt = ridge(use_tr, use_tgt, lam_t)
-    # speech -> the ridge text map of the transcript (raw USE-m of the transcripts: stage 3 cached the projected ones)
     sp_tr, sp_va = cached(c3 / "train", "audio", "WhisperSpeechEncoder"), cached(c3 / "val", "audio", "WhisperSpeechEncoder")
-    tr3, va3 = _read(Path(manifests["3_sonar"]["train"])), _read(Path(manifests["3_sonar"]["val"]))
-    use_m = model.towers["text"].encoder
-    enc = lambda rows: np.concatenate([use_m(use_m.preprocess([r["text"] for r in rows[i:i + 64]])).pooled.numpy()  # noqa: E731
-                                       for i in range(0, len(rows), 64)])
-    tgt_tr, tgt_va = apply(w_txt, enc(tr3)), apply(w_txt, enc(va3))
+    if speech_target == "text_en":  # speech -> the anchor's embedding of the English name, as stage 3 was trained
+        tgt_tr, tgt_va = cached(c3 / "train", "text_en", "ExportEncoder"), cached(c3 / "val", "text_en", "ExportEncoder")
+    else:  # speech -> the ridge text map of the transcript (raw USE-m of the transcripts: stage 3 cached the projected ones)
+        tr3, va3 = _read(Path(manifests["3_sonar"]["train"])), _read(Path(manifests["3_sonar"]["val"]))
+        use_m = model.towers["text"].encoder
+        enc = lambda rows: np.concatenate([use_m(use_m.preprocess([r["text"] for r in rows[i:i + 64]])).pooled.numpy()  # noqa: E731
+                                           for i in range(0, len(rows), 64)])
+        tgt_tr, tgt_va = apply(w_txt, enc(tr3)), apply(w_txt, enc(va3))
     lam_s = pick_lambda(sp_tr, tgt_tr, sp_va, tgt_va, v3)
     w_sp = ridge(sp_tr, tgt_tr, lam_s)
     ls = {"image": apply(w_img, feats["image"]), "text": apply(w_txt, feats["text"]), "speech": apply(w_sp, feats["speech"])}
@@ -311,7 +330,10 @@ def run(data: Path, output: Path, epochs: dict[str, int], reuse_cache: Path = Pa
             t_idx = [j for j, i in enumerate(text_rows) if test[i]["lang"] == lang]
             results["speech->text"].setdefault(system, {})[lang] = r_at_1(
                 emb["speech"][idx], q_c, emb["text"][t_idx], [concepts[text_rows[j]] for j in t_idx])
-    out = {"command": "python -m benchmarks.studies.uclip_chain", "chance": 1 / len(img_rows), "export": str(final),
+    import sys
+
+    out = {"command": " ".join(["python -m benchmarks.studies.uclip_chain", *sys.argv[1:]]), "speech_target": speech_target,
+           "chance": 1 / len(img_rows), "export": str(final),
            "towers": list(model.towers), "ridge_lambda": {"image": lam_i, "text": lam_t, "speech": lam_s}, "seconds": seconds,
            "epochs": epochs, "results": results}
     (output / "uclip_chain.json").write_text(json.dumps(out, indent=2), encoding="utf-8")
@@ -342,10 +364,15 @@ def main() -> None:
     p.add_argument("--epochs", default="40,60,40", help="epochs of stages 1,2,3")
     p.add_argument("--reuse_cache", default="runs/trimodal/cache",
                    help="a feature cache of the same test rows and encoders (python -m benchmarks.studies.trimodal)")
+    p.add_argument("--speech_target", default="text", choices=sorted(SPEECH_TARGETS),
+                   help="stage 3 trains speech to: " + "; ".join(f"{k}: {v}" for k, v in SPEECH_TARGETS.items()))
+    p.add_argument("--reuse_stages", default=None,
+                   help="a finished chain's output folder: take its stage 1 and 2 exports, train stage 3 only")
     args = p.parse_args()
     torch.set_num_threads(2)
     epochs = dict(zip(STAGES, (int(e) for e in args.epochs.split(","))))
-    run(Path(args.data), Path(args.output), epochs, Path(args.reuse_cache))
+    run(Path(args.data), Path(args.output), epochs, Path(args.reuse_cache), args.speech_target,
+        Path(args.reuse_stages) if args.reuse_stages else None)
 
 
 if __name__ == "__main__":
