@@ -66,6 +66,10 @@ class MMAlignCLI(LightningCLI):
         parser.add_argument("--sweep_seeds", type=Optional[list[int]], default=None,
                             help="fit: train the recipe under each seed as one batched model; exports per seed and an "
                                  "ensemble list in <run>/sweep (mmalign.training.sweep)")
+        parser.add_argument("--sweep", type=Optional[dict[str, list[float]]], default=None,
+                            help="fit: hyperparameter members of one batched model, e.g. '{lr: [1e-3, 3e-4], weight_decay: "
+                                 "[0.0, 0.01]}' (the grid, under each of --sweep_seeds or the recipe's seed; "
+                                 "mmalign.training.sweep)")
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         super().parse_arguments(parser, args)
@@ -76,11 +80,13 @@ class MMAlignCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
-        seeds = self.config[self.subcommand].get("sweep_seeds") if self.subcommand == "fit" else None
-        if seeds:  # N seeds of the recipe's model as one vmapped module (mmalign.training.sweep)
+        config = self.config[self.subcommand] if self.subcommand else {}
+        seeds = config.get("sweep_seeds") if self.subcommand == "fit" else None
+        settings = config.get("sweep") if self.subcommand == "fit" else None
+        if seeds or settings:  # N seeds / settings of the recipe's model as one vmapped module (mmalign.training.sweep)
             from mmalign.training.sweep import SweepModule
 
-            self.model = SweepModule.from_cli(self._parser(self.subcommand), self.config[self.subcommand], seeds)
+            self.model = SweepModule.from_cli(self._parser(self.subcommand), config, seeds, settings)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
