@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CACHE = Path(os.environ.get("MMALIGN_CACHE_DIR", Path.home() / ".cache" / "mmalign")) / "pivot_corpus"
 EMOJI_LANGS = ["en", "es", "ja", "ko", "pt", "it", "fr", "de", "zh", "ru", "tr", "ar"]
 DOMAINS = ["territories", "currencies", "languages"]
+MAIN = "recipe on corpus (chosen variant)"
 
 
 def encoders():
@@ -381,14 +382,16 @@ def run(args) -> None:
         for n in args.curve:
             n = min(n, len(train["student"]))
             record(f"corpus prefix {n} (best)", [score_model(fit_features(best, train["student"][:n], train["teacher"][:n], args.steps, 0), sets)])
-    if "final" in args.parts:
+    if "baselines" in args.parts:
         record("ridge on emoji English names", [ridge_scores(emoji["student"], emoji["teacher"], sets)[0]])
         record("recipe on emoji English names", [score_model(fit_features({}, emoji["student"], emoji["teacher"], args.steps, s), sets) for s in args.baseline_seeds])
         rs, lam = ridge_scores(train["student"], train["teacher"], sets)
         record(f"least squares on corpus (ridge, lambda={lam:g})", [rs])
         record("linear projector on corpus", [score_model(fit_features({**best, "linear": True, "uclip_head": False}, train["student"], train["teacher"], args.steps, s), sets) for s in args.baseline_seeds])
-        record("recipe on corpus (chosen variant)", [score_model(fit_features(best, train["student"], train["teacher"], args.steps, s), sets) for s in args.seeds])
+    if "final" in args.parts:
+        record(MAIN, [score_model(fit_features(best, train["student"], train["teacher"], args.steps, s), sets) for s in args.seeds])
     out["results"], out["chosen"], out["seconds"] = results, best, round(time.time() - t0)
+    out["chosen_steps"] = int(best.get("steps") or args.steps)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     path = args.output.with_name(f"{args.output.stem}-{'-'.join(args.parts)}.json")
     path.write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
@@ -434,6 +437,22 @@ def tables(result: dict, names: list[str], methods: list[str]) -> str:
     return "\n".join(lines)
 
 
+def curve_table(result: dict) -> str:
+    """Markdown: the learning curve, mean R@1 over languages per corpus prefix (and the full run's MAIN row)."""
+    import statistics
+
+    rows = {int(k.split()[2]): r for k, r in result["results"].items() if k.startswith("corpus prefix ")}
+    if not rows:
+        return ""
+    if MAIN in result["results"] and result.get("main_rows"):  # the full run's seed-0 row is the curve's last point
+        rows.setdefault(result["main_rows"], result["results"][MAIN])
+    names = list(result["sets"])
+    lines = ["| corpus texts | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for n in sorted(rows):
+        lines.append(f"| {n:,} | " + " | ".join(f"{statistics.mean(v[0] for v in rows[n][name].values()):.3f}" for name in names) + " |")
+    return "\n".join(lines)
+
+
 def variant_table(result: dict) -> str:
     """Markdown: each variant's mean R@1 over languages (mean over its seeds; ± std when several)."""
     import statistics
@@ -454,7 +473,9 @@ def main(argv=None) -> None:
     ap.add_argument("--data", type=Path, default=ROOT / "data" / "emoji")
     ap.add_argument("--corpus", type=Path, default=ROOT / "data" / "corpus")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    ap.add_argument("--parts", nargs="+", default=["variants", "curve", "final"], choices=["variants", "curve", "final"])
+    ap.add_argument("--parts", nargs="+", default=["variants", "curve", "baselines", "final"],
+                    choices=["variants", "curve", "baselines", "final"])
+    ap.add_argument("--inputs", type=Path, nargs="+", help="tables: JSON files of several runs, merged in order")
     ap.add_argument("--best", default="", help="JSON patch of the chosen variant (picked on emoji val), e.g. '{\"mixup\": 1}'")
     ap.add_argument("--variants", default="", help="JSON {label: patch} of variants to try instead of VARIANTS")
     ap.add_argument("--variant_seeds", type=int, nargs="+", default=[0], help="seeds of each variant")
@@ -471,9 +492,18 @@ def main(argv=None) -> None:
     elif args.mode == "tables":  # markdown of a run's JSON (docs/results_pivot.md quotes it)
         import json
 
-        result = json.loads(args.output.read_text())
-        methods = [m for m in result["results"] if not m.startswith("variant: ")]
-        print(variant_table(result) + ("\n\n" + tables(result, list(result["sets"]), methods) if methods else ""))
+        paths = args.inputs or [args.output]
+        result = json.loads(paths[0].read_text())
+        for path in paths[1:]:  # runs of several parts: the sets of the first, every run's rows in order
+            result["results"].update(json.loads(path.read_text())["results"])
+        for path in paths:  # the corpus size of the run holding the final recipe (the learning curve's last point)
+            r = json.loads(path.read_text())
+            if MAIN in r["results"]:
+                result["main_rows"] = r["corpus_rows"]
+        methods = [m for m in result["results"] if not m.startswith(("variant: ", "corpus prefix "))]
+        methods = [m for m in methods if m != MAIN] + [m for m in methods if m == MAIN]  # the fraction row is MAIN's
+        print("\n\n".join(t for t in (variant_table(result), curve_table(result),
+                                       tables(result, list(result["sets"]), methods) if methods else "") if t))
     else:
         run(args)
 
