@@ -134,6 +134,10 @@ def test_corpus_overlay_composes_after_the_offline_pivot():
     files = recipe_files("uclip_pivot", "offline")
     overlay = files[0].parent / "offline" / "uclip_pivot_corpus.yaml"
     offline, corpus = load_config(files), load_config(files + [overlay])
-    assert corpus["model"] == offline["model"]  # a data overlay: the recipe's towers, heads and losses
+    model = {**corpus["model"], "init_args": {k: v for k, v in corpus["model"]["init_args"].items() if k != "scheduler"}}
+    assert model == offline["model"]  # a data overlay: the recipe's towers, heads and losses ...
+    sched = corpus["model"]["init_args"]["scheduler"]  # ... plus a cosine LR decay over the whole run (stepped per step)
+    assert sched["class_path"] == "torch.optim.lr_scheduler.CosineAnnealingLR"
+    assert sched["init_args"]["T_max"] == corpus["trainer"]["max_epochs"] * (110_205 // corpus["data"]["init_args"]["batch_size"])
     assert corpus["data"]["init_args"]["train"] == {"path": "data/corpus/train.txt", "lang": "en"}
     assert corpus["data"]["init_args"]["val"] == offline["data"]["init_args"]["val"]  # validated on held-out emoji
