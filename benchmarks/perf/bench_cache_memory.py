@@ -9,6 +9,9 @@ batch, ``shard_size`` 4096, pooled and token features. Printed: peak RSS of each
     python benchmarks/perf/bench_cache_memory.py --sizes 1000 20000
     python benchmarks/perf/bench_cache_memory.py --encoder bytes --sizes 1000 100000 1000000   # near-free encoder
 
+Also printed: the sizes of ``manifest.json`` and of the row-id files (cache format 2), and the time, CPU time and RSS
+of opening the written cache with :class:`~mmalign.cache.reader.CachedSplit` (``verify=False`` and ``verify=True``).
+
 Rows come from a Parquet table opened with ``open_source`` (``--source list``: a list of row dicts the
 benchmark itself holds, ~0.85 KB a row, as before).
 """
@@ -60,8 +63,32 @@ def child(items: int, out: str, encoder: str, tokens: bool, source: str = "table
     t = time.perf_counter()
     write_split(rows, {"text": tower}, Path(out) / "train", split="train", batch_size=batch, shard_size=4096, progress=False)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"items": items, "batch": batch, "seconds": time.perf_counter() - t, "source": source,
-            "peak_rss_mb": peak, "rss_before_write_mb": base}
+    seconds = time.perf_counter() - t
+    split = Path(out) / "train"
+    sizes = {name: (split / name).stat().st_size for name in ("manifest.json", "row_ids.offsets.npy", "row_ids.utf8.npy")}
+    from mmalign.cache.reader import cached_row_ids
+
+    sizes["format1_row_ids_json"] = len(json.dumps({"row_ids": cached_row_ids(split)}, indent=1))  # what format 1 added
+    # Opening the cache as training does (row ids compared with the dataset's, shard headers checked), twice:
+    # verify=False (the ids and headers only) and verify=True (item digests recomputed too)
+    from mmalign.cache.reader import CachedSplit
+
+    opens = {}
+    for verify in (False, True):
+        rss0 = _rss_mb()
+        t0, c0 = time.perf_counter(), time.process_time()
+        ds = CachedSplit(split, rows, {"text": tower}, verify=verify)
+        opens[f"open_verify_{verify}".lower()] = {"s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+                                                  "rss_added_mb": _rss_mb() - rss0}
+        assert len(ds) == items
+        del ds
+    return {"items": items, "batch": batch, "seconds": seconds, "source": source,
+            "peak_rss_mb": peak, "rss_before_write_mb": base, "files_bytes": sizes, "cache_open": opens}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
 
 
 def write_table(path: Path, items: int) -> None:
@@ -94,8 +121,14 @@ def main() -> None:
             out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
             r = json.loads(out.stdout.strip().splitlines()[-1])
         runs.append(r)
+        o = r["cache_open"]
         print(f"{r['items']} items ({r['source']}, forward batch {r['batch']}): peak RSS {r['peak_rss_mb']:.0f} MB "
-              f"(before writing {r['rss_before_write_mb']:.0f} MB), {r['seconds']:.1f} s", flush=True)
+              f"(before writing {r['rss_before_write_mb']:.0f} MB), {r['seconds']:.1f} s; manifest.json "
+              f"{r['files_bytes']['manifest.json']} B (format 1 listed the ids in it: +{r['files_bytes']['format1_row_ids_json']} B), "
+              f"row-id files {r['files_bytes']['row_ids.offsets.npy'] + r['files_bytes']['row_ids.utf8.npy']} B; "
+              f"CachedSplit open {o['open_verify_false']['s']:.2f} s ({o['open_verify_false']['cpu_s']:.2f} CPU s, "
+              f"{o['open_verify_false']['rss_added_mb']:+.0f} MB), with verify {o['open_verify_true']['s']:.2f} s "
+              f"({o['open_verify_true']['cpu_s']:.2f} CPU s)", flush=True)
     ratio = runs[-1]["peak_rss_mb"] / runs[0]["peak_rss_mb"]
     print(f"peak RSS {runs[-1]['items']} / {runs[0]['items']} items: {ratio:.2f} (goal: ~1, bounded)")
     result = {"command": f"python benchmarks/perf/bench_cache_memory.py --sizes {' '.join(map(str, a.sizes))} --encoder {a.encoder}"

@@ -1,15 +1,17 @@
-"""Open time, memory and row throughput of a synthetic table source vs the JSONL manifest reader.
+"""Open time, memory and row throughput of synthetic table and manifest sources vs the row-by-row manifest reader.
 
-    python -m benchmarks.perf.bench_sources --rows 1000000 10000000 --out /tmp/bench_sources
+    python -m benchmarks.perf.bench_sources --rows 1000000 10000000 --formats parquet jsonl csv --out outputs/bench_sources
 
-For each size: a Parquet table (id, concept, lang, text, image) is written in 1M-row row groups; then, in a fresh
-process each, it is opened with :func:`mmalign.data.sources.open_source` twice (cold: the one-time Parquet ->
-Arrow conversion; warm: the memory-mapped Arrow copy), and we record open seconds, extra RSS (MB), random row
-access (us/row) and rows/s of a pass over the rows as the feature-cache writer plans them
-(:func:`mmalign.cache.format.unique_items` over ``text``). ``--cache_only`` then measures rows/s through the
-feature-cache writer of ``mmalign cache`` (``write_split``) with a near-free text encoder (a byte histogram) on
-the first ``--cache_rows`` rows of each table. The manifest reader is measured on a JSONL of
-``--manifest_rows`` rows in the same run (us and KB of RSS per row).
+For each size: a Parquet table (id, concept, lang, text, image) is written in 1M-row row groups, and the same rows as
+a plain JSONL and CSV manifest (``--formats``); then, in a fresh process each, each file is opened with
+:func:`mmalign.data.sources.open_source` three times (cold: the one-time conversion to a mapped Arrow copy and the row
+checks; warm: the mapped copy and the saved checks; fields: as the DataModule opens it for a recipe reading text +
+image), and we record open wall and CPU seconds, extra RSS (MB), random row access (us/row) and the seconds the
+feature cache takes to plan all rows (``RowTable.of`` + ``unique_index`` over ``text``, what ``mmalign cache`` and
+``CachedSplit`` do first). ``--cache_only`` then measures rows/s through the feature-cache writer of ``mmalign cache``
+(``write_split``) with a near-free text encoder (a byte histogram) on the first ``--cache_rows`` rows of each table.
+The row-by-row manifest reader (``ManifestDataset``) is measured on a JSONL of ``--manifest_rows`` rows in the same
+run (us and KB of RSS per row). Generated files are deleted at the end unless ``--keep``.
 """
 
 from __future__ import annotations
@@ -55,39 +57,83 @@ def make_table(path: Path, rows: int, chunk: int = 1_000_000) -> None:
     writer.close()
 
 
+def make_text(parquet: Path, path: Path) -> None:
+    """The rows of ``parquet`` as a plain JSONL or CSV manifest (by ``path``'s suffix), 1M rows at a time."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(str(parquet))
+    if path.suffix == ".csv":
+        with pacsv.CSVWriter(str(path), pf.schema_arrow) as writer:
+            for batch in pf.iter_batches(batch_size=1_000_000):
+                writer.write_batch(batch)
+        return
+    with open(path, "w") as f:
+        for batch in pf.iter_batches(batch_size=1_000_000):
+            cols = {k: batch.column(k).to_pylist() for k in batch.schema.names}
+            f.write("".join(json.dumps(dict(zip(cols, vals))) + "\n" for vals in zip(*cols.values())))
+
+
 def measure(path: str, check_rows: int) -> dict:
     import random
+    import resource
 
-    from mmalign.cache.format import unique_items
+    from mmalign.cache.rowtable import RowTable
     from mmalign.data.sources import open_source
 
     out = {}
-    import resource
-
     for phase in ("cold", "warm", "fields"):
         # fields: as the DataModule opens it for a recipe reading text + image (blank/missing checks too)
         base, base_anon = rss_mb(), rss_mb("RssAnon")
         t, c = time.perf_counter(), time.process_time()
-        src = open_source(path, required_fields=["text", "image"] if phase == "fields" else ())
+        src = open_source(path, required_fields=["text", "image"] if phase == "fields" else (), check_files=False)
         out[f"open_{phase}_s"] = round(time.perf_counter() - t, 2)
         out[f"open_{phase}_cpu_s"] = round(time.process_time() - c, 2)
         out[f"rss_{phase}_mb"] = round(rss_mb() - base, 1)
         out[f"rss_anon_{phase}_mb"] = round(rss_mb("RssAnon") - base_anon, 1)
+        if phase == "cold":
+            out["peak_rss_cold_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base, 1)
         if phase != "fields":
             del src
-    out["peak_rss_added_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base, 1)
+    out["source"] = type(src).__name__
     n = len(src)
     picks = [random.randrange(n) for _ in range(20000)]
     t = time.perf_counter()
     for i in picks:
         src[i]
     out["random_row_us"] = round((time.perf_counter() - t) / len(picks) * 1e6, 1)
-    t = time.perf_counter()
-    sub = src.rows[:check_rows]  # rows built as the cache writer reads them, then its pass over `text`
-    unique_items(sub, "text")
-    out["plan_rows_per_s"] = int(len(sub) / (time.perf_counter() - t))
-    out["rss_after_pass_mb"] = round(rss_mb() - base, 1)
-    out["rss_anon_after_pass_mb"] = round(rss_mb("RssAnon") - base_anon, 1)
+    t, c = time.perf_counter(), time.process_time()
+    table = RowTable.of(src.rows, ["text"])  # what the cache writer and CachedSplit do first, over every row
+    first, _ = table.unique_index("text")
+    out["cache_plan_s"] = round(time.perf_counter() - t, 2)
+    out["cache_plan_cpu_s"] = round(time.process_time() - c, 2)
+    out["items"] = len(first)
+    out["rss_after_plan_mb"] = round(rss_mb() - base, 1)
+    if path.endswith(".parquet"):  # the row-id check of opening a feature cache of these rows (cache format 2)
+        import tempfile
+
+        import numpy as np
+
+        from mmalign.cache.format import ids_difference
+        from mmalign.cache.rowtable import id_buffers
+        from mmalign.cache.validate import row_ids
+
+        with tempfile.TemporaryDirectory(dir=Path(path).parent) as tmp:
+            offsets, data = id_buffers(table.columns["id"])
+            np.save(Path(tmp) / "row_ids.offsets.npy", offsets)
+            np.save(Path(tmp) / "row_ids.utf8.npy", data)
+            nbytes = len(data)
+            del offsets, data
+            rss0 = rss_mb()
+            t, c = time.perf_counter(), time.process_time()
+            ids = row_ids(Path(tmp), n, nbytes)
+            assert ids_difference(ids, table.columns["id"]) is None
+            out["cache_ids_check_s"] = round(time.perf_counter() - t, 2)
+            out["cache_ids_check_cpu_s"] = round(time.process_time() - c, 2)
+            out["cache_ids_check_rss_mb"] = round(rss_mb() - rss0, 1)
+            out["cache_ids_files_mb"] = round(sum(f.stat().st_size for f in Path(tmp).iterdir()) / 2**20, 1)
+            del ids
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     out["rows"] = n
     return out
 
@@ -155,11 +201,14 @@ def measure_manifest(path: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
-    p.add_argument("--manifest_rows", type=int, default=200_000)
-    p.add_argument("--check_rows", type=int, default=200_000, help="rows of the cache-planning pass")
+    p.add_argument("--formats", nargs="+", default=["parquet", "jsonl", "csv"], choices=["parquet", "jsonl", "csv"])
+    p.add_argument("--manifest_rows", type=int, default=20_000)
+    p.add_argument("--check_rows", type=int, default=200_000, help=argparse.SUPPRESS)
     p.add_argument("--cache_rows", type=int, default=200_000, help="rows written by the cache-writer measurement")
     p.add_argument("--cache_only", action="store_true", help="only the cache-writer rows/s on the existing tables")
-    p.add_argument("--out", default="/tmp/bench_sources")
+    p.add_argument("--out", default="outputs/bench_sources")
+    p.add_argument("--json", default=None, help="also write the results here (e.g. benchmarks/results/sources.json)")
+    p.add_argument("--keep", action="store_true", help="keep the generated files and Arrow copies")
     p.add_argument("--measure", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.measure:
@@ -178,23 +227,45 @@ def main() -> None:
                                  capture_output=True, text=True, check=True)
             print(path.name, "cache", res.stdout.strip().splitlines()[-1], flush=True)
         return
+    import shutil
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "MMALIGN_ARROW_CACHE": str(out / "arrow-cache")}
-    results = {}
+    results = {"command": "python -m benchmarks.perf.bench_sources " + " ".join(sys.argv[1:]), "load_average": os.getloadavg()}
     man = out / f"manifest-{args.manifest_rows}.jsonl"
     with open(man, "w") as f:
         for i in range(args.manifest_rows):
             f.write(json.dumps({"id": f"row{i}", "concept": f"c{i // 4}", "lang": LANGS[i % 8],
                                 "text": f"a synthetic caption number {i}", "image": f"images/{i // 4}.jpg"}) + "\n")
-    for kind, path in [("manifest", man)] + [("table", out / f"table-{n}.parquet") for n in args.rows]:
-        if kind == "table" and not path.exists():
-            make_table(path, int(path.stem.split("-")[1]))
-        res = subprocess.run([sys.executable, "-m", "benchmarks.perf.bench_sources", "--check_rows", str(args.check_rows),
-                              "--measure", kind, str(path)], env=env, capture_output=True, text=True, check=True)
-        results[path.name] = json.loads(res.stdout.strip().splitlines()[-1])
-        print(path.name, results[path.name], flush=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    jobs = [("manifest", man)]
+    for n in args.rows:
+        parquet = out / f"table-{n}.parquet"
+        for fmt in args.formats:
+            jobs.append(("table", out / f"table-{n}.{fmt}"))
+    try:
+        for kind, path in jobs:
+            if kind == "table" and not path.exists():
+                parquet = path.with_suffix(".parquet")
+                if not parquet.exists():
+                    make_table(parquet, int(path.stem.split("-")[1]))
+                if path != parquet:
+                    make_text(parquet, path)
+            res = subprocess.run([sys.executable, "-m", "benchmarks.perf.bench_sources", "--measure", kind, str(path)],
+                                 env=env, capture_output=True, text=True, check=True)
+            results[path.name] = json.loads(res.stdout.strip().splitlines()[-1])
+            results[path.name]["file_mb"] = round(path.stat().st_size / 2**20, 1)
+            print(path.name, results[path.name], flush=True)
+            if kind == "table" and path.suffix != ".parquet" and not args.keep:
+                path.unlink()  # disk: only the Parquet source and the Arrow copies stay until the end
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    finally:
+        if not args.keep:
+            for f in list(out.glob("table-*")) + [man]:
+                f.unlink(missing_ok=True)
+            shutil.rmtree(out / "arrow-cache", ignore_errors=True)
 
 
 if __name__ == "__main__":
