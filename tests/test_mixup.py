@@ -92,3 +92,19 @@ def test_off_by_default_and_needs_cached_features():
     assert not torch.allclose(mixed, off)
     with pytest.raises(ValueError, match="cached features"):
         module(1.0).training_step({"meta": {"id": ["a"]}, "inputs": {}}, 0)
+
+
+def test_mixup_study_keeps_mixup_only_beyond_the_seed_spread():
+    """benchmarks.studies.mixup: the decision and its docs/results.md row (mean ± std, gain, verdict)."""
+    from benchmarks.studies.mixup import summarise, table_md
+
+    def arm(vals):
+        return [{"val": v, "test": v - 0.1} for v in vals]
+
+    level = summarise({"no mixup": arm([0.50, 0.52, 0.54]), "mixup alpha 1": arm([0.52, 0.54, 0.56])})
+    win = summarise({"no mixup": arm([0.50, 0.51, 0.52]), "mixup alpha 1": arm([0.60, 0.61, 0.62])})
+    assert not level["keep_mixup"] and win["keep_mixup"]
+    md = table_md({"results": {"level": {**level, "command": "cmd A"}, "win": win, "gone": {"skipped": "no cache"}}})
+    rows = md.splitlines()[2:]
+    assert "0.520 ± 0.020" in rows[0] and "+0.020" in rows[0] and "within the spread 0.040" in rows[0] and "`cmd A`" in rows[0]
+    assert rows[1].endswith("| +0.100 | yes |") and "skipped: no cache" in rows[2]

@@ -8,8 +8,19 @@ recipe only where its mean val/R@1 beats no mixup by more than the seeds' spread
 
     python -m benchmarks.studies.mixup --recipes uclip_pivot anchor_bind lit_contrastive --seeds 0 1 2
 
-Caches: ``--cache NAME=DIR`` (defaults: the folders the other studies fill); a recipe whose cache is missing or
-does not match its config is reported as skipped, with the reason.
+Caches: ``--cache NAME=DIR`` (defaults: the folders the other studies fill: ``offline_results`` for uclip_pivot and
+lit_contrastive, the trimodal study for anchor_bind and sonar_speech, see :func:`setups`); a recipe whose cache is
+missing or does not match its config is reported as skipped, with the reason. sonar_speech reads the trimodal
+subset's Whisper features (cropped windows, float32: :data:`SONAR_ENCODER`) from a hard-linked copy of
+``runs/trimodal/cache`` brought to the current cache format with ``mmalign cache`` (nothing re-encoded but the
+train split's USE-m texts)::
+
+    cp -al runs/trimodal/cache outputs/mixup/trimodal_cache
+    mmalign cache --config configs/sonar_speech.yaml --config configs/offline/sonar_speech.yaml \
+        --model.init_args.towers.speech.init_args.encoder.init_args.pad_to_30s false \
+        --model.init_args.towers.speech.init_args.encoder.init_args.dtype float32 \
+        --data.init_args.train runs/trimodal/data/train.jsonl --data.init_args.val runs/trimodal/data/val.jsonl \
+        --data.init_args.test runs/trimodal/data/test.jsonl --output outputs/mixup/trimodal_cache
 """
 
 from __future__ import annotations
@@ -35,16 +46,26 @@ ROOT = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("MMALIGN_CACHE_DIR", Path.home() / ".cache" / "mmalign"))
 
 
+#: sonar_speech on the trimodal study's feature cache (``runs/trimodal/cache``: 240 spoken training concepts and 40
+#: val / 80 test concepts, en/de/es/fr/it/pt/ru speech; ``python -m benchmarks.studies.trimodal``). Its Whisper
+#: features are CROPPED windows in float32 (the anchor-bind setting), not the sonar recipe's 30 s window in bf16:
+#: filling a 30 s cache of the recipe's own splits takes 45 min on an idle 2-core CPU, far more on a shared one.
+SONAR_ENCODER = {"pad_to_30s": False, "dtype": "float32"}
+
+
 def setups(data: Path) -> dict[str, dict[str, Any]]:
     """Per recipe: manifests, cache folder, data options (as the study that filled the cache set them)."""
     from benchmarks.studies.trimodal import HEARD, TRAIN_LANGUAGES, UNHEARD
 
     emoji = {s: str((data / f"{s}.jsonl").resolve()) for s in ("train", "val", "test")}
     trimodal = {s: str(ROOT / "runs" / "trimodal" / "data" / f"{s}.jsonl") for s in ("train", "val", "test")}
+    lit = sorted((CACHE / "offline_results").glob("lit_contrastive-*"))  # offline_results names it by encoder key
     return {
         "uclip_pivot": {"splits": emoji, "cache": CACHE / "offline_results" / "uclip_pivot-UniversalSentenceEncoderM-6f55a4eccf1ad838"},
-        "sonar_speech": {"splits": emoji, "cache": CACHE / "offline_results" / "sonar_speech"},
-        "lit_contrastive": {"splits": emoji, "cache": CACHE / "offline_results" / "lit_contrastive"},
+        "sonar_speech": {"splits": trimodal, "cache": ROOT / "outputs" / "mixup" / "trimodal_cache", "encoders": {"speech": SONAR_ENCODER},
+                         "note": "on the trimodal study's subset cache (240 spoken training concepts, 40 val, 80 test; "
+                                 "Whisper features of cropped windows in float32, not the recipe's 30 s window in bf16)"},
+        "lit_contrastive": {"splits": emoji, "cache": lit[-1] if lit else CACHE / "offline_results" / "lit_contrastive"},
         "anchor_bind": {"splits": trimodal, "cache": ROOT / "runs" / "trimodal" / "cache",
                         "data": {"train_languages": list(TRAIN_LANGUAGES), "eval_languages": list(HEARD + UNHEARD)},
                         "note": "the trimodal study's subset (python -m benchmarks.studies.trimodal)"},
@@ -60,6 +81,8 @@ def fit_and_score(name: str, setup: dict[str, Any], alpha: float | None, seed: i
     cfg = load_config(name, variant="offline")
     d = cfg["data"]["init_args"]
     d.update({s: p for s, p in setup["splits"].items()})
+    for tower, args in setup.get("encoders", {}).items():  # encoder settings of the cache read (see SONAR_ENCODER)
+        cfg["model"]["init_args"]["towers"][tower]["init_args"]["encoder"]["init_args"].update(args)
     d.update(setup.get("data", {}))
     d["cache_dir"] = str(setup["cache"])
     cfg["model"]["init_args"]["mixup_alpha"] = alpha
@@ -84,6 +107,31 @@ def summarise(runs: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
     off, on = out["no mixup"]["val"], out["mixup alpha 1"]["val"]
     out["keep_mixup"] = on["mean"] - off["mean"] > on["std"] + off["std"]
     return out
+
+
+def _arm(arm: dict[str, Any]) -> str:
+    return " / ".join(f"{arm[split]['mean']:.3f} ± {arm[split]['std']:.3f}" for split in ("val", "test") if split in arm)
+
+
+def table_md(saved: dict[str, Any]) -> str:
+    """The Markdown table of ``docs/results/mixup.json``: every recipe's two arms (mean ± std over the seeds) and
+    the decision, one row per recipe, with the command and epochs each was run with."""
+    lines = ["| recipe | command | no mixup val / test (mean ± std) | mixup alpha 1 val / test | val gain | kept |",
+             "|---|---|---|---|---:|---|"]
+    for name, res in saved.get("results", {}).items():
+        if "skipped" in res:
+            lines.append(f"| {name} | | skipped: {res['skipped']} | | | |")
+            continue
+        off, on = res["no mixup"], res["mixup alpha 1"]
+        gain = on["val"]["mean"] - off["val"]["mean"]
+        spread = on["val"]["std"] + off["val"]["std"]
+        verdict = "yes" if res["keep_mixup"] else f"no ({gain:+.3f} is within the spread {spread:.3f})" if abs(gain) <= spread else \
+            f"no ({gain:+.3f}: worse beyond the spread {spread:.3f})" if gain < 0 else "no"
+        seeds = len(off["val"]["runs"])
+        note = f" {res['note']}." if res.get("note") else ""
+        lines.append(f"| {name} ({seeds} seeds){note} | `{res.get('command', saved.get('command', ''))}` | {_arm(off)} | {_arm(on)} "
+                     f"| {gain:+.3f} | {verdict} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name}: skipped ({results[name]['skipped']})", flush=True)
             continue
         results[name] = {**summarise(runs), "cache": str(setup["cache"]), "seconds": round(time.time() - t0),
-                         "note": setup.get("note", "")}
+                         "note": setup.get("note", ""), "epochs": args.epochs,
+                         "command": "python -m benchmarks.studies.mixup " + " ".join(argv if argv is not None else sys.argv[1:])}
         print(f"{name}: keep mixup = {results[name]['keep_mixup']}", flush=True)
     meta = {"command": "python -m benchmarks.studies.mixup " + " ".join(argv if argv is not None else sys.argv[1:]),
             "seeds": args.seeds, "alpha": args.alpha, "metric": "val/R@1 and test/R@1 (mean over trained pairs and directions)"}

@@ -239,11 +239,14 @@ def first_concepts(rows: Sequence[dict], n: int | None) -> list[dict]:
 
 
 def product_cache(model: Any, data: Any, cache_dir: Path) -> float:
-    """Fill the product's feature cache for a built recipe (``mmalign cache``; finished shards are kept). Seconds spent."""
+    """Fill the product's feature cache for a built recipe (``mmalign cache``; finished shards are kept). Seconds spent.
+
+    The shard size is ``mmalign cache``'s default, so a cache a user filled with plain ``mmalign cache`` (same recipe,
+    same manifests) is reused as it is rather than re-encoded in other shards."""
     from mmalign.cache.command import cache
 
     start = time.time()
-    cache(model, data, output=str(cache_dir), shard_size=256, progress=True)
+    cache(model, data, output=str(cache_dir), progress=True)
     return time.time() - start
 
 
@@ -530,6 +533,19 @@ NOTES = (Path(__file__).parent / "offline_results_notes.md").read_text(encoding=
 OUTRO = (Path(__file__).parent / "offline_results_outro.md").read_text(encoding="utf-8")
 
 
+#: Where the outro takes the latent-mixup table (``python -m benchmarks.studies.mixup`` writes the JSON).
+MIXUP_TABLE = "<!-- mixup table: docs/results/mixup.json -->"
+
+
+def outro(output: Path) -> str:
+    """:data:`OUTRO` with the mixup study's table (``<output>/mixup.json``) in place of :data:`MIXUP_TABLE`."""
+    from benchmarks.studies.mixup import table_md
+
+    saved = output / "mixup.json"
+    table = table_md(json.loads(saved.read_text())) if saved.is_file() else "(not run: `docs/results/mixup.json` is missing)\n"
+    return OUTRO.replace(MIXUP_TABLE, table)
+
+
 def write_outputs(all_results: dict[str, Any], output: Path, meta: dict[str, Any], notes: str = "") -> Path:
     """Write ``<output>/offline_results.json``, bar charts ``<output>/*.png`` and ``<output>.md``."""
     output.mkdir(parents=True, exist_ok=True)
@@ -578,7 +594,7 @@ def write_outputs(all_results: dict[str, Any], output: Path, meta: dict[str, Any
             if ref:
                 md.append("\nIssue 9's quoted reference, another run and split (200 names, 140 of them for training): "
                           + ", ".join(f"{k} {100 * v:.1f}" for k, v in ref.items() if v is not None) + ".\n")
-    md.append("\n" + OUTRO)
+    md.append("\n" + outro(output))
     path = output.parent / f"{output.name}.md"
     path.write_text("".join(md))
     return path
