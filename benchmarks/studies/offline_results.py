@@ -511,7 +511,9 @@ def ceiling_md(res: dict[str, Any], langs: Sequence[str]) -> str:
     if "through_projector" in ceiling:
         rows.update(ceiling["through_projector"])
         md.append("Beside it, the same text(L) -> text(en) retrieval through the recipe's trained text projector: how much of "
-                  "the encoder's cross-lingual retrieval the LiT projector keeps.\n")
+                  "the encoder's cross-lingual retrieval the LiT projector keeps. Only the text tower has a ceiling: the "
+                  "image tower's frozen EfficientNet-Lite0 features live in no text space, so no frozen-student retrieval "
+                  "bounds image <-> text (its baselines are the least-squares map and chance above).\n")
         table = _table(rows, None, langs)
         ratios = {k: {lang: v[lang] / c[lang] if c[lang] else float("nan") for lang in langs} for k, v in ceiling["through_projector"].items()}
     else:
