@@ -187,18 +187,18 @@ class RowTable:
         else:
             return np.zeros(0, np.int64), np.full(self.n, -1, np.int64)
         rows = np.arange(self.n) if present is None else np.flatnonzero(present)
-        label = exact_groups(h[rows], rows, same, exact)
-        uniq, first, inverse = np.unique(label, return_index=True, return_inverse=True)
+        first, inverse = exact_groups(h[rows], rows, same, exact)
         order = np.argsort(first, kind="stable")  # item numbers in first-appearance order
-        rank = np.empty(len(uniq), dtype=np.int64)
-        rank[order] = np.arange(len(uniq))
+        rank = np.empty(len(first), dtype=np.int64)
+        rank[order] = np.arange(len(first))
         row_index = np.full(self.n, -1, dtype=np.int64)
         row_index[rows] = rank[inverse.reshape(-1)]
         return rows[first[order]].astype(np.int64), row_index
 
 
-def exact_groups(h: np.ndarray, rows: np.ndarray, same: Any, exact: Any, chunk: int = 1 << 20) -> np.ndarray:
-    """``[n]`` int64 group label per row: rows share a label iff their values are equal (not only their hashes).
+def exact_groups(h: np.ndarray, rows: np.ndarray, same: Any, exact: Any, chunk: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
+    """``(first [G], inverse [n])`` as ``np.unique(values, return_index=True, return_inverse=True)`` gives them for the
+    exact values: rows share a group iff their values are equal (not only their hashes); one sort of the hashes.
 
     Args:
         h: ``[n]`` uint64 hash of each row's value.
@@ -218,6 +218,8 @@ def exact_groups(h: np.ndarray, rows: np.ndarray, same: Any, exact: Any, chunk: 
         eq = same(rows[part], rows[first[inverse[part]]])
         if not eq.all():
             bad_groups.update(inverse[part[~eq]].tolist())
+    if not bad_groups:
+        return first, inverse
     label = inverse.copy()
     if bad_groups:  # a 64-bit collision: such a group is split by exact value, one new label per distinct value
         nxt = len(uniq)
@@ -229,7 +231,8 @@ def exact_groups(h: np.ndarray, rows: np.ndarray, same: Any, exact: Any, chunk: 
                     seen[value] = g if not seen else nxt
                     nxt += 1 if len(seen) > 1 else 0
                 label[pos] = seen[value]
-    return label
+    _, first, inverse = np.unique(label, return_index=True, return_inverse=True)
+    return first, inverse.reshape(-1)
 
 
 def id_buffers(column: Any) -> tuple[np.ndarray, np.ndarray]:
