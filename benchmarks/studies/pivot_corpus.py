@@ -357,11 +357,19 @@ def run(args) -> None:
         results[label] = {name: {lang: [sc[name][lang] for sc in scores_per_seed] for lang in scores_per_seed[0][name]}
                           for name in scores_per_seed[0]}
         val = [mean(sc["emoji-val"]) for sc in scores_per_seed]
+        save()  # after every row: a run stopped early keeps what it measured
         print(f"  {label}: emoji-val mean R@1 {statistics.mean(val):.3f}" +
               "".join(f" | {n} {statistics.mean(mean(sc[n]) for sc in scores_per_seed):.3f}" for n in scores_per_seed[0] if n != "emoji-val"),
               flush=True)
 
     t0 = time.time()
+    path = args.output.with_name(f"{args.output.stem}-{'-'.join(args.parts)}.json")
+
+    def save():
+        out["results"], out["seconds"] = results, round(time.time() - t0)
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
+
     variants = json.loads(args.variants) if args.variants else VARIANTS
     if "variants" in args.parts:  # chosen on emoji VALIDATION only (seed 0 unless --variant_seeds)
         for label, v in variants.items():
@@ -378,23 +386,20 @@ def run(args) -> None:
         print(f"chosen on emoji val: {chosen} {best}", flush=True)
     else:
         best = json.loads(args.best) if args.best else {}
+    out["chosen"], out["chosen_steps"] = best, int(best.get("steps") or args.steps)
     if "curve" in args.parts:
         for n in args.curve:
             n = min(n, len(train["student"]))
             record(f"corpus prefix {n} (best)", [score_model(fit_features(best, train["student"][:n], train["teacher"][:n], args.steps, 0), sets)])
     if "baselines" in args.parts:
         record("ridge on emoji English names", [ridge_scores(emoji["student"], emoji["teacher"], sets)[0]])
-        record("recipe on emoji English names", [score_model(fit_features({}, emoji["student"], emoji["teacher"], args.steps, s), sets) for s in args.baseline_seeds])
+        record("recipe on emoji English names", [score_model(fit_features({}, emoji["student"], emoji["teacher"], args.steps, s), sets) for s in args.names_seeds])
         rs, lam = ridge_scores(train["student"], train["teacher"], sets)
         record(f"least squares on corpus (ridge, lambda={lam:g})", [rs])
         record("linear projector on corpus", [score_model(fit_features({**best, "linear": True, "uclip_head": False}, train["student"], train["teacher"], args.steps, s), sets) for s in args.baseline_seeds])
     if "final" in args.parts:
         record(MAIN, [score_model(fit_features(best, train["student"], train["teacher"], args.steps, s), sets) for s in args.seeds])
-    out["results"], out["chosen"], out["seconds"] = results, best, round(time.time() - t0)
-    out["chosen_steps"] = int(best.get("steps") or args.steps)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    path = args.output.with_name(f"{args.output.stem}-{'-'.join(args.parts)}.json")
-    path.write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
+    save()
     print(f"wrote {path}")
 
 
@@ -464,7 +469,7 @@ def variant_table(result: dict) -> str:
             k = len(next(iter(r["emoji-val"].values())))
             cells = [_cell([statistics.mean(v[i] for v in r[n].values()) for i in range(k)], 3) for n in ["emoji-val"] + names]
             lines.append(f"| {label[9:]} | {k} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def main(argv=None) -> None:
@@ -483,6 +488,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the chosen recipe on the corpus")
     ap.add_argument("--baseline_seeds", type=int, nargs="+", default=[0], help="seeds of the trained baselines")
+    ap.add_argument("--names_seeds", type=int, nargs="+", default=[0], help="seeds of the recipe on the emoji English names")
     ap.add_argument("--max_corpus", type=int, default=None, help="train on at most this many corpus texts")
     ap.add_argument("--first_corpus", type=int, default=6144, help="encode: corpus texts encoded before the held-out sets")
     ap.add_argument("--output", type=Path, default=ROOT / "docs" / "results" / "pivot_corpus.json")
