@@ -59,43 +59,170 @@ def test_members_must_match_and_hyperparameters_per_member():
     assert Sweep(members).losses(*_batches(1)[0]).shape == (2,)
 
 
-def test_fit_sweep_seeds_member_equals_the_plain_fit(synthetic_data, tmp_path):
-    """``mmalign fit --sweep_seeds [0,3]`` on the tiny cached LiT recipe: the member of the recipe's own seed equals
-    the plain ``mmalign fit`` (same initialisation, same batches), the other differs; exports and the ensemble load."""
+def test_batchnorm_members_update_their_own_running_statistics():
+    """BatchNorm heads: each member's running statistics and parameters equal its twin trained alone."""
+    def make():
+        return PairMember(projectors.MLP(12, 8, hidden_dim=16, dropout=0.0, norm="batch"),
+                          projectors.MLP(10, 8, hidden_dim=16, dropout=0.0, norm="batch"), ClipLoss())
+
+    seeds, batches = [0, 1], _batches(4)
+    sweep = Sweep(build_members(make, seeds), lr=[1e-2, 1e-3])
+    assert any("running_mean" in k for k in sweep.buffers) and all(v.shape[0] == 2 for v in sweep.buffers.values())
+    for a, b in batches:
+        sweep.step(a, b)
+    for i, seed in enumerate(seeds):
+        torch.manual_seed(seed)
+        twin = make()
+        opt = torch.optim.AdamW(twin.parameters(), lr=[1e-2, 1e-3][i])
+        for a, b in batches:
+            loss = twin(a, b)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        state = sweep.member_state(i)
+        for name, t in list(twin.named_parameters()) + list(twin.named_buffers()):
+            torch.testing.assert_close(state[name], t.detach(), rtol=1e-4, atol=1e-5, msg=f"{seed} {name}")
+    assert not torch.allclose(sweep.buffers["a_proj.input_norm.running_var"][0], sweep.buffers["a_proj.input_norm.running_var"][1]) \
+        or not torch.allclose(sweep.buffers["a_proj.blocks.0.norm.running_mean"][0], sweep.buffers["a_proj.blocks.0.norm.running_mean"][1])
+
+
+def test_dropout_members_draw_their_own_masks_reproducibly():
+    def make():
+        return PairMember(projectors.MLP(12, 8, hidden_dim=16, dropout=0.5), projectors.MLP(10, 8, hidden_dim=16, dropout=0.5), ClipLoss())
+
+    def run():
+        torch.manual_seed(0)
+        sweep = Sweep(build_members(make, [0, 0]), lr=1e-2)  # two identical members: only their masks differ
+        a, b = _batches(1)[0]
+        first = sweep.step(a, b)
+        return sweep, first
+
+    sweep, first = run()
+    assert sweep.randomness == "different" and not torch.allclose(first[0], first[1])
+    again, first_again = run()  # one seeded stream: the same masks again
+    torch.testing.assert_close(first, first_again)
+    for k in sweep.params:
+        torch.testing.assert_close(sweep.params[k], again.params[k])
+    sweep.base.eval()  # no dropout in eval mode: the members' losses are their parameters'
+    a, b = _batches(1)[0]
+    torch.testing.assert_close(sweep.losses(a, b)[0], sweep.member(0).eval()(a, b))
+
+
+def test_sweep_members_grid_and_names():
+    from mmalign.training.sweep import member_name, sweep_members
+
+    members = sweep_members([0, 1], {"lr": [1e-3, 3e-4], "weight_decay": [0.0]})
+    assert [(m["seed"], m["lr"]) for m in members] == [(0, 1e-3), (0, 3e-4), (1, 1e-3), (1, 3e-4)]
+    assert member_name(members[1]) == "lr-0.0003_weight_decay-0_seed-0" and member_name({"seed": 3}) == "seed-3"
+    with pytest.raises(ValueError, match="not 'momentum'"):
+        sweep_members([0], {"momentum": [0.9]})
+    with pytest.raises(ValueError, match="non-empty"):
+        sweep_members([0], {"lr": []})
+
+
+_SCHEDULE = ["--model.init_args.scheduler.class_path=torch.optim.lr_scheduler.LinearLR",  # warm-up over 3 steps
+             "--model.init_args.scheduler.init_args.start_factor=0.1", "--model.init_args.scheduler.init_args.total_iters=3"]
+
+
+@pytest.fixture(scope="module")
+def lit_sweep(synthetic_data, tmp_path_factory):
+    """The tiny cached LiT recipe (dropout 0: exact members) swept over seeds [0, 3] x lr [1e-3, 4e-3] with a warm-up
+    schedule for 2 epochs, checkpointing every epoch."""
     import yaml
 
     from mmalign.cli import main
     from mmalign.recipe import MMAlignCLI, load_config
+
+    tmp = tmp_path_factory.mktemp("lit_sweep")
+    text = yaml.safe_dump(load_config("lit_contrastive", variant="tiny")).replace("data/synthetic", str(synthetic_data))
+    recipe = tmp / "recipe.yaml"
+    recipe.write_text(text.replace("dropout: 0.1", "dropout: 0.0"))  # no dropout: members equal lone fits exactly
+    main(["cache", "--config", str(recipe), "--output", str(tmp / "cache"), "--progress=false"])
+    common = ["fit", "--config", str(recipe), f"--data.init_args.cache_dir={tmp / 'cache'}", "--trainer.limit_val_batches=0",
+              "--seed_everything=0", *_SCHEDULE]
+    sweep_args = ["--sweep_seeds=[0,3]", "--sweep={lr: [0.001, 0.004]}", "--trainer.enable_checkpointing=true",
+                  "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                  "--trainer.callbacks.save_last=true", "--trainer.callbacks.every_n_train_steps=3", "--trainer.callbacks.save_top_k=0"]
+    sweep = MMAlignCLI(args=common + ["--trainer.max_epochs=2", f"--trainer.default_root_dir={tmp / 'sweep'}", *sweep_args])
+    return {"tmp": tmp, "common": common, "sweep_args": sweep_args, "sweep": sweep}
+
+
+def test_fit_sweep_member_equals_the_plain_fit_with_its_settings_and_schedule(lit_sweep):
+    """``mmalign fit --sweep_seeds [0,3] --sweep '{lr: [1e-3, 4e-3]}'`` with a warm-up schedule: member (lr 4e-3, seed 0)
+    equals the plain ``mmalign fit`` with that lr (same initialisation, batches, per-step rates); other members differ;
+    exports, member checkpoints and the ensemble load."""
+    from mmalign.export.model import AlignedModel
+    from mmalign.recipe import MMAlignCLI
     from mmalign.training.sweep import Ensemble, SweepModule
 
-    text = yaml.safe_dump(load_config("lit_contrastive", variant="tiny")).replace("data/synthetic", str(synthetic_data))
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(text.replace("dropout: 0.1", "dropout: 0.0"))  # vmap members draw no randomness
-    main(["cache", "--config", str(recipe), "--output", str(tmp_path / "cache"), "--progress=false"])
-    common = ["fit", "--config", str(recipe), f"--data.init_args.cache_dir={tmp_path / 'cache'}", "--trainer.max_epochs=2",
-              "--trainer.limit_val_batches=0", "--seed_everything=0"]
-    sweep = MMAlignCLI(args=common + [f"--trainer.default_root_dir={tmp_path / 'sweep'}", "--sweep_seeds=[0,3]"])
-    plain = MMAlignCLI(args=common + [f"--trainer.default_root_dir={tmp_path / 'plain'}"])
-    assert isinstance(sweep.model, SweepModule) and sweep.trainer.global_step == plain.trainer.global_step > 0
+    tmp, sweep = lit_sweep["tmp"], lit_sweep["sweep"]
+    plain = MMAlignCLI(args=lit_sweep["common"] + ["--trainer.max_epochs=2", f"--trainer.default_root_dir={tmp / 'plain'}",
+                                                   "--model.init_args.optimizer.init_args.lr=0.004"])
+    assert isinstance(sweep.model, SweepModule) and sweep.trainer.global_step == plain.trainer.global_step > 3
+    names = sweep.model.names
+    assert names == ["lr-0.001_seed-0", "lr-0.004_seed-0", "lr-0.001_seed-3", "lr-0.004_seed-3"]
     trained = {k: v for k, v in plain.model.named_parameters() if v.requires_grad}
-    same = dict(sweep.model.member(0).named_parameters())
-    other = dict(sweep.model.member(1).named_parameters())
+    same = dict(sweep.model.member(names.index("lr-0.004_seed-0")).named_parameters())
     for name, p in trained.items():
         torch.testing.assert_close(same[name], p, rtol=1e-4, atol=1e-5)
-    assert any(not torch.allclose(other[n], p) for n, p in trained.items())
-    out = tmp_path / "sweep" / "sweep"
-    assert sorted(p.name for p in out.iterdir()) == ["ensemble.json", "seed-0", "seed-3"]
-    emb = Ensemble(out).embed(["a red square", "ein blauer Kreis"], tower="text")
-    assert emb.shape[0] == 2 and torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-5)
+    for other in ("lr-0.001_seed-0", "lr-0.004_seed-3"):
+        params = dict(sweep.model.member(names.index(other)).named_parameters())
+        assert any(not torch.allclose(params[n], p) for n, p in trained.items()), other
+    out = next((tmp / "sweep").rglob("ensemble.json")).parent
+    assert sorted(p.name for p in out.iterdir()) == sorted(["ensemble.json", *names])
+    member_dir = out / "lr-0.004_seed-0"
+    state = torch.load(member_dir / "model.ckpt", weights_only=True)["state_dict"]
+    plain.model.load_state_dict(state)  # a plain fit's module loads a member's checkpoint (strict)
+    assert "lr: 0.004" in (member_dir / "config.yaml").read_text()
+    emb = AlignedModel.from_pretrained(str(member_dir)).embed(["a red square"], tower="text")
+    ens = Ensemble(out).embed(["a red square", "ein blauer Kreis"], tower="text")
+    assert emb.shape[0] == 1 and ens.shape[0] == 2 and torch.allclose(ens.norm(dim=-1), torch.ones(2), atol=1e-5)
 
 
-def test_sweep_module_refuses_dropout_in_projectors():
-    from mmalign.training.sweep import SweepModule
+def test_fit_sweep_resumes_exactly(lit_sweep):
+    """A sweep stopped mid-epoch 2 (step 6 of 8) and resumed from its ``last.ckpt`` (``--ckpt_path``) ends where the
+    uninterrupted sweep does: stacked parameters, AdamW moments, the scheduled rates and the sampler position are in
+    the checkpoint. (Lightning does not checkpoint the global RNG, so a resume at an epoch boundary reshuffles the
+    next epoch differently, for a plain fit as for a sweep.)"""
+    from mmalign.recipe import MMAlignCLI
 
-    class M(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.projector = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1))
+    tmp, done = lit_sweep["tmp"], lit_sweep["sweep"]
+    root = f"--trainer.default_root_dir={tmp / 'resume'}"
+    assert done.trainer.global_step == 8 and done.trainer.num_training_batches == 4
+    MMAlignCLI(args=lit_sweep["common"] + ["--trainer.max_epochs=2", "--trainer.max_steps=6", root, *lit_sweep["sweep_args"]])
+    ckpt = next((tmp / "resume").rglob("last.ckpt"))
+    resumed = MMAlignCLI(args=lit_sweep["common"] + ["--trainer.max_epochs=2", root, *lit_sweep["sweep_args"], f"--ckpt_path={ckpt}"])
+    assert resumed.trainer.global_step == done.trainer.global_step
+    for (name, a), (_, b) in zip(resumed.model.named_buffers(), done.model.named_buffers()):
+        if name.startswith("sweep_"):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
-    with pytest.raises(ValueError, match="dropout: 0.0"):
-        SweepModule([M()], [0])
+
+def test_fit_sweep_of_the_pivot_recipe_with_batchnorm_and_dropout(synthetic_data, tmp_path):
+    """The uCLIP pivot head (BatchNorm + dropout, tiny encoders) sweeps: each member keeps its own running
+    statistics, exported with it."""
+    import yaml
+
+    from mmalign.cli import main
+    from mmalign.export.model import AlignedModel
+    from mmalign.recipe import MMAlignCLI, load_config
+
+    config = load_config("uclip_pivot", variant="tiny")
+    projector = config["model"]["init_args"]["towers"]["student"]["init_args"]["projector"]["init_args"]
+    assert projector["norm"] == "batch" and projector["dropout"] > 0
+    recipe = tmp_path / "pivot.yaml"
+    recipe.write_text(yaml.safe_dump(config).replace("data/synthetic", str(synthetic_data)))
+    main(["cache", "--config", str(recipe), "--output", str(tmp_path / "cache"), "--progress=false"])
+    cli = MMAlignCLI(args=["fit", "--config", str(recipe), f"--data.init_args.cache_dir={tmp_path / 'cache'}",
+                           "--trainer.max_epochs=2", f"--trainer.default_root_dir={tmp_path / 'run'}", "--sweep_seeds=[0,1]"])
+    sweep = cli.model.sweep
+    means = {k: v for k, v in sweep.buffers.items() if k.endswith("running_mean")}
+    # the input norm sees the same features in both members; the block norm after each member's own layer differs
+    assert means and any(not torch.allclose(v[0], v[1]) for v in means.values())
+    assert "val/R@1" in cli.trainer.callback_metrics and "val/seed-1/R@1" in cli.trainer.callback_metrics
+    out = next((tmp_path / "run").rglob("ensemble.json")).parent
+    for i, name in enumerate(cli.model.names):
+        state = torch.load(out / name / "model.ckpt", weights_only=True)["state_dict"]
+        for key, stacked in means.items():
+            torch.testing.assert_close(state[key[len("module."):]], stacked[i], msg=f"{name} {key}")
+        AlignedModel.from_pretrained(str(out / name))  # the safe export loader reads the member
