@@ -128,7 +128,7 @@ def table_md(saved: dict[str, Any]) -> str:
         verdict = "yes" if res["keep_mixup"] else f"no ({gain:+.3f} is within the spread {spread:.3f})" if abs(gain) <= spread else \
             f"no ({gain:+.3f}: worse beyond the spread {spread:.3f})" if gain < 0 else "no"
         seeds = len(off["val"]["runs"])
-        note = f" {res['note']}." if res.get("note") else ""
+        note = f"; {res['note'].rstrip('.')}" if res.get("note") else ""
         lines.append(f"| {name} ({seeds} seeds){note} | `{res.get('command', saved.get('command', ''))}` | {_arm(off)} | {_arm(on)} "
                      f"| {gain:+.3f} | {verdict} |")
     return "\n".join(lines) + "\n"
