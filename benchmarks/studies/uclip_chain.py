@@ -7,7 +7,9 @@
 2. **pivot** (uCLIP): Universal Sentence Encoder Multilingual (+MLP) -> the anchor, from ENGLISH text only: ``mmalign
    extend`` of stage 1's export, the anchor an ExportTower teacher (InfoNCE + MSE, as uclip_pivot's offline overlay);
 3. **SONAR**: Whisper base (+MLP) -> stage 2's multilingual text tower reading the spoken name's transcript, speech
-   heard in en/de/es only: ``mmalign extend`` of stage 2's export.
+   heard in en/de/es only: ``mmalign extend`` of stage 2's export. ``--speech_target text_en`` trains it to the
+   image-aligned English anchor instead (the concept's English name: one hop to the image instead of two);
+   ``--reuse_stages runs/uclip_chain`` then trains stage 3 only, on a finished chain's stage 1-2 exports.
 
 The final export holds text_en (anchor), image, text (multilingual) and speech towers; stage 1's and 2's towers are
 copied bit for bit into each later export. No non-English text and no speech was ever paired with an image, so
