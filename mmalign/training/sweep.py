@@ -364,9 +364,6 @@ class SweepModule(_lightning().LightningModule):
         holder = self.optimizers(use_pl_optimizer=False)
         self.sweep.lr = torch.tensor([g["lr"] for g in holder.param_groups], dtype=self.sweep.lr.dtype, device=self.sweep.lr.device)
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        return self.template.transfer_batch_to_device(batch, device, dataloader_idx)
-
     def on_train_start(self) -> None:
         self._bind()
 
