@@ -362,6 +362,12 @@ def run(args) -> None:
               "".join(f" | {n} {statistics.mean(mean(sc[n]) for sc in scores_per_seed):.3f}" for n in scores_per_seed[0] if n != "emoji-val"),
               flush=True)
 
+    def seeded(label, v, seeds):  # one row over seeds, recorded (and saved) after each seed
+        scores = []
+        for seed in seeds:
+            scores.append(score_model(fit_features(v, train["student"], train["teacher"], args.steps, seed), sets))
+            record(label, scores)
+
     t0 = time.time()
     path = args.output.with_name(f"{args.output.stem}-{'-'.join(args.parts)}.json")
 
@@ -396,9 +402,10 @@ def run(args) -> None:
         record("recipe on emoji English names", [score_model(fit_features({}, emoji["student"], emoji["teacher"], args.steps, s), sets) for s in args.names_seeds])
         rs, lam = ridge_scores(train["student"], train["teacher"], sets)
         record(f"least squares on corpus (ridge, lambda={lam:g})", [rs])
-        record("linear projector on corpus", [score_model(fit_features({**best, "linear": True, "uclip_head": False}, train["student"], train["teacher"], args.steps, s), sets) for s in args.baseline_seeds])
+    if "baselines" in args.parts or "linear" in args.parts:
+        seeded("linear projector on corpus", {**best, "linear": True, "uclip_head": False}, args.baseline_seeds)
     if "final" in args.parts:
-        record(MAIN, [score_model(fit_features(best, train["student"], train["teacher"], args.steps, s), sets) for s in args.seeds])
+        seeded(MAIN, best, args.seeds)
     save()
     print(f"wrote {path}")
 
@@ -479,7 +486,7 @@ def main(argv=None) -> None:
     ap.add_argument("--corpus", type=Path, default=ROOT / "data" / "corpus")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--parts", nargs="+", default=["variants", "curve", "baselines", "final"],
-                    choices=["variants", "curve", "baselines", "final"])
+                    choices=["variants", "curve", "baselines", "linear", "final"], help="linear: only the linear projector row")
     ap.add_argument("--inputs", type=Path, nargs="+", help="tables: JSON files of several runs, merged in order")
     ap.add_argument("--best", default="", help="JSON patch of the chosen variant (picked on emoji val), e.g. '{\"mixup\": 1}'")
     ap.add_argument("--variants", default="", help="JSON {label: patch} of variants to try instead of VARIANTS")
