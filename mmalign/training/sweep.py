@@ -391,6 +391,11 @@ class SweepModule(_lightning().LightningModule):
         self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.increment_completed()  # global_step
         return None
 
+    def setup(self, stage: str) -> None:
+        if self._trainer is not None and self.trainer.world_size > 1:  # before the strategy wraps the module
+            raise ValueError(f"a sweep trains in one process (its vectorised AdamW does not all-reduce gradients); "
+                             f"run it with --trainer.devices=1, not on {self.trainer.world_size} processes")
+
     def on_fit_start(self) -> None:
         self.template._trainer = self.trainer  # the recipe's step-logging rule reads the trainer
 
