@@ -86,6 +86,19 @@ def test_batchnorm_members_update_their_own_running_statistics():
         or not torch.allclose(sweep.buffers["a_proj.blocks.0.norm.running_mean"][0], sweep.buffers["a_proj.blocks.0.norm.running_mean"][1])
 
 
+def test_norm_members_under_bf16_autocast_compute_in_fp32():
+    """vmap's norm rules fail on bf16 activations with fp32 weights; a sweep under bf16-mixed runs its norm members in fp32."""
+    def make():
+        return PairMember(projectors.MLP(12, 8, hidden_dim=16, dropout=0.0, norm="batch"),
+                          projectors.MLP(10, 8, hidden_dim=16, dropout=0.0, norm="layer"), ClipLoss())
+
+    a, b = _batches(1)[0]
+    mixed, full = Sweep(build_members(make, [0, 1])), Sweep(build_members(make, [0, 1]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = mixed.step(a, b)
+    torch.testing.assert_close(got, full.step(a, b))
+
+
 def test_dropout_members_draw_their_own_masks_reproducibly():
     def make():
         return PairMember(projectors.MLP(12, 8, hidden_dim=16, dropout=0.5), projectors.MLP(10, 8, hidden_dim=16, dropout=0.5), ClipLoss())

@@ -134,6 +134,8 @@ class Sweep:
         random = any(isinstance(m, nn.Dropout) and m.p > 0 or isinstance(m, (nn.AlphaDropout, nn.FeatureAlphaDropout))
                      for m in self.base.modules())
         self.randomness = "different" if random else "error"
+        norms = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+        self._has_norm = any(isinstance(m, norms) for m in self.base.modules())
         like = next(iter(self.params.values()))
         self.lr = _per_member(lr, self.n, "lr", like)
         self.weight_decay = _per_member(weight_decay, self.n, "weight_decay", like)
@@ -145,16 +147,27 @@ class Sweep:
     def _shape(self, x: Tensor, ref: Tensor) -> Tensor:
         return x.view(-1, *([1] * (ref.dim() - 1)))
 
+    def _precision(self) -> Any:
+        """Autocast off around the vmapped members when they hold norm layers: vmap's batch/layer-norm rules need
+        one dtype (bf16 activations with fp32 weights fail), so under ``bf16-mixed`` such members compute in fp32."""
+        import contextlib
+
+        device = next(iter(self.params.values())).device.type
+        if self._has_norm and torch.is_autocast_enabled(device):
+            return torch.autocast(device, enabled=False)
+        return contextlib.nullcontext()
+
     def losses(self, *inputs: Tensor) -> Tensor:
         """``[N]`` losses of every member on the same batch (no update)."""
-        with torch.no_grad():
+        with torch.no_grad(), self._precision():
             return vmap(lambda p, b: functional_call(self.base, (p, b), inputs), randomness=self.randomness)(
                 self.params, self.buffers)
 
     def step(self, *inputs: Tensor) -> Tensor:
         """One AdamW step of every member on the same batch; returns the ``[N]`` losses before it."""
-        grads, losses = vmap(grad_and_value(lambda p, b: functional_call(self.base, (p, b), inputs)),
-                             randomness=self.randomness)(self.params, self.buffers)
+        with self._precision():
+            grads, losses = vmap(grad_and_value(lambda p, b: functional_call(self.base, (p, b), inputs)),
+                                 randomness=self.randomness)(self.params, self.buffers)
         self.steps += 1
         b1, b2 = self.betas
         c1, c2 = 1 - b1 ** self.steps, 1 - b2 ** self.steps
