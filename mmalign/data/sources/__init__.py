@@ -87,7 +87,8 @@ def source_label(spec: Any) -> str:
 
 
 def is_plain_manifests(spec: Any) -> bool:
-    """True when ``spec`` is a long-format manifest path or a list of them (read by ManifestDataset, as before)."""
+    """True when ``spec`` is a long-format manifest path or a list of them (the row reader, ``ManifestDataset``; from
+    ``MMALIGN_MANIFEST_TABLE_BYTES`` bytes on the vectorised ``ManifestTableSource``)."""
     specs = spec if isinstance(spec, (list, tuple)) else [spec]
     return bool(specs) and all(isinstance(s, (str, Path)) and str(s).lower().endswith((".jsonl", ".csv", ".ndjson")) for s in specs)
 
@@ -110,7 +111,8 @@ def open_source(
             200k rows; WebDataset media are inside the shards).
 
     Returns:
-        A map-style dataset (:class:`~mmalign.data.manifest.ManifestDataset` or a :class:`RowSource`) or, for
+        A map-style dataset (:class:`~mmalign.data.manifest.ManifestDataset`, for large plain manifests a
+        :class:`~mmalign.data.sources.manifest_table.ManifestTableSource`, or another :class:`RowSource`) or, for
         WebDataset shards, an ``IterableDataset`` (:class:`~mmalign.data.sources.wds.WebDatasetSource`).
     """
     kw = {"languages": languages, "required_fields": list(required_fields), "on_error": on_error}
