@@ -71,3 +71,16 @@ def test_batch_transfer_moves_tensors_and_leaves_strings_alone():
     assert out["inputs"]["image"]["pixel_values"].device.type == "meta"
     assert out["meta"] is batch["meta"] and out["keys"] is batch["keys"]  # not walked, not copied
     assert batch["features"]["text"]["pooled"].device.type == "cpu"  # the input batch is not modified
+
+
+def test_batch_transfer_returns_tensors_already_on_the_device_untouched():
+    data = AlignmentDataModule()
+    pooled, mask = torch.zeros(2, 3), torch.ones(2, 4, dtype=torch.bool)
+    batch = {"meta": {"id": ["a", "b"]}, "keys": {"text": ["1", "2"]},
+             "features": {"text": {"pooled": pooled, "masks": [mask, (mask,)]}}, "present": {"text": torch.ones(2)}}
+    out = data.transfer_batch_to_device(batch, torch.device("cpu"), 0)
+    assert out["features"]["text"]["pooled"] is pooled  # no copy, no .to() call
+    assert out["features"]["text"]["masks"][0] is mask and out["features"]["text"]["masks"][1][0] is mask
+    assert isinstance(out["features"]["text"]["masks"][1], tuple)
+    moved = data.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert moved["features"]["text"]["masks"][1][0].device.type == "meta" and moved["present"]["text"].device.type == "meta"

@@ -20,6 +20,23 @@ from mmalign.data.sources import ListSource, open_source
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
 
 
+def _to_device(value: Any, device: torch.device) -> Any:
+    """``value`` with its tensors on ``device``: nested dicts, lists and tuples of tensors walked directly, a
+    tensor already there returned as is (no copy, no call). Lightning's ``move_data_to_device`` does the same
+    through ``apply_to_collection``, at ~0.3 ms per cached batch of a few towers, which is ~1% of a CPU
+    projector step; anything else still goes through it. Non-blocking copies where Lightning makes them
+    (CUDA), blocking on CPU and MPS."""
+    if isinstance(value, torch.Tensor):
+        if value.device == device:
+            return value
+        return value.to(device, non_blocking=device.type not in ("cpu", "mps"))
+    if type(value) is dict:
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_to_device(v, device) for v in value)
+    return move_data_to_device(value, device)
+
+
 class AlignmentDataModule(L.LightningDataModule):
     """Train/val/test manifests -> raw batches for an :class:`~mmalign.training.module.AlignmentModule`.
 
@@ -210,7 +227,7 @@ class AlignmentDataModule(L.LightningDataModule):
         """
         if not isinstance(batch, dict) or "meta" not in batch:
             return super().transfer_batch_to_device(batch, device, dataloader_idx)
-        return {k: v if k in ("meta", "keys", "skipped") else move_data_to_device(v, device) for k, v in batch.items()}
+        return {k: v if k in ("meta", "keys", "skipped") else _to_device(v, device) for k, v in batch.items()}
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
