@@ -282,7 +282,9 @@ def run(data: Path, output: Path, epochs: dict[str, int], reuse_cache: Path = Pa
         split = reuse_cache / "test"
         entry = split / f"{field}--{key}"
         if entry.is_dir():
-            ids = json.loads((split / "manifest.json").read_text())["row_ids"]
+            from mmalign.cache.reader import cached_row_ids
+
+            ids = cached_row_ids(split)  # cache format 2: the ids are not in manifest.json
             rows = cached(split, field, key)
             pos = {rid: k for k, rid in enumerate(ids)}
             if all(test[i]["id"] in pos for i in idx):
