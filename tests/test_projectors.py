@@ -14,7 +14,7 @@ import torch
 
 import projectors
 from encoders.base import EncoderOutput
-from projectors import AttentionPool, Identity, Linear, MLP, Projector, Resampler, TokenMLP, count_parameters
+from projectors import AttentionPool, FramePoolMLP, Identity, Linear, MLP, Projector, Resampler, TokenMLP, count_parameters
 
 B, T, IN, OUT = 3, 7, 12, 10
 
@@ -58,6 +58,12 @@ CASES = [
      2 * IN + (IN * 16 + 16) + (16 * OUT + OUT), (B, T, OUT)),
     ("token-mlp-pooled", TokenMLP, {"num_tokens": 2},  # hidden_dim defaults to out_dim
      2 * IN + (IN * OUT + OUT) + (OUT * OUT + OUT), (B, 2, OUT)),
+    # the MLP head reads [mean, 2 segment means, 1 attentive mean] = 4 * IN; the scorer: LayerNorm, IN -> 4 -> 1 head
+    ("frame-pool-mlp", FramePoolMLP, {"segments": 2, "attention_heads": 1, "attention_dim": 4, "hidden_dim": 8,
+                                      "dropout": 0.0},
+     2 * 4 * IN + (4 * IN * 8 + 8) + (8 * OUT + OUT) + 2 * IN + (IN * 4 + 4) + (4 * 1 + 1), (B, OUT)),
+    ("frame-pool-mean-only", FramePoolMLP, {"segments": 0, "hidden_dim": 8, "dropout": 0.0},
+     2 * IN + (IN * 8 + 8) + (8 * OUT + OUT), (B, OUT)),
 ]
 IDS = [c[0] for c in CASES]
 
@@ -87,7 +93,7 @@ def test_output_shape(name, cls, kwargs, params, shape):
     proj = _build(cls, kwargs)
     out = proj(_features())
     assert out.shape == shape and torch.isfinite(out).all()
-    assert proj.uses_tokens == (len(shape) == 3 or cls in (AttentionPool, Resampler))
+    assert proj.uses_tokens == (len(shape) == 3 or cls in (AttentionPool, Resampler, FramePoolMLP))
 
 
 @pytest.mark.parametrize("name,cls,kwargs,params,shape", CASES, ids=IDS)
