@@ -24,7 +24,6 @@ as fast there and leaves no Arrow copy behind.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import os
 from pathlib import Path
@@ -34,7 +33,7 @@ import numpy as np
 
 from mmalign.data.langs import unknown_language_detail
 from mmalign.data.manifest import ManifestRowError
-from mmalign.data.sources.table import DEFAULT_FIELDS, TableSource, _map_ipc, arrow_cache_dir
+from mmalign.data.sources.table import DEFAULT_FIELDS, TableSource, _map_ipc, derived_copy
 
 #: Plain manifest paths of at least this many bytes are read by :class:`ManifestTableSource`.
 TABLE_BYTES = 8 << 20
@@ -75,13 +74,9 @@ def manifest_as_arrow(path: Path, fmt: str) -> Path:
     import pyarrow.csv as pacsv
     import pyarrow.json as pajson
 
-    st = path.stat()
-    key = hashlib.sha256(f"manifest-{fmt}\0{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:24]
-    out = arrow_cache_dir() / f"{path.stem}-{key}.arrow"
-    if out.is_file():
+    out, tmp = derived_copy(path, f"manifest-{fmt}")
+    if tmp is None:
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
 
     def write(batches: Iterable[Any], schema: Any) -> None:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:

@@ -50,6 +50,21 @@ def arrow_cache_dir() -> Path:
     return Path(os.environ.get("MMALIGN_ARROW_CACHE", Path.home() / ".cache" / "mmalign" / "arrow"))
 
 
+def derived_copy(path: Path, tag: str | None = None, suffix: str = ".arrow") -> tuple[Path, Path | None]:
+    """``(out, tmp)``: where a converted copy of ``path`` lives under :func:`arrow_cache_dir`, named by its stem and
+    a hash of ``tag``, its resolved path, size and mtime (a changed file gets a new copy). ``tmp`` is ``None`` when
+    the copy is already there; else the folder exists and ``tmp`` is the temporary name beside ``out`` to write and
+    then ``os.replace`` onto it (never a half-written file under the good name)."""
+    st = path.stat()
+    prefix = f"{tag}\0" if tag is not None else ""
+    key = hashlib.sha256(f"{prefix}{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    out = arrow_cache_dir() / f"{path.stem}-{key}{suffix}"
+    if out.is_file():
+        return out, None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out, out.with_name(f".{out.name}.{os.getpid()}.tmp")
+
+
 def _map_ipc(path: Path):
     import pyarrow as pa
 
@@ -65,13 +80,9 @@ def parquet_as_arrow(path: Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:24]
-    out = arrow_cache_dir() / f"{path.stem}-{key}.arrow"
-    if out.is_file():
+    out, tmp = derived_copy(path)
+    if tmp is None:
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     pf = pq.ParquetFile(str(path))
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, pf.schema_arrow) as writer:
         for batch in pf.iter_batches(batch_size=1 << 20):  # few large batches: few chunks to search per row
@@ -86,13 +97,9 @@ def text_table_as_arrow(path: Path, fmt: str) -> Path:
     import pyarrow.csv as pacsv
     import pyarrow.json as pajson
 
-    st = path.stat()
-    key = hashlib.sha256(f"{fmt}\0{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:24]
-    out = arrow_cache_dir() / f"{path.stem}-{key}.arrow"
-    if out.is_file():
+    out, tmp = derived_copy(path, fmt)
+    if tmp is None:
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     block = 64 << 20  # the first block fixes the column types
     try:
         if fmt == "csv":

@@ -10,7 +10,6 @@ Blank lines are not rows; a line that is not UTF-8 is bad input (``invalid utf-8
 from __future__ import annotations
 
 import gzip
-import hashlib
 import mmap
 import os
 import shutil
@@ -22,18 +21,14 @@ import numpy as np
 from mmalign.data.manifest import ManifestError
 from mmalign.data.policy import ON_ERROR, BadInputReport, check_choice, is_known_language
 from mmalign.data.sources.base import RowError, RowSource, SourceError
-from mmalign.data.sources.table import arrow_cache_dir
+from mmalign.data.sources.table import derived_copy
 
 
 def _plain(path: Path) -> Path:
     if not path.name.endswith(".gz"):
         return path
-    st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:24]
-    out = arrow_cache_dir() / f"{path.stem}-{key}.txt"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    out, tmp = derived_copy(path, suffix=".txt")
+    if tmp is not None:
         with gzip.open(path, "rb") as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
         os.replace(tmp, out)
