@@ -13,28 +13,12 @@ import torch
 
 pa = pytest.importorskip("pyarrow")
 
-from encoders.base import Encoder, EncoderOutput, Modality  # noqa: E402
 from mmalign.cache import CacheError, CachedSplit, write_split  # noqa: E402
 from mmalign.cache.format import ROW_IDS_DATA, ROW_IDS_OFFSETS, rows_fingerprint  # noqa: E402
 from mmalign.cache.reader import cached_row_ids  # noqa: E402
 from mmalign.cache.rowtable import RowTable  # noqa: E402
 from mmalign.training.towers import Tower  # noqa: E402
-
-
-class _Lengths(Encoder):
-    modality = Modality.TEXT
-    output_dim = 4
-    has_tokens = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.freeze()
-
-    def preprocess(self, items):
-        return {"x": torch.tensor([[len(t), t.count("a"), t.count(" "), 1.0] for t in items])}
-
-    def encode(self, inputs):
-        return EncoderOutput(pooled=inputs["x"])
+from tests.test_cache_columns import _Lengths  # noqa: E402  (the same cheap text encoder)
 
 
 def _rows(n: int = 40) -> list[dict]:
