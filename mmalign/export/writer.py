@@ -115,8 +115,10 @@ def export_state(module: nn.Module) -> dict[str, Tensor]:
         for key, value in tower.projector.state_dict().items():
             state[f"towers.{name}.projector.{key}"] = value
     for i, objective in enumerate(module.objectives):
+        skip = {f"loss.{k}" for k in getattr(objective.loss, "training_buffers", ())}  # a ClipLoss queue: training state
         for key, value in objective.state_dict().items():
-            state[f"objectives.{i}.{key}"] = value
+            if key not in skip:
+                state[f"objectives.{i}.{key}"] = value
     # safetensors refuses shared or non-contiguous storage: store independent copies on CPU.
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 

@@ -111,15 +111,17 @@ def row_blocked_sum(fn, rows: int, block_size: int | None, *args: Tensor) -> Ten
     return total
 
 
-def contrastive_memory_bytes(batch_size: int, block_size: int | None = None, world_size: int = 1) -> int:
+def contrastive_memory_bytes(batch_size: int, block_size: int | None = None, world_size: int = 1, queue_size: int = 0) -> int:
     """Bytes of logits-sized buffers one contrastive loss call needs on one rank (fp32).
 
     Dense: about 4 ``[B, W*B]`` fp32 buffers live at the backward's peak (logits, softmax/sigmoid,
     mask or targets, their gradient) per direction; blocked: the same for ``[block, W*B]``. A batch of
     32,768 needs ~17 GB dense and ~0.5 GB with ``block_size=1024`` (what ``block_size`` is for).
+    A :class:`ClipLoss` queue adds ``queue_size`` columns to the a->b direction (``[B, W*B + queue_size]``,
+    counted here) and holds the queue itself: ``queue_size * (4 * D + 8)`` bytes (4,096 rows of D=384: 6.3 MB).
     """
     rows = batch_size if block_size is None else min(block_size, batch_size)
-    return 4 * 4 * rows * batch_size * world_size
+    return 4 * 4 * rows * (batch_size * world_size + queue_size)
 
 
 def _check_false_negatives(value: str) -> str:
@@ -146,8 +148,25 @@ class LogitScale(nn.Module):
         return self.log_scale.clamp(max=self.max_log).exp()
 
 
+QUEUE_BUFFERS = ("queue", "queue_groups", "queue_ptr", "queue_filled")
+_NO_GROUP = torch.iinfo(torch.int64).min  # queue rows without a group id: never equal to a batch row's id
+
+
+def _under_functorch() -> bool:
+    """Whether a ``torch.func`` transform (vmap, grad) is running this code."""
+    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
+
+
+def _check_queue_size(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"queue_size must be a non-negative int (0: no queue), got {value!r}")
+    return value
+
+
 class ClipLoss(nn.Module):
-    """Symmetric InfoNCE (CLIP; Radford et al., 2021; van den Oord et al., 2018).
+    """Symmetric InfoNCE (CLIP; Radford et al., 2021; van den Oord et al., 2018), optionally with a queue of
+    negatives from earlier steps (MoCo; He et al., 2020).
 
     Inputs: ``a_embeds [B, D]`` and ``b_embeds [B, D]``, row i of one paired with row i of the other.
     Embeddings are L2-normalised here. With ``gather=True`` (default) negatives come from all ranks.
@@ -158,31 +177,111 @@ class ClipLoss(nn.Module):
             negatives (plain CLIP), ``"mask"`` leaves them out of the softmax. Use ``"mask"`` when a batch
             can hold one concept several times (the same picture captioned in several languages, one name
             spoken in several languages): they are not negatives, and pushing them apart fights the
-            alignment.
+            alignment. Queue entries of a row's own group are left out too.
         block_size: Compute the logits in ``[block_size, W*B]`` row blocks (see :func:`row_blocked_sum`):
             same loss and gradients as dense, memory ``O(block_size * W*B)``; for batches of many
             thousands of rows (32k: ``block_size: 1024``; :func:`contrastive_memory_bytes` gives the
             figure). ``None`` (default): dense.
+        queue_size: Rows of a FIFO queue (MoCo's "queue", uCLIP's memory bank) of detached, L2-normalised
+            ``b`` embeddings from earlier training steps, appended as extra negative columns to the
+            **a -> b** softmax only: ``logits_per_a = scale * a @ [b_batch ; queue].T`` (``[B, W*B + N]``).
+            ``0`` (default): no queue, plain CLIP. Only the ``b`` side is queued because a queued row is
+            the embedding its tower gave at an earlier step: with a frozen ``b`` tower and no projector
+            (the pivot's teacher) the queue is exact; when ``b`` trains its rows go stale (MoCo needs a
+            momentum encoder for that), and a queue of the trained ``a`` side would always be stale.
+            In training mode (``self.training``) only: the current batch's rows are enqueued *after* its
+            loss (a batch is never its own negative), valid rows only under a partial-modality ``mask``,
+            the all-gathered rows under DDP with ``gather=True`` (every rank holds the same queue), with
+            their ``groups`` ids so ``false_negatives="mask"`` leaves out same-concept entries. Under
+            eval the loss is the plain in-batch loss (validation losses do not depend on the training
+            history) and nothing is enqueued. The queue is a persistent buffer, allocated at the first
+            step (its width is the embedding's): it is saved in checkpoints (exact resume) but not in
+            exports. Cost: the queue ``N * (4 * D + 8)`` bytes and ``N`` more logits columns per row.
+            The queue is updated in place, so it cannot run under ``torch.func`` transforms (the
+            ``--sweep`` engine, :mod:`mmalign.training.sweep`: refused there); under GradCache
+            (``grad_cache_chunk``) the loss runs once per step on the full batch, so the queue works
+            unchanged. Rows of a new epoch may meet their own earlier copy in the queue: with
+            ``"keep"`` such a copy is a negative (rare when ``N`` is far below an epoch's rows);
+            ``"mask"`` with per-row groups leaves it out.
 
     Returns: ``{"clip_loss": scalar}``.
     """
 
+    training_buffers = QUEUE_BUFFERS  # training state: checkpoints hold them, exports do not (export_state)
+
     def __init__(
         self, logit_scale: float = 1 / 0.07, learnable_scale: bool = True, max_scale: float = 100.0, gather: bool = True,
-        false_negatives: str = "keep", block_size: int | None = None,
+        false_negatives: str = "keep", block_size: int | None = None, queue_size: int = 0,
     ) -> None:
         super().__init__()
         self.logit_scale = LogitScale(logit_scale, learnable_scale, max_scale)
         self.gather = gather
         self.false_negatives = _check_false_negatives(false_negatives)
         self.block_size = _check_block_size(block_size)
+        self.queue_size = _check_queue_size(queue_size)
+        if self.queue_size:  # lazy: [0] until the first training step knows D
+            self.register_buffer("queue", torch.zeros(0))  # [N, D] fp32, unit rows
+            self.register_buffer("queue_groups", torch.zeros(0, dtype=torch.int64))  # [N]
+            self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.int64))  # next row to write
+            self.register_buffer("queue_filled", torch.zeros((), dtype=torch.int64))  # rows holding an embedding
+
+    def queued(self) -> tuple[Tensor, Tensor]:
+        """The queue's filled rows, oldest first: ``(embeds [n, D], group ids [n])`` (``n <= queue_size``)."""
+        if not self.queue_size or self.queue.numel() == 0:
+            return torch.zeros(0, 0), torch.zeros(0, dtype=torch.int64)
+        n, ptr = int(self.queue_filled), int(self.queue_ptr)
+        order = torch.arange(ptr - n, ptr, device=self.queue.device) % self.queue_size
+        return self.queue[order], self.queue_groups[order]
+
+    @torch.no_grad()
+    def enqueue(self, rows: Tensor, groups: Tensor | None = None) -> None:
+        """Append ``rows [m, D]`` (normalised here, detached) FIFO: the oldest rows are overwritten; ``groups [m]``
+        int64 ids (None or negative ids: rows that match no group)."""
+        if not self.queue_size:
+            raise RuntimeError("this ClipLoss has no queue (queue_size=0)")
+        rows = F.normalize(rows.detach().float(), dim=-1)
+        if self.queue.numel() == 0:
+            self.queue = torch.zeros(self.queue_size, rows.shape[1], device=rows.device)
+            self.queue_groups = torch.full((self.queue_size,), _NO_GROUP, dtype=torch.int64, device=rows.device)
+        if rows.shape[1] != self.queue.shape[1]:
+            raise ValueError(f"queue rows have width {self.queue.shape[1]}, got rows of width {rows.shape[1]}")
+        g = torch.full((len(rows),), _NO_GROUP, dtype=torch.int64, device=rows.device) if groups is None else groups
+        g = torch.where(g < 0, torch.full_like(g, _NO_GROUP), g)  # group_ids' per-batch ids of unlabelled rows
+        rows, g = rows[-self.queue_size:], g[-self.queue_size:]  # more rows than the queue: the newest ones
+        idx = (int(self.queue_ptr) + torch.arange(len(rows), device=rows.device)) % self.queue_size
+        self.queue[idx] = rows.to(self.queue.device)
+        self.queue_groups[idx] = g.to(self.queue_groups.device)
+        self.queue_ptr.fill_((int(self.queue_ptr) + len(rows)) % self.queue_size)
+        self.queue_filled.fill_(min(int(self.queue_filled) + len(rows), self.queue_size))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # The queue is allocated at the first step: size the (still empty) buffers to the checkpoint's
+        # before the copy, or empty them again for a checkpoint saved before any step.
+        if self.queue_size:
+            for name in ("queue", "queue_groups"):
+                saved, mine = state_dict.get(prefix + name), getattr(self, name)
+                if saved is None or tuple(saved.shape) == tuple(mine.shape):
+                    continue
+                if saved.numel() and len(saved) != self.queue_size:
+                    error_msgs.append(f"{prefix}{name}: the checkpoint's queue holds {len(saved)} rows, this loss has "
+                                      f"queue_size={self.queue_size} (resume with the same queue_size)")
+                    continue
+                if saved.numel() == 0 or mine.numel() == 0:
+                    setattr(self, name, torch.empty(saved.shape, dtype=mine.dtype, device=mine.device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def forward(
         self, a_embeds: Tensor, b_embeds: Tensor, groups: Tensor | None = None, mask: Tensor | None = None
     ) -> dict[str, Tensor]:
         """Args: ``mask [B]`` bool (optional): rows that hold both towers (partial-modality batches). The
-        others are neither queries nor negatives; the loss equals the loss of the valid rows alone, across
-        ranks too (:func:`masked_row_mean`)."""
+        others are neither queries nor negatives (nor enqueued); the loss equals the loss of the valid rows
+        alone, across ranks too (:func:`masked_row_mean`)."""
+        use_queue = bool(self.queue_size) and self.training
+        if use_queue and _under_functorch():
+            raise RuntimeError(
+                "ClipLoss(queue_size>0) updates its queue buffer in place every step, which torch.func transforms "
+                "(vmap/grad: the `--sweep` engine of mmalign/training/sweep.py) cannot do: train the runs one by "
+                "one without --sweep, or set queue_size: 0")
         a, b = F.normalize(a_embeds.float(), dim=-1), F.normalize(b_embeds.float(), dim=-1)
         scale = self.logit_scale()
         rank = 0
@@ -191,7 +290,7 @@ class ClipLoss(nn.Module):
             all_a, rank = gather_with_grad(a)
             all_b, _ = gather_with_grad(b)
         offset = rank * a.shape[0]
-        same = None
+        same = all_groups = None
         if self.false_negatives == "mask" and groups is not None:
             all_groups = gather_groups(groups) if self.gather else groups
             same = (groups, all_groups)
@@ -199,6 +298,21 @@ class ClipLoss(nn.Module):
         if mask is not None:  # partial-modality batch: rows without both towers are neither queries nor negatives
             valid = mask.bool()
             all_valid = gather_groups(valid.long()).bool() if self.gather else valid  # [W*B]
+        queue = queue_groups = None
+        if use_queue and int(self.queue_filled) > 0:  # a copy: the enqueue below (and a checkpointed block's
+            queue, queue_groups = self.queued()          # recompute in the backward) must see this step's queue
+            queue = queue.to(a.device).clone()           # [n, D]
+        out = self._loss(a, b, all_a, all_b, scale, offset, same, valid, all_valid, queue, queue_groups)
+        if use_queue:  # after the loss: this batch is a negative of the next steps, never of itself
+            rows = all_b.detach()
+            g = all_groups  # stored for false_negatives="mask" (the only reader); None: rows of no group
+            if all_valid is not None:
+                rows, g = rows[all_valid], (g[all_valid] if g is not None else None)
+            if len(rows):
+                self.enqueue(rows, g)
+        return {"clip_loss": out}
+
+    def _loss(self, a, b, all_a, all_b, scale, offset, same, valid, all_valid, queue, queue_groups) -> Tensor:
         if valid is None and (self.block_size is None or self.block_size >= a.shape[0]):
             logits_per_a = scale * a @ all_b.T  # [B, W*B]
             logits_per_b = scale * b @ all_a.T  # [B, W*B]
@@ -207,10 +321,14 @@ class ClipLoss(nn.Module):
                 same_mask = same_group_mask(same[0], same[1], offset)
                 logits_per_a = logits_per_a.masked_fill(same_mask, float("-inf"))
                 logits_per_b = logits_per_b.masked_fill(same_mask, float("-inf"))
-            loss = (F.cross_entropy(logits_per_a, labels) + F.cross_entropy(logits_per_b, labels)) / 2
-            return {"clip_loss": loss}
+            if queue is not None:  # the queue's columns after the batch's: [B, W*B + n]
+                logits_q = scale * a @ queue.T
+                if same is not None:
+                    logits_q = logits_q.masked_fill(same[0][:, None] == queue_groups[None, :], float("-inf"))
+                logits_per_a = torch.cat([logits_per_a, logits_q], dim=1)
+            return (F.cross_entropy(logits_per_a, labels) + F.cross_entropy(logits_per_b, labels)) / 2
 
-        def rows_loss(start: int, stop: int, x: Tensor, y: Tensor, s: Tensor) -> Tensor:
+        def rows_loss(start: int, stop: int, x: Tensor, y: Tensor, s: Tensor, extra: Tensor | None = None) -> Tensor:
             logits = s * x[start:stop] @ y.T  # [block, W*B]
             labels = torch.arange(start, stop, device=x.device) + offset
             if same is not None:
@@ -218,16 +336,22 @@ class ClipLoss(nn.Module):
                 same_mask[torch.arange(stop - start, device=x.device), labels] = False
                 logits = logits.masked_fill(same_mask, float("-inf"))
             if valid is not None:
+                logits = logits.masked_fill(~all_valid[None, :], float("-inf"))
+            if extra is not None:  # queue columns appended per block: [block, W*B + n]
+                logits_q = s * x[start:stop] @ extra.T
+                if same is not None:
+                    logits_q = logits_q.masked_fill(same[0][start:stop, None] == queue_groups[None, :], float("-inf"))
+                logits = torch.cat([logits, logits_q], dim=1)
+            if valid is not None:
                 keep = valid[start:stop]
-                logits = logits.masked_fill(~all_valid[None, :], float("-inf"))[keep]
-                labels = labels[keep]
+                logits, labels = logits[keep], labels[keep]
             return F.cross_entropy(logits, labels, reduction="sum")
 
         n = a.shape[0]
-        total = (row_blocked_sum(rows_loss, n, self.block_size, a, all_b, scale)
+        rows_loss_a = rows_loss if queue is None else (lambda start, stop, x, y, s: rows_loss(start, stop, x, y, s, queue))
+        total = (row_blocked_sum(rows_loss_a, n, self.block_size, a, all_b, scale)
                  + row_blocked_sum(rows_loss, n, self.block_size, b, all_a, scale)) / 2
-        loss = total / n if valid is None else masked_row_mean(total.reshape(1), valid.sum())
-        return {"clip_loss": loss}
+        return total / n if valid is None else masked_row_mean(total.reshape(1), valid.sum())
 
 
 class SigLipLoss(nn.Module):
