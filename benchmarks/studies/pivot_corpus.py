@@ -236,10 +236,11 @@ def variant_model(v: dict, seed: int):
         model.objectives.append(Objective(CosineLoss(), ["student", "teacher"], weight=float(v["cosine"])))
     if v.get("clip_weight") is not None:
         model.objectives[0].weight = float(v["clip_weight"])
+    queue = int(v.get("queue") or 0)  # the product's queue of negatives: ClipLoss(queue_size=...), as the YAML sets it
     if v.get("temperature"):
-        model.objectives[0].loss = ClipLoss(logit_scale=1.0 / v["temperature"], learnable_scale=False)
+        model.objectives[0].loss = ClipLoss(logit_scale=1.0 / v["temperature"], learnable_scale=False, queue_size=queue)
     else:
-        model.objectives[0].loss = ClipLoss()
+        model.objectives[0].loss = ClipLoss(queue_size=queue)
     model.hparams["mixup_alpha"] = v.get("mixup")
     return model
 
@@ -253,7 +254,10 @@ def fit_features(v: dict, x_s: torch.Tensor, x_t: torch.Tensor, steps: int, seed
     ``schedule: cosine`` (``CosineAnnealingLR`` over the ``steps``: cosine decay to 0), ``noise`` (Gaussian input
     noise std), ``bank`` (a memory bank of ``bank`` teacher rows drawn at random from the training set each step as
     extra InfoNCE negatives for the student -> teacher direction: the teacher is frozen and has no projector, so its
-    features are exact, never stale; a bank row equal to a batch row's own text is masked), ``bank_weight``."""
+    features are exact, never stale; a bank row equal to a batch row's own text is masked), ``bank_weight``.
+    ``queue`` (a :func:`variant_model` key): the product's version of the bank, ``mmalign.ClipLoss(queue_size=queue)``:
+    a FIFO of the teacher rows of the last ``queue / batch`` steps inside the InfoNCE's student -> teacher softmax
+    (no separate loss term), what ``queue_size`` in the recipe YAML trains."""
     import torch.nn.functional as F
 
     from mmalign.training.mixup import mixup_batch
