@@ -176,3 +176,61 @@ def test_large_manifest_feeds_the_cache_columns_and_reopens_mapped(tmp_path, mon
     assert len(first) == len({f"caption {i % 999}" for i in range(1, n, 2)}) and index.min() == 0
     again = pickle.loads(pickle.dumps(src))
     assert again[len(again) - 1]["id"] == f"r{n - 1}" and np.array_equal(again._index, src._index)
+
+
+def _small_blocks(monkeypatch, block: int = 256) -> None:
+    """Blocks and pieces of a few lines: the multi-block paths of a 10M-row file on a tiny one."""
+    from mmalign.data.sources import manifest_table
+
+    monkeypatch.setattr(manifest_table, "_BLOCK", block)
+    monkeypatch.setattr(manifest_table, "_PIECE", block)
+
+
+def _no_nulls(value):
+    return {k: _no_nulls(v) for k, v in value.items() if v is not None} if isinstance(value, dict) else value
+
+
+def test_columns_and_types_that_change_after_the_first_block_as_the_row_reader(tmp_path, monkeypatch):
+    """A key first seen late, a null column turning string, an int column turning float, a struct gaining a key:
+    read piece by piece and unified, the same rows as the row reader (no fallback to it)."""
+    rows = [{"id": f"r{i}", "lang": "en", "text": f"t{i}", "score": i, "note": None, "meta": {"a": i}} for i in range(40)]
+    rows += [{"id": f"s{i}", "lang": "de", "text": f"u{i}", "score": i + 0.5, "note": f"n{i}", "meta": {"b": "x"},
+              "text_en": f"e{i}"} for i in range(40)]
+    path = tmp_path / "late.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _small_blocks(monkeypatch)
+    old, new = _read(monkeypatch, path, False), _read(monkeypatch, path, True)
+    assert isinstance(new[0], ManifestTableSource) and new[0].table.num_rows == 80
+    # as in one block: a null value is an absent key, a struct holds the keys of every row (null where absent)
+    assert [_no_nulls(r) for r in new[1]] == [_no_nulls(r) for r in old[1]]
+    assert new[1][79]["text_en"] == "e39" and new[1][3]["score"] == 3 and new[1][40]["meta"] == {"a": None, "b": "x"}
+    assert not list((tmp_path / "arrow").glob("*.tmp*"))  # the spilled pieces are gone
+
+
+def test_a_type_change_across_blocks_goes_to_the_row_reader(tmp_path, monkeypatch):
+    """A string column holding a number in a later block: the row reader reads it (the old whole-file read_json turned
+    the number into a string)."""
+    rows = [{"id": f"r{i}", "lang": "en", "text": f"t{i}", "tag": "x"} for i in range(40)] + [{"id": "z", "lang": "en", "text": "t", "tag": 5}]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _small_blocks(monkeypatch)
+    old, new = _read(monkeypatch, path, False), _read(monkeypatch, path, True)
+    assert isinstance(new[0], ManifestDataset) and new[1] == old[1] and new[1][-1]["tag"] == 5
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+def test_small_blocks_keep_rows_verdicts_and_line_numbers(kind, tmp_path, monkeypatch):
+    """Many small blocks (as a 10M-row file is read) give the rows, verdicts and messages of one block."""
+    rows = _rows(tmp_path) * 6
+    for k, r in enumerate(rows):
+        if r and "id" in r:
+            r = rows[k] = dict(r, id=f"{r['id']}{k}")  # unique ids: the bad rows left are the field problems
+    path = _write(tmp_path, kind, rows)
+    kw = {"required_fields": ["text", "image"], "on_error": "skip"}
+    _small_blocks(monkeypatch)
+    old, new = _read(monkeypatch, path, False, **kw), _read(monkeypatch, path, True, **kw)
+    assert isinstance(new[0], ManifestTableSource) and len(new[0].table.to_batches()) > 3
+    assert new[1] == old[1] and new[2] == old[2] and new[3] == old[3]
+    kw["on_error"] = "error"
+    first_old, first_new = _read(monkeypatch, path, False, **kw), _read(monkeypatch, path, True, **kw)
+    assert first_new == first_old and first_new[0] == "ManifestRowError"
