@@ -115,3 +115,76 @@ def test_mismatched_checkpoint_is_refused(runs, tmp_path):
     cli = load_recipe(_args(Path(ckpt["datamodule_hyper_parameters"]["train"]).parent, tmp_path / "x")[4:])
     with pytest.raises(RuntimeError, match=rf"size mismatch for {name}.*copying a param with shape"):
         cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=str(bad))
+
+
+# -- resume from a checkpoint taken at an epoch end -------------------------------------------------------------
+# Lightning does not checkpoint the global RNG, and a sampler seeded from it once reshuffled a resumed epoch
+# differently. The training sampler's order is a function of (seed, epoch) (EpochRandomSampler; the resident
+# loader's permutation likewise), so a fit resumed from the epoch-0 checkpoint sees the uninterrupted run's
+# epoch-1 batches and ends with bit-identical weights, from raw files, a feature cache and resident features.
+
+class _BatchIds(__import__("lightning").Callback):
+    """Records ``(epoch, row ids)`` of every training batch."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, tuple[str, ...]]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append((trainer.current_epoch, tuple(batch["meta"]["id"])))
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(synthetic_data, tmp_path_factory) -> Path:
+    import yaml
+
+    from mmalign.cli import main
+    from mmalign.recipe import load_config
+
+    tmp = tmp_path_factory.mktemp("epoch_resume_cache")
+    recipe = tmp / "recipe.yaml"  # the tiny recipe composed into one file, on this session's synthetic data
+    recipe.write_text(yaml.safe_dump(load_config("lit_contrastive", variant="tiny")).replace("data/synthetic", str(synthetic_data)))
+    main(["cache", "--config", str(recipe), "--output", str(tmp / "cache"),
+          "--dtype=float32", "--progress=false"])
+    return tmp / "cache"
+
+
+def _epoch_fit(data: Path, root: Path, extra: list[str], ckpt: Path | None = None) -> tuple[dict, list]:
+    from mmalign.recipe import load_recipe
+
+    args = [
+        "--config", str(CONFIGS[0]), "--config", str(CONFIGS[1]), "--seed_everything=0",
+        "--data.init_args.train", str(data / "train.jsonl"), "--data.init_args.val", str(data / "val.jsonl"),
+        "--trainer.max_epochs=2", "--trainer.num_sanity_val_steps=0", "--trainer.enable_checkpointing=true",
+        f"--trainer.default_root_dir={root}", "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={root / 'ckpt'}",
+        "--trainer.callbacks.save_top_k=-1", "--trainer.callbacks.every_n_epochs=1",
+        "--model.init_args.towers.text.init_args.projector.init_args.dropout=0.0", *extra,  # see _args
+    ]
+    cli = load_recipe(args)
+    ids = _BatchIds()
+    cli.trainer.callbacks.append(ids)
+    cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=None if ckpt is None else str(ckpt))
+    return {k: v.detach().clone() for k, v in cli.model.state_dict().items()}, ids.seen
+
+
+@pytest.mark.parametrize("source", ["raw", "cached", "resident"])
+def test_resume_at_epoch_end_matches_uninterrupted(source, synthetic_data, tiny_cache, tmp_path):
+    extra = {"raw": [], "cached": [f"--data.init_args.cache_dir={tiny_cache}"],
+             "resident": [f"--data.init_args.cache_dir={tiny_cache}", "--data.init_args.resident=true"]}[source]
+    full_w, full_seen = _epoch_fit(synthetic_data, tmp_path / "full", extra)
+    epoch0 = sorted((tmp_path / "full/ckpt").glob("epoch=0-*.ckpt"))
+    assert len(epoch0) == 1, sorted((tmp_path / "full/ckpt").iterdir())
+    # The resumed run starts from the uninterrupted run's epoch-end checkpoint, in a fresh process state: the
+    # recipe seeds the global RNG again, so its state differs from the one the uninterrupted run had after epoch 0.
+    start = tmp_path / "resumed/ckpt/start.ckpt"
+    start.parent.mkdir(parents=True)
+    start.write_bytes(epoch0[0].read_bytes())
+    assert torch.load(start, weights_only=True)["epoch"] == 0
+    res_w, res_seen = _epoch_fit(synthetic_data, tmp_path / "resumed", extra, ckpt=start)
+
+    first, second = [b for e, b in full_seen if e == 0], [b for e, b in full_seen if e == 1]
+    assert len(first) == len(second) == 4 and first != second  # 4 steps an epoch, reshuffled each epoch
+    assert [e for e, _ in res_seen] == [1] * 4  # only epoch 1 ran again ...
+    assert [b for _, b in res_seen] == second  # ... on exactly the uninterrupted run's batches
+    assert full_w.keys() == res_w.keys()
+    for name, p in full_w.items():
+        assert torch.equal(res_w[name], p), name

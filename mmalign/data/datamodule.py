@@ -9,8 +9,9 @@ from typing import Any, Callable
 import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import RandomSampler as StatefulRandomSampler
 
 from mmalign.data.collate import TowerCollator, tower_fields
 from mmalign.data.manifest import ManifestDataset
@@ -35,6 +36,51 @@ def _to_device(value: Any, device: torch.device) -> Any:
     if type(value) in (list, tuple):
         return type(value)(_to_device(v, device) for v in value)
     return move_data_to_device(value, device)
+
+
+class EpochRandomSampler(StatefulRandomSampler, RandomSampler):
+    """A shuffled order that is a pure function of ``(seed, epoch)``, as ``DistributedSampler.set_epoch`` gives.
+
+    torchdata's ``RandomSampler`` seeds its generator once from the global RNG and lets it run on across epochs,
+    so an epoch's order depends on every random draw made before it. Lightning does not checkpoint the global
+    RNG, so a fit resumed from a checkpoint taken at an epoch end reshuffled differently from the uninterrupted
+    run. Here each epoch's permutation is drawn from a generator seeded with ``seed + epoch`` (the epoch Lightning
+    passes to ``set_epoch`` before every epoch, the one the checkpoint restores). Mid-epoch resume is unchanged:
+    torchdata's iterator still saves the generator state and the position within the epoch.
+
+    Lightning builds the loader's first iterator (torchdata draws the permutation then) before it calls
+    ``set_epoch``, so the DataModule passes the epoch the fit loop is at (``epoch``): on a resumed fit that is
+    the restored one, not 0. The seed is saved with the loader's state (``state_dict``) and restored from a
+    mid-epoch checkpoint; Lightning restores no loader state from an epoch-end one, so there the seed is the
+    resumed process' ``torch.initial_seed()``: exact for a seeded run (``seed_everything``, as the recipes set),
+    not for an unseeded one. The epoch is never restored from that state (Lightning's ``set_epoch`` names it).
+
+    A subclass of torch's ``RandomSampler`` as well, so Lightning sees a shuffled loader and, under DDP, swaps in a
+    ``DistributedSampler(shuffle=True, seed=<run seed>)`` (itself a function of the seed and epoch).
+
+    Args:
+        data_source: The map-style dataset.
+        seed: Base seed (default: ``torch.initial_seed()``, the run's seed, as the resident loader uses).
+        epoch: The epoch of the first iteration.
+    """
+
+    def __init__(self, data_source: Any, seed: int | None = None, epoch: int = 0) -> None:
+        super().__init__(data_source, generator=torch.Generator())
+        self.seed = int(torch.initial_seed() if seed is None else seed) % (2**63)
+        self.epoch = int(epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Any:
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.seed = int(state["seed"])
 
 
 class AlignmentDataModule(L.LightningDataModule):
@@ -186,12 +232,13 @@ class AlignmentDataModule(L.LightningDataModule):
 
             collate = passthrough
         # torchdata's StatefulDataLoader checkpoints its sampler position and shuffle state: Lightning then
-        # resumes a killed fit mid-epoch on exactly the batches the uninterrupted run would have seen.
+        # resumes a killed fit mid-epoch on exactly the batches the uninterrupted run would have seen; the
+        # sampler's order is a function of (seed, epoch), so a fit resumed at an epoch end does too.
         stream = isinstance(ds, IterableDataset)  # WebDataset shards: shuffled by shard, split by rank and worker
         return StatefulDataLoader(
             ds,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle and not stream,
+            sampler=EpochRandomSampler(ds, epoch=self._fit_epoch()) if shuffle and not stream else None,
             drop_last=shuffle and not stream and len(ds) > self.hparams.batch_size,
             num_workers=self.hparams.num_workers,
             collate_fn=collate,
@@ -199,6 +246,11 @@ class AlignmentDataModule(L.LightningDataModule):
             # page-locked host batches let Lightning's transfer to the GPU overlap with compute
             pin_memory=torch.cuda.is_available(),
         )
+
+    def _fit_epoch(self) -> int:
+        """The epoch Lightning's fit loop will pass to ``set_epoch`` next (restored on resume), else 0."""
+        loop = getattr(self.trainer, "fit_loop", None) if self.trainer is not None else None
+        return int(loop.epoch_progress.current.processed) if loop is not None else 0
 
     def _resident_loader(self, split: str, ds: Any) -> Any:
         """A :class:`~mmalign.cache.resident.ResidentLoader` over ``split``, or None (memory-mapped reading)."""
