@@ -151,3 +151,43 @@ def test_language_the_encoder_does_not_cover_is_an_error(tmp_path):
                                          r"Encoder Multilingual does not cover; supported: ar, de"):
         m.embed_text(["hello", "hei"], lang=["en", "fi"], tower="a")
     assert m.towers["a"].encoder._engine is None  # refused before any encoding
+
+
+def test_cli_encoder_overrides_load_an_export_naming_a_local_path(tiny_export, model, tmp_path, capsys):
+    """``mmalign embed --encoder_overrides`` is ``from_pretrained(encoder_overrides=...)``: an export whose recorded
+    encoder names a local folder is refused (docs/security.md) unless the user passes that path themselves."""
+    import shutil
+
+    from encoders.tiny import resolve_model_path
+    from mmalign.cli import main
+    from mmalign.export import ExportError
+
+    local = shutil.copytree(resolve_model_path("tiny:bert-text"), tmp_path / "my-bert")
+    target = shutil.copytree(tiny_export, tmp_path / "export")
+    cfg = json.loads((target / "config.json").read_text())
+    cfg["towers"]["text"]["encoder"]["init_args"]["model_name_or_path"] = str(local)
+    (target / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "t.txt").write_text("a red apple\nein Hund\n")
+    out, args = tmp_path / "t.npy", ["embed", "--model", str(target), "--input", str(tmp_path / "t.txt"), "--progress=false"]
+    with pytest.raises(ExportError, match=r"names a local path; .*mmalign embed: --encoder_overrides"):
+        main([*args, "--output", str(out)])
+    assert not out.exists()
+    overrides = f"{{text: {{model_name_or_path: {local}}}}}"
+    # the same strictness as the Python API: another path is another cache_key, refused unless --strict false
+    with pytest.raises(ExportError, match="is not the one the projector was trained on"):
+        main([*args, "--output", str(out), "--encoder_overrides", overrides])
+    with pytest.warns(UserWarning, match="is not the one the projector was trained on"):
+        main([*args, "--output", str(out), "--encoder_overrides", overrides, "--strict", "false"])
+    np.testing.assert_allclose(np.load(out), model.embed_text(["a red apple", "ein Hund"]).numpy(), atol=1e-6)
+    # an ensemble's members get the overrides too
+    with pytest.warns(UserWarning, match="is not the one the projector was trained on"):
+        main([*args[:2], f"[{target}, {target}]", *args[3:], "--output", str(tmp_path / "e.npy"),
+              "--encoder_overrides", overrides, "--strict", "false"])
+    ref = model.embed_text(["a red apple", "ein Hund"])
+    np.testing.assert_allclose(np.load(tmp_path / "e.npy"), torch.nn.functional.normalize(ref, dim=-1).numpy(), atol=1e-6)
+    # validated as the API validates it: a tower the export lacks, and a value that is not {tower: {arg: value}}
+    with pytest.raises(ExportError, match=r"encoder_overrides names tower 'txt', which is not loaded"):
+        main([*args, "--output", str(out), "--encoder_overrides", f"{{txt: {{model_name_or_path: {local}}}}}"])
+    with pytest.raises(SystemExit):
+        main([*args, "--output", str(out), "--encoder_overrides", "[text]"])
+    assert "encoder_overrides" in capsys.readouterr().err

@@ -202,6 +202,8 @@ def embed(
     dtype: str | None = None,
     progress: bool = True,
     on_error: str = "error",
+    encoder_overrides: dict[str, dict[str, Any]] | None = None,
+    strict: bool = True,
 ) -> None:
     """Embed a file of items with an exported model and save the ``[N, D]`` float32 matrix as ``.npy``.
 
@@ -228,6 +230,13 @@ def embed(
         on_error: ``"error"`` (default): a line or row that is not UTF-8 (or a bad manifest row) stops the
             run naming the file and line; ``"skip"``: it is left out and counted (the output then has
             fewer rows than the input has lines; the skipped line numbers are printed).
+        encoder_overrides: ``{tower: {init_arg: value}}`` replacing recorded encoder arguments, as
+            :meth:`AlignedModel.from_pretrained` takes them (every member of an ensemble gets them), e.g.
+            ``--encoder_overrides '{text: {model_name_or_path: /models/xlm-roberta-base}}'``: the way to load an
+            export whose recorded encoder names a local path (refused otherwise, docs/security.md), or to run
+            a local copy of its hub model. A tower the export does not have is an error.
+        strict: Refuse an encoder whose ``cache_key`` differs from the recorded one (``false``: a warning). A
+            different local path usually changes it: pass ``--strict false`` with such overrides.
 
     Raises:
         DiskFullError: The disk filled up while writing ``output`` (an ``OSError``; the message names the
@@ -247,8 +256,9 @@ def embed(
             raise ValueError(f"{input} gives a language per row; --lang is for .txt lists")
         langs = [lang] * len(got.items)
     paths = [model] if isinstance(model, str) else list(model)
-    aligned: Any = AlignedModel.from_pretrained(paths[0], device=device, dtype=dtype) if len(paths) == 1 else \
-        AlignedEnsemble.from_pretrained(paths, device=device, dtype=dtype)
+    load = {"device": device, "dtype": dtype, "encoder_overrides": encoder_overrides, "strict": strict}
+    aligned: Any = AlignedModel.from_pretrained(paths[0], **load) if len(paths) == 1 else \
+        AlignedEnsemble.from_pretrained(paths, **load)
     name = aligned.select_tower(field=None if tower else got.field, tower=tower)
     is_text = str(aligned.towers[name].encoder.modality) == "text"
     unique, unique_langs, inverse = deduplicate(got.items, langs if is_text else None)
