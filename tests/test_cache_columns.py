@@ -91,3 +91,48 @@ def test_progress_bar_moves_per_forward_batch(tmp_path, monkeypatch):
     rows = [{"id": f"r{i}", "concept": f"c{i}", "lang": "en", "text": f"text {i}"} for i in range(40)]
     write_split(rows, {"text": Tower(_Lengths(), "text")}, tmp_path / "c", shard_size=32, batch_size=8, fingerprint="rows")
     assert updates == [8, 8, 8, 8, 8]  # 4 batches of shard 0, 1 of shard 1
+
+
+class _Picky(_Lengths):
+    """Refuses any text holding "BAD" (a batch with one fails as a whole; the collator then finds the item)."""
+
+    def preprocess(self, items):
+        if any("BAD" in t for t in items):
+            raise ValueError("cannot read BAD")
+        return super().preprocess(items)
+
+
+@pytest.mark.parametrize("policy", ["skip", "error"])
+def test_text_items_batched_directly_as_through_the_collator(policy, tmp_path, monkeypatch):
+    """Text items are preprocessed a batch at a time in the writer's process (no row dict, no DataLoader per item); a
+    batch that fails goes through the collator: the same features, skipped rows and errors as the collator path."""
+    import mmalign.cache.encode as encode
+    from mmalign.data.policy import BadInputError
+
+    rows = [{"id": f"r{i}", "concept": f"c{i}", "lang": "en", "text": "BAD one" if i == 13 else f"t {'a' * (i % 5)} {i}"}
+            for i in range(40)]
+    calls = []
+
+    def via_collator(self, labels, values):
+        calls.append(len(values))
+        return self(list(zip(labels, values)))
+
+    def write(name):
+        return write_split(rows, {"text": Tower(_Picky(), "text")}, tmp_path / name, shard_size=16, batch_size=8,
+                           progress=False, fingerprint="rows", on_error=policy)
+
+    if policy == "error":
+        with pytest.raises(BadInputError) as direct:
+            write("a")
+        monkeypatch.setattr(encode.ItemCollate, "direct_batch", via_collator)
+        with pytest.raises(BadInputError) as collated:
+            write("b")
+        assert str(direct.value) == str(collated.value) and direct.value.item_id == "r13" and direct.value.reason == "bad text"
+        return
+    a = write("a")
+    monkeypatch.setattr(encode.ItemCollate, "direct_batch", via_collator)
+    b = write("b")
+    assert calls and a == b and a["skipped_rows"].keys() == {"r13"}
+    entry = next(iter(a["entries"]))
+    for shard in ("shard-00000", "shard-00001", "shard-00002"):
+        assert np.array_equal(np.load(tmp_path / "a" / entry / f"{shard}.pooled.npy"), np.load(tmp_path / "b" / entry / f"{shard}.pooled.npy"))

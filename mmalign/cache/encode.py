@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from mmalign.cache.format import CacheError
 from mmalign.data.collate import TowerCollator
+from mmalign.data.manifest import PATH_FIELDS
 from mmalign.data.policy import BadInputError, BadInputReport, check_finite
 
 if TYPE_CHECKING:
@@ -54,8 +55,22 @@ class ItemCollate:
 
     def __init__(self, plan: "EntryPlan", on_error: str, silent_audio: str, max_image_pixels: int | None) -> None:
         self.field = plan.field
-        self.collator = TowerCollator({plan.towers[0]: (plan.field, plan.encoder.preprocess)}, on_error, silent_audio,
+        self.preprocess = plan.encoder.preprocess
+        self.collator = TowerCollator({plan.towers[0]: (plan.field, self.preprocess)}, on_error, silent_audio,
                                       max_image_pixels=max_image_pixels)
+        #: Items the collator would hand to ``preprocess`` unchanged (text: no file, no decoding, no pixel budget).
+        self.direct = plan.field not in PATH_FIELDS and str(getattr(plan.encoder, "modality", "")) != "speech"
+
+    def direct_batch(self, labels: Sequence[str], values: list[Any]) -> tuple[dict[str, torch.Tensor] | None, list[int], list[Bad]]:
+        """What ``self(list(zip(labels, values)))`` returns for direct items, with nothing built per item: one
+        ``preprocess`` call on the batch; a batch it fails on (or holding a None) goes through the collator, which
+        finds and names the bad items exactly as for ``mmalign fit``."""
+        if None not in values:
+            try:
+                return self.preprocess(values), range(len(values)), []  # type: ignore[return-value]
+            except Exception:  # noqa: BLE001 - the collator retries the batch and judges item by item
+                pass
+        return self(list(zip(labels, values)))
 
     def __call__(self, pairs: list[tuple[str, Any]]) -> tuple[dict[str, torch.Tensor] | None, list[int], list[Bad]]:
         rows = [{"id": item_id, "concept": item_id, "lang": "und", self.field: value} for item_id, value in pairs]
@@ -96,10 +111,14 @@ def encode_shard(
     """
     start, count = plan.shards[k]
     labels = plan.item_ids[start:start + count]  # this shard's items only: read from the row table now
-    loader = DataLoader(
-        list(zip(labels, plan.items[start:start + count])), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        collate_fn=ItemCollate(plan, on_error, silent_audio, max_image_pixels),
-    )
+    values = plan.items[start:start + count]
+    collate = ItemCollate(plan, on_error, silent_audio, max_image_pixels)
+    if collate.direct and num_workers == 0:  # text in this process: batches sliced, no row dict or DataLoader per item
+        loader: Any = (collate.direct_batch(labels[a:a + batch_size], values[a:a + batch_size])
+                       for a in range(0, count, batch_size))
+    else:
+        loader = DataLoader(list(zip(labels, values)), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                            collate_fn=collate)
     np_dtype = np.dtype(dtype)
     dim = int(plan.encoder.output_dim)
     tok_dim = getattr(plan.encoder, "token_dim", None) or dim  # only used if no item of the shard is good
@@ -123,7 +142,10 @@ def encode_shard(
             p_kept = out.pooled.float().cpu()  # [k, D]
             dim = int(p_kept.shape[1])
             pool = torch.zeros(b, dim)
-            ids_kept, at = [labels[i0 + j] for j in kept], [i0 + j for j in kept]
+            if isinstance(kept, range):  # every item of the batch (the direct path): slices, not lists
+                ids_kept, at, kept = labels[i0:i0 + b], range(i0, i0 + b), slice(0, b)
+            else:
+                ids_kept, at = [labels[i0 + j] for j in kept], [i0 + j for j in kept]
             keep = _finite_rows(p_kept, ids_kept, f"features/{plan.field}/pooled", on_error, bad, at)
             if plan.tokens:
                 if out.tokens is None:

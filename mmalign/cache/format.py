@@ -120,10 +120,10 @@ def item_digests(items: Sequence[Any], field: str, mode: str) -> np.ndarray:
     """``[M]`` uint64 digest per item: its value, plus file size/mtime (``stat``) or bytes (``content``)."""
     if mode not in FINGERPRINT_MODES:
         raise ValueError(f"fingerprint mode must be one of {FINGERPRINT_MODES}, got {mode!r}")
-    out = np.empty(len(items), dtype=np.uint64)
-    for i, value in enumerate(items):
-        out[i] = int.from_bytes(hashlib.sha1(_item_text(field, value, mode)).digest()[:8], "little")
-    return out
+    sha1, plain = hashlib.sha1, field not in PATH_FIELDS or mode == "rows"  # plain: a string value is hashed alone
+    digests = b"".join(sha1(v.encode("utf-8", "surrogatepass") if plain and isinstance(v, str) else _item_text(field, v, mode))
+                       .digest()[:8] for v in items)  # one tight pass, no per-item array write
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)  # the first 8 digest bytes, little-endian
 
 
 def digest(*parts: Any) -> str:
