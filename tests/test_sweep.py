@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -133,31 +135,99 @@ def test_sweep_members_grid_and_names():
         sweep_members([0], {"lr": []})
 
 
+@functools.lru_cache(maxsize=None)
+def _tiny_text_encoder():
+    import encoders
+
+    return encoders.HFTextEncoder("tiny:xlmr-text")  # frozen: one instance serves every tower of these modules
+
+
+def _alignment_module(seed, mixup_alpha):
+    from mmalign import AlignmentModule, ClipLoss, Objective, Tower
+
+    encoder = _tiny_text_encoder()
+    torch.manual_seed(seed)
+    towers = {name: Tower(encoder, field=field, projector=projectors.Linear) for name, field in (("a", "text"), ("b", "text_en"))}
+    return AlignmentModule(towers, [Objective(ClipLoss(), ["a", "b"])], embed_dim=8, mixup_alpha=mixup_alpha)
+
+
+def test_latent_mixup_in_a_sweep_equals_the_lone_mixup_run():
+    """``mixup_alpha`` in a sweep: one mix per batch (one lambda, one permutation), drawn from the global stream
+    where a lone run of the recipe draws it and shared by every member, so each member equals its lone mixup run
+    under the same stream (the recipe's seed: data order and mixes); without mixup the members end elsewhere."""
+    from mmalign.training.sweep import SweepModule
+
+    gen = torch.Generator().manual_seed(2)
+    batches = [{"meta": {"id": [f"r{i}" for i in range(8)], "concept": [f"c{i}" for i in range(8)]},
+                "features": {t: {"pooled": torch.randn(8, 32, generator=gen)} for t in ("a", "b")}} for _ in range(4)]
+
+    def sweep(alpha):
+        module = SweepModule([_alignment_module(s, alpha) for s in (0, 3)], seeds=[0, 3])
+        torch.manual_seed(11)
+        for batch in batches:
+            module.training_step(batch, 0)
+        return module
+
+    mixed, plain = sweep(1.0), sweep(None)
+    for i, seed in enumerate((0, 3)):
+        lone = _alignment_module(seed, 1.0)
+        opt = lone.configure_optimizers()
+        opt = opt["optimizer"] if isinstance(opt, dict) else opt
+        torch.manual_seed(11)
+        for batch in batches:
+            loss = lone.training_step(batch, 0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        member, unmixed = dict(mixed.member(i).named_parameters()), dict(plain.member(i).named_parameters())
+        trained = {n: p for n, p in lone.named_parameters() if p.requires_grad}
+        for name, p in trained.items():
+            torch.testing.assert_close(member[name], p, rtol=1e-4, atol=1e-6, msg=f"{seed} {name}")
+        assert any(not torch.allclose(unmixed[n], p, atol=1e-4) for n, p in trained.items()), seed
+
+
 _SCHEDULE = ["--model.init_args.scheduler.class_path=torch.optim.lr_scheduler.LinearLR",  # warm-up over 3 steps
              "--model.init_args.scheduler.init_args.start_factor=0.1", "--model.init_args.scheduler.init_args.total_iters=3"]
 
 
 @pytest.fixture(scope="module")
-def lit_sweep(synthetic_data, tmp_path_factory):
-    """The tiny cached LiT recipe (dropout 0: exact members) swept over seeds [0, 3] x lr [1e-3, 4e-3] with a warm-up
-    schedule for 2 epochs, checkpointing every epoch."""
+def lit_recipe(synthetic_data, tmp_path_factory):
+    """The tiny LiT recipe without dropout (members equal lone fits exactly) and its feature cache."""
     import yaml
 
     from mmalign.cli import main
-    from mmalign.recipe import MMAlignCLI, load_config
+    from mmalign.recipe import load_config
 
     tmp = tmp_path_factory.mktemp("lit_sweep")
     text = yaml.safe_dump(load_config("lit_contrastive", variant="tiny")).replace("data/synthetic", str(synthetic_data))
     recipe = tmp / "recipe.yaml"
-    recipe.write_text(text.replace("dropout: 0.1", "dropout: 0.0"))  # no dropout: members equal lone fits exactly
+    recipe.write_text(text.replace("dropout: 0.1", "dropout: 0.0"))
     main(["cache", "--config", str(recipe), "--output", str(tmp / "cache"), "--progress=false"])
     common = ["fit", "--config", str(recipe), f"--data.init_args.cache_dir={tmp / 'cache'}", "--trainer.limit_val_batches=0",
-              "--seed_everything=0", *_SCHEDULE]
-    sweep_args = ["--sweep_seeds=[0,3]", "--sweep={lr: [0.001, 0.004]}", "--trainer.enable_checkpointing=true",
-                  "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-                  "--trainer.callbacks.save_last=true", "--trainer.callbacks.every_n_train_steps=3", "--trainer.callbacks.save_top_k=0"]
-    sweep = MMAlignCLI(args=common + ["--trainer.max_epochs=2", f"--trainer.default_root_dir={tmp / 'sweep'}", *sweep_args])
-    return {"tmp": tmp, "common": common, "sweep_args": sweep_args, "sweep": sweep}
+              "--seed_everything=0", "--trainer.max_epochs=2", *_SCHEDULE]
+    return tmp, common
+
+
+_CKPT = ["--trainer.enable_checkpointing=true", "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+         "--trainer.callbacks.save_last=true", "--trainer.callbacks.every_n_train_steps=3", "--trainer.callbacks.save_top_k=-1"]
+
+
+@pytest.fixture(scope="module")
+def lit_sweep(lit_recipe):
+    """The tiny cached LiT recipe swept over seeds [0, 3] x lr [1e-3, 4e-3] with a warm-up schedule for 2 epochs
+    (8 steps), checkpointing every 3 steps (steps 3 and 6 kept) and exporting with two ``ExportOnFitEnd`` callbacks
+    (the final members, and ``best``: the members of the best checkpoint, step 6 without a monitor); and the plain
+    fit of one member's settings (lr 4e-3, seed 0)."""
+    from mmalign.recipe import MMAlignCLI
+
+    tmp, common = lit_recipe
+    sweep_args = ["--sweep_seeds=[0,3]", "--sweep={lr: [0.001, 0.004]}", *_CKPT]
+    exports = ["--trainer.callbacks+=mmalign.training.callbacks.ExportOnFitEnd", "--trainer.callbacks.best=true",
+               f"--trainer.callbacks.output={tmp / 'export_best'}",
+               "--trainer.callbacks+=mmalign.training.callbacks.ExportOnFitEnd", f"--trainer.callbacks.output={tmp / 'export'}"]
+    sweep = MMAlignCLI(args=common + [f"--trainer.default_root_dir={tmp / 'sweep'}", *sweep_args, *exports])
+    plain = MMAlignCLI(args=common + [f"--trainer.default_root_dir={tmp / 'plain'}", "--model.init_args.optimizer.init_args.lr=0.004"])
+    return {"tmp": tmp, "common": common, "sweep_args": sweep_args, "sweep": sweep, "plain": plain}
 
 
 def test_fit_sweep_member_equals_the_plain_fit_with_its_settings_and_schedule(lit_sweep):
@@ -165,16 +235,13 @@ def test_fit_sweep_member_equals_the_plain_fit_with_its_settings_and_schedule(li
     equals the plain ``mmalign fit`` with that lr (same initialisation, batches, per-step rates); other members differ;
     exports, member checkpoints and the ensemble load."""
     from mmalign.export.model import AlignedModel
-    from mmalign.recipe import MMAlignCLI
     from mmalign.training.sweep import Ensemble, SweepModule
 
-    tmp, sweep = lit_sweep["tmp"], lit_sweep["sweep"]
-    plain = MMAlignCLI(args=lit_sweep["common"] + ["--trainer.max_epochs=2", f"--trainer.default_root_dir={tmp / 'plain'}",
-                                                   "--model.init_args.optimizer.init_args.lr=0.004"])
+    tmp, sweep, plain = lit_sweep["tmp"], lit_sweep["sweep"], lit_sweep["plain"]
     assert isinstance(sweep.model, SweepModule) and sweep.trainer.global_step == plain.trainer.global_step > 3
     names = sweep.model.names
     assert names == ["lr-0.001_seed-0", "lr-0.004_seed-0", "lr-0.001_seed-3", "lr-0.004_seed-3"]
-    trained = {k: v for k, v in plain.model.named_parameters() if v.requires_grad}
+    trained = {k: v.detach().clone() for k, v in plain.model.named_parameters() if v.requires_grad}
     same = dict(sweep.model.member(names.index("lr-0.004_seed-0")).named_parameters())
     for name, p in trained.items():
         torch.testing.assert_close(same[name], p, rtol=1e-4, atol=1e-5)
@@ -186,25 +253,83 @@ def test_fit_sweep_member_equals_the_plain_fit_with_its_settings_and_schedule(li
     member_dir = out / "lr-0.004_seed-0"
     state = torch.load(member_dir / "model.ckpt", weights_only=True)["state_dict"]
     plain.model.load_state_dict(state)  # a plain fit's module loads a member's checkpoint (strict)
+    for name, p in plain.model.named_parameters():
+        if name in trained:
+            torch.testing.assert_close(p, trained[name], rtol=1e-4, atol=1e-5)
     assert "lr: 0.004" in (member_dir / "config.yaml").read_text()
     emb = AlignedModel.from_pretrained(str(member_dir)).embed(["a red square"], tower="text")
     ens = Ensemble(out).embed(["a red square", "ein blauer Kreis"], tower="text")
     assert emb.shape[0] == 1 and ens.shape[0] == 2 and torch.allclose(ens.norm(dim=-1), torch.ones(2), atol=1e-5)
 
 
+def _rows(data, n=6):
+    from mmalign.data.manifest import read_manifest
+
+    rows = read_manifest(data / "test.jsonl")[:n]
+    return [r["text"] for r in rows], [r["image"] for r in rows]
+
+
+def test_export_callback_on_a_sweep_writes_every_member(lit_sweep, synthetic_data):
+    """``ExportOnFitEnd`` on a sweep: ``<output>/<member>/`` per member and ``<output>/ensemble.json``; each export
+    embeds exactly as the member's own ``model.ckpt`` (the sweep's ``<run>/sweep/<member>/``); ``best: true`` holds
+    the members of the best checkpoint (step 6 here) and leaves the final weights to the rest."""
+    from safetensors.torch import load_file
+
+    from mmalign.export.model import AlignedModel
+    from mmalign.training.sweep import Ensemble
+
+    tmp, sweep = lit_sweep["tmp"], lit_sweep["sweep"].model
+    texts, images = _rows(synthetic_data)
+    run = next((tmp / "sweep").rglob("ensemble.json")).parent
+    module = sweep.member(0).eval()
+    for folder in ("export", "export_best"):
+        assert sorted(p.name for p in (tmp / folder).iterdir()) == sorted(["ensemble.json", *sweep.names])
+        assert Ensemble(tmp / folder).embed(texts, tower="text").shape[0] == len(texts)
+    best = next(p for p in (tmp / "sweep").rglob("*.ckpt") if "step=6" in p.name)
+    best_state = torch.load(best, weights_only=True)["state_dict"]
+    for i, name in enumerate(sweep.names):
+        module.load_state_dict(torch.load(run / name / "model.ckpt", weights_only=True)["state_dict"])
+        aligned = AlignedModel.from_pretrained(str(tmp / "export" / name), device="cpu")
+        with torch.no_grad():
+            want_t = module.towers["text"](module.towers["text"].encoder.preprocess(texts))
+            want_i = module.towers["image"](module.towers["image"].encoder.preprocess(images))
+        torch.testing.assert_close(aligned.embed_text(texts, tower="text"), want_t, atol=1e-6, rtol=0)
+        torch.testing.assert_close(aligned.embed_image(images, tower="image"), want_i, atol=1e-6, rtol=0)
+        final, kept = load_file(str(tmp / "export" / name / "model.safetensors")), load_file(str(tmp / "export_best" / name / "model.safetensors"))
+        for k, key in enumerate(sweep._names):  # the stacked tensor of every exported one, member i's slice
+            torch.testing.assert_close(kept[key[len("module."):]], best_state[f"sweep_param_{k}"][i])
+        assert any(not torch.equal(final[key], kept[key]) for key in final), name  # step 6 is not the final step 8
+
+
+def test_member_metrics_rename_the_member_keys_and_drop_the_rest():
+    from mmalign.training.sweep import _member_metrics
+
+    metrics = {"val/R@1": torch.tensor(0.5), "val/seed-1/R@1": torch.tensor(0.4), "val/seed-10/R@1": 0.7, "train/loss": 1.0}
+    assert _member_metrics(metrics, "seed-1") == {"val/R@1": pytest.approx(0.4)}
+    assert _member_metrics(None, "seed-1") is None
+
+
+def test_weights_of_refuses_another_sweeps_checkpoint(lit_sweep):
+    sweep = lit_sweep["sweep"].model
+    state = {k: v for k, v in sweep.state_dict().items() if k.startswith("sweep_")}
+    state["sweep_param_0"] = state["sweep_param_0"][:1]  # one member: not this sweep's
+    with pytest.raises(ValueError, match="not a checkpoint of this sweep"):
+        with sweep.weights_of(state, "other.ckpt"):
+            pass
+
+
 def test_fit_sweep_resumes_exactly(lit_sweep):
-    """A sweep stopped mid-epoch 2 (step 6 of 8) and resumed from its ``last.ckpt`` (``--ckpt_path``) ends where the
+    """The sweep resumed from its step-6 checkpoint (mid-epoch 2 of 4 steps each, ``--ckpt_path``) ends where the
     uninterrupted sweep does: stacked parameters, AdamW moments, the scheduled rates and the sampler position are in
     the checkpoint. (Lightning does not checkpoint the global RNG, so a resume at an epoch boundary reshuffles the
     next epoch differently, for a plain fit as for a sweep.)"""
     from mmalign.recipe import MMAlignCLI
 
     tmp, done = lit_sweep["tmp"], lit_sweep["sweep"]
-    root = f"--trainer.default_root_dir={tmp / 'resume'}"
     assert done.trainer.global_step == 8 and done.trainer.num_training_batches == 4
-    MMAlignCLI(args=lit_sweep["common"] + ["--trainer.max_epochs=2", "--trainer.max_steps=6", root, *lit_sweep["sweep_args"]])
-    ckpt = next((tmp / "resume").rglob("last.ckpt"))
-    resumed = MMAlignCLI(args=lit_sweep["common"] + ["--trainer.max_epochs=2", root, *lit_sweep["sweep_args"], f"--ckpt_path={ckpt}"])
+    ckpt = next(p for p in (tmp / "sweep").rglob("*.ckpt") if "step=6" in p.name)
+    resumed = MMAlignCLI(args=lit_sweep["common"] + [f"--trainer.default_root_dir={tmp / 'resume'}", *lit_sweep["sweep_args"],
+                                                    f"--ckpt_path={ckpt}"])
     assert resumed.trainer.global_step == done.trainer.global_step
     for (name, a), (_, b) in zip(resumed.model.named_buffers(), done.model.named_buffers()):
         if name.startswith("sweep_"):
@@ -227,7 +352,7 @@ def test_fit_sweep_of_the_pivot_recipe_with_batchnorm_and_dropout(synthetic_data
     recipe.write_text(yaml.safe_dump(config).replace("data/synthetic", str(synthetic_data)))
     main(["cache", "--config", str(recipe), "--output", str(tmp_path / "cache"), "--progress=false"])
     cli = MMAlignCLI(args=["fit", "--config", str(recipe), f"--data.init_args.cache_dir={tmp_path / 'cache'}",
-                           "--trainer.max_epochs=2", f"--trainer.default_root_dir={tmp_path / 'run'}", "--sweep_seeds=[0,1]"])
+                           "--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp_path / 'run'}", "--sweep_seeds=[0,1]"])
     sweep = cli.model.sweep
     means = {k: v for k, v in sweep.buffers.items() if k.endswith("running_mean")}
     # the input norm sees the same features in both members; the block norm after each member's own layer differs

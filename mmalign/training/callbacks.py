@@ -29,6 +29,9 @@ class ExportOnFitEnd(L.Callback):
             - class_path: mmalign.training.callbacks.ExportOnFitEnd
               init_args: {output: exports/lit}
 
+    On a sweep (``mmalign fit --sweep_seeds/--sweep``, :class:`~mmalign.training.sweep.SweepModule`) it writes one
+    export per member, ``<output>/<member>/``, and ``<output>/ensemble.json`` (docs/scaling.md section 5).
+
     Args:
         output: Export directory. Default: ``<trainer.log_dir or default_root_dir>/export``.
         onnx: Also write ONNX projectors (see :func:`mmalign.export.export_onnx`).
@@ -54,6 +57,12 @@ class ExportOnFitEnd(L.Callback):
             checkpoint = getattr(ckpt_cb, "best_model_path", "") if self.best else getattr(ckpt_cb, "last_model_path", "")
             checkpoint = checkpoint or getattr(ckpt_cb, "best_model_path", "") or None
         epoch, step = trainer.current_epoch, trainer.global_step
+        from mmalign.training.sweep import SweepModule
+
+        if isinstance(pl_module, SweepModule):  # N members: one export each (its template holds no trained weights)
+            self.path = self._export_sweep(trainer, pl_module, checkpoint)
+            rank_zero_info(f"mmalign: exported the sweep's {len(pl_module.names)} members to {self.path}")
+            return
         if self.best and checkpoint:
             state = load_checkpoint(checkpoint)
             load_export_state(pl_module, state["state_dict"], checkpoint)
@@ -71,6 +80,22 @@ class ExportOnFitEnd(L.Callback):
             onnx=self.onnx,
         )
         rank_zero_info(f"mmalign: exported projectors to {self.path}")
+
+    def _export_sweep(self, trainer: L.Trainer, sweep: Any, checkpoint: str | None) -> Path:
+        """A sweep (``mmalign fit --sweep_seeds/--sweep``): ``<output>/<member>/`` holds each member's export and
+        ``<output>/ensemble.json`` the list, the layout of the sweep's own ``<run>/sweep`` without its ``model.ckpt``
+        and ``config.yaml``. ``best``: the members of the best sweep checkpoint (the one ``ModelCheckpoint`` kept by
+        the members' mean monitor); the module keeps its final weights, so ``<run>/sweep`` still gets those."""
+        from mmalign.export import load_checkpoint, training_languages
+
+        output = Path(self.output) if self.output else Path(trainer.log_dir or trainer.default_root_dir) / "export"
+        kwargs = dict(checkpoints=False, languages=training_languages(datamodule=trainer.datamodule),
+                      metrics=dict(trainer.callback_metrics), checkpoint=checkpoint, onnx=self.onnx)
+        if not (self.best and checkpoint):
+            return sweep.export_members(output, **kwargs)
+        state = load_checkpoint(checkpoint)
+        with sweep.weights_of(state["state_dict"], checkpoint):
+            return sweep.export_members(output, epoch=state.get("epoch"), **kwargs)
 
 
 def _recipe_config(trainer: L.Trainer) -> dict[str, Any] | None:
@@ -130,6 +155,8 @@ class BestCheckpoint(Checkpoint):
         best = getattr(cb, "best_model_path", "") or ""
         if not trainer.is_global_zero or not best or not getattr(cb, "dirpath", None):
             return
+        if Path(best).resolve().parent != Path(cb.dirpath).resolve():
+            return  # the best of another run's folder (restored by --ckpt_path on resume): not this folder's to link
         link = Path(cb.dirpath) / BEST_NAME
         if Path(best).resolve() == link.resolve() and not link.is_symlink():
             return  # ModelCheckpoint itself writes best.ckpt (filename: best)

@@ -38,10 +38,11 @@ L2-normalised embeddings.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -150,8 +151,6 @@ class Sweep:
     def _precision(self) -> Any:
         """Autocast off around the vmapped members when they hold norm layers: vmap's batch/layer-norm rules need
         one dtype (bf16 activations with fp32 weights fail), so under ``bf16-mixed`` such members compute in fp32."""
-        import contextlib
-
         device = next(iter(self.params.values())).device.type
         if self._has_norm and torch.is_autocast_enabled(device):
             return torch.autocast(device, enabled=False)
@@ -384,7 +383,7 @@ class SweepModule(_lightning().LightningModule):
         if not batch["meta"]["id"]:
             return None
         self._bind()
-        if self.trainer is not None and self._recipe_scheduler is not None:
+        if self._trainer is not None and self._recipe_scheduler is not None:
             self._scheduled_lr()  # this step's rates (the scheduler stepped after the last one)
         alpha = self.template.hparams.get("mixup_alpha") if hasattr(self.template, "hparams") else None
         if alpha:  # one mix for all members, as the lone fit of the recipe draws it
@@ -393,7 +392,7 @@ class SweepModule(_lightning().LightningModule):
             batch = mixup_batch(batch, alpha)
         losses = self.sweep.step(batch)  # [N]
         self.sweep_steps.fill_(self.sweep.steps)
-        if self.trainer is None:
+        if self._trainer is None:
             return None
         if self._recipe_scheduler is not None:
             holder = self.optimizers(use_pl_optimizer=False)
@@ -470,12 +469,30 @@ class SweepModule(_lightning().LightningModule):
 
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero:
-            self.export_members(Path(self.trainer.default_root_dir if self.trainer.log_dir is None else self.trainer.log_dir) / "sweep")
+            from mmalign.export import training_languages
 
-    def export_members(self, folder: str | Path) -> Path:
-        """Write ``folder/<member>/``: each member's export, its Lightning checkpoint ``model.ckpt`` (what a lone
-        fit's checkpoint of that member holds, without optimizer state) and, under the CLI, the member's recipe
-        ``config.yaml``; and ``folder/ensemble.json`` (the list, with each member's seed and settings)."""
+            root = Path(self.trainer.default_root_dir if self.trainer.log_dir is None else self.trainer.log_dir)
+            self.export_members(root / "sweep", languages=training_languages(datamodule=self.trainer.datamodule),
+                                metrics=self.trainer.callback_metrics)
+
+    def export_members(self, folder: str | Path, *, checkpoints: bool = True, languages: list[str] | None = None,
+                       metrics: dict[str, Any] | None = None, checkpoint: str | None = None, epoch: int | None = None,
+                       onnx: bool = False) -> Path:
+        """Write ``folder/<member>/``: each member's export and ``folder/ensemble.json`` (the list, with each member's
+        seed and settings); with ``checkpoints`` (the end-of-fit ``<run>/sweep``) also each member's Lightning
+        checkpoint ``model.ckpt`` (what a lone fit's checkpoint of that member holds, without optimizer state) and,
+        under the CLI, the member's recipe ``config.yaml``.
+
+        Args:
+            folder: Target folder (created).
+            checkpoints: Also write ``model.ckpt`` and ``config.yaml`` per member.
+            languages: Training languages recorded in every export.
+            metrics: The sweep's metrics (``trainer.callback_metrics``): each export records its member's own,
+                ``val/<member>/R@1`` as ``val/R@1``; the sweep's means are not a member's and are left out.
+            checkpoint: The sweep checkpoint the weights came from (recorded as provenance).
+            epoch: Epoch of the weights (default: the trainer's current epoch).
+            onnx: Also write ONNX projectors (:func:`mmalign.export.export_onnx`).
+        """
         import json
 
         from mmalign.export.writer import export_module
@@ -483,11 +500,16 @@ class SweepModule(_lightning().LightningModule):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         recipe = self._recipe()
+        if epoch is None and self._trainer is not None:
+            epoch = self.trainer.current_epoch
         for i, name in enumerate(self.names):
             member = self.member(i).cpu()
             config = _member_recipe(recipe, self.specs[i]) if recipe is not None else None
-            export_module(member, folder / name, global_step=int(self.sweep_steps), recipe=config,
-                          epoch=self.trainer.current_epoch if self._trainer is not None else None)
+            export_module(member, folder / name, global_step=int(self.sweep_steps), recipe=config, epoch=epoch,
+                          languages=languages, metrics=_member_metrics(metrics, name),
+                          checkpoint=checkpoint, onnx=onnx)
+            if not checkpoints:
+                continue
             self._save_member_checkpoint(member, folder / name / "model.ckpt")
             if config is not None:
                 import yaml
@@ -497,6 +519,32 @@ class SweepModule(_lightning().LightningModule):
         (folder / "ensemble.json").write_text(json.dumps(
             {"members": self.names, "settings": members, "combine": "mean of L2-normalised embeddings"}, indent=1) + "\n")
         return folder
+
+    @contextlib.contextmanager
+    def weights_of(self, state_dict: dict[str, Tensor], source: str = "checkpoint") -> Iterator[None]:
+        """Hold the stacked members of another checkpoint of this sweep (``state_dict`` of a Lightning checkpoint)
+        inside the block, e.g. to export the best one; the module's own weights are put back after.
+
+        Raises:
+            ValueError: ``state_dict`` is not a checkpoint of this sweep (members, parameters or shapes differ).
+        """
+        own = {n: b for n, b in self.named_buffers() if n.startswith("sweep_")}
+        bad = sorted(n for n, b in own.items() if n not in state_dict or tuple(state_dict[n].shape) != tuple(b.shape))
+        if bad:
+            raise ValueError(f"{source} is not a checkpoint of this sweep ({len(self.names)} members {self.names}): "
+                             f"missing or other-shaped tensors {bad[:5]}")
+        saved = {n: b.detach().clone() for n, b in own.items()}
+        try:
+            with torch.no_grad():
+                for n, b in own.items():
+                    b.copy_(state_dict[n])
+            self._bind()
+            yield
+        finally:
+            with torch.no_grad():
+                for n, b in own.items():
+                    b.copy_(saved[n])
+            self._bind()
 
     def _recipe(self) -> dict[str, Any] | None:
         if self._trainer is None:
@@ -517,6 +565,18 @@ class SweepModule(_lightning().LightningModule):
         ckpt.pop("hparams_name", None)
         ckpt["hyper_parameters"] = dict(hparams) if hparams else {}
         torch.save(ckpt, path)
+
+
+def _member_metrics(metrics: dict[str, Any] | None, name: str) -> dict[str, float] | None:
+    """Member ``name``'s scalar metrics of a sweep's ``metrics``: ``val/<name>/R@1`` as ``val/R@1``; keys of other
+    members and the sweep's own (means over the members) left out."""
+    if metrics is None:
+        return None
+    out = {}
+    for key, value in metrics.items():
+        if f"/{name}/" in key and getattr(value, "numel", lambda: 1)() == 1:
+            out[key.replace(f"/{name}/", "/", 1)] = float(value)
+    return out
 
 
 def _member_recipe(recipe: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
