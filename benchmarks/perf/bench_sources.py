@@ -138,11 +138,15 @@ def measure(path: str, check_rows: int) -> dict:
     return out
 
 
-def cheap_text_encoder():
-    """A text encoder costing almost nothing (a 64-bin byte histogram): the benchmark measures the data path."""
+def cheap_text_encoder(kind: str = "vectorised"):
+    """A text encoder costing almost nothing (a 64-bin histogram of byte % 64): the benchmark measures the data path.
+
+    ``vectorised`` counts every item of a batch in one ``numpy.bincount``; ``per_item`` (the benchmark's encoder up to
+    session 5) builds three tensors per item, which cost more than the writer itself. Both give the same features."""
+    import numpy as np
     import torch
 
-    from encoders.base import Encoder, Modality
+    from encoders.base import Encoder, EncoderOutput, Modality
 
     class ByteHistogram(Encoder):
         modality = Modality.TEXT
@@ -154,37 +158,52 @@ def cheap_text_encoder():
             self.freeze()
 
         def preprocess(self, items):
-            out = torch.zeros(len(items), 64)
-            for i, t in enumerate(items):
-                b = torch.frombuffer(bytearray(t.encode()), dtype=torch.uint8).long() % 64
-                out[i].index_add_(0, b, torch.ones(len(b)))
-            return {"x": out}
+            if kind == "per_item":
+                out = torch.zeros(len(items), 64)
+                for i, t in enumerate(items):
+                    b = torch.frombuffer(bytearray(t.encode()), dtype=torch.uint8).long() % 64
+                    out[i].index_add_(0, b, torch.ones(len(b)))
+                return {"x": out}
+            enc = [t.encode() for t in items]
+            lengths = np.fromiter(map(len, enc), dtype=np.int64, count=len(enc))
+            data = np.frombuffer(b"".join(enc), dtype=np.uint8)
+            rows = np.repeat(np.arange(len(enc)), lengths)
+            hist = np.bincount(rows * 64 + data % 64, minlength=len(enc) * 64).reshape(len(enc), 64)
+            return {"x": torch.from_numpy(hist.astype(np.float32))}
 
         def encode(self, inputs):
-            from encoders.base import EncoderOutput
-
             return EncoderOutput(pooled=inputs["x"])
 
     return ByteHistogram()
 
 
-def measure_cache(path: str, rows: int, out_dir: str) -> dict:
-    """Rows/s of the feature-cache writer (mmalign cache's ``write_split``) over the first ``rows`` rows of a table."""
+def measure_cache(path: str, rows: int, out_dir: str, encoder: str = "vectorised") -> dict:
+    """Rows/s of the feature-cache writer (mmalign cache's ``write_split``) over the first ``rows`` rows of a table
+    (0: all), given as the table's columns (what ``mmalign cache`` hands the writer for a table source)."""
     import shutil
 
+    import torch
+
+    from mmalign.cache.rowtable import RowTable
     from mmalign.cache.writer import write_split
     from mmalign.data.sources import open_source
     from mmalign.training.towers import Tower
 
+    torch.set_num_threads(1)
     src = open_source(path)
-    sub = src.rows[:rows]
+    table = RowTable.of(src.rows, ["text"])
+    if 0 < rows < len(table):
+        table = RowTable({k: c.slice(0, rows) for k, c in table.columns.items()})
     shutil.rmtree(out_dir, ignore_errors=True)
     base = rss_mb()
-    t = time.perf_counter()
-    write_split(sub, {"text": Tower(cheap_text_encoder(), "text")}, out_dir, split="train", batch_size=1024,
+    t, c = time.perf_counter(), time.process_time()
+    write_split(table, {"text": Tower(cheap_text_encoder(encoder), "text")}, out_dir, split="train", batch_size=1024,
                 fingerprint="rows", progress=False, shard_size=65536)
-    dt = time.perf_counter() - t
-    return {"rows": len(sub), "cache_s": round(dt, 1), "cache_rows_per_s": int(len(sub) / dt), "rss_mb": round(rss_mb() - base, 1)}
+    dt, dc = time.perf_counter() - t, time.process_time() - c
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return {"rows": len(table), "encoder": encoder, "cache_s": round(dt, 1), "cache_cpu_s": round(dc, 1),
+            "cache_rows_per_s": int(len(table) / dt), "cache_rows_per_cpu_s": int(len(table) / dc),
+            "rss_mb": round(rss_mb() - base, 1), "load_average": os.getloadavg()[0]}
 
 
 def measure_manifest(path: str) -> dict:
@@ -204,8 +223,14 @@ def main() -> None:
     p.add_argument("--formats", nargs="+", default=["parquet", "jsonl", "csv"], choices=["parquet", "jsonl", "csv"])
     p.add_argument("--manifest_rows", type=int, default=20_000)
     p.add_argument("--check_rows", type=int, default=200_000, help=argparse.SUPPRESS)
-    p.add_argument("--cache_rows", type=int, default=200_000, help="rows written by the cache-writer measurement")
+    p.add_argument("--cache_rows", type=int, default=200_000, help="rows written by the cache-writer measurement (0: all)")
     p.add_argument("--cache_only", action="store_true", help="only the cache-writer rows/s on the existing tables")
+    p.add_argument("--cache_encoder", nargs="+", default=["vectorised"], choices=["vectorised", "per_item"],
+                   help="the cheap encoder(s) of the cache measurement (several: alternated in one run)")
+    p.add_argument("--cache_code", nargs="+", default=[""],
+                   help="checkouts of mmalign whose writer is measured (PYTHONPATH of the measuring process; '' = "
+                        "the installed one), alternated with the encoders in one run")
+    p.add_argument("--repeats", type=int, default=1, help="rounds of the alternated cache measurements")
     p.add_argument("--out", default="outputs/bench_sources")
     p.add_argument("--json", default=None, help="also write the results here (e.g. benchmarks/results/sources.json)")
     p.add_argument("--keep", action="store_true", help="keep the generated files and Arrow copies")
@@ -214,18 +239,28 @@ def main() -> None:
     if args.measure:
         kind, path = args.measure
         if kind == "cache":
-            print(json.dumps(measure_cache(path, args.cache_rows, str(Path(args.out) / "cache"))))
+            print(json.dumps(measure_cache(path, args.cache_rows, str(Path(args.out) / "cache"), args.cache_encoder[0])))
         else:
             print(json.dumps(measure(path, args.check_rows) if kind == "table" else measure_manifest(path)))
         return
     if args.cache_only:
+        results = {"command": "python -m benchmarks.perf.bench_sources " + " ".join(sys.argv[1:]), "runs": []}
         for n in args.rows:
             path = Path(args.out) / f"table-{n}.parquet"
-            res = subprocess.run([sys.executable, "-m", "benchmarks.perf.bench_sources", "--cache_rows", str(args.cache_rows),
-                                  "--out", args.out, "--measure", "cache", str(path)],
-                                 env={**os.environ, "MMALIGN_ARROW_CACHE": str(Path(args.out) / "arrow-cache")},
-                                 capture_output=True, text=True, check=True)
-            print(path.name, "cache", res.stdout.strip().splitlines()[-1], flush=True)
+            for _ in range(args.repeats):
+                for code in args.cache_code:
+                    for encoder in args.cache_encoder:
+                        env = {**os.environ, "MMALIGN_ARROW_CACHE": str(Path(args.out) / "arrow-cache")}
+                        if code:  # the other checkout's mmalign + encoders first; this file is run as a script
+                            env["PYTHONPATH"] = str(Path(code).resolve())
+                        res = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--cache_rows", str(args.cache_rows),
+                                              "--out", args.out, "--cache_encoder", encoder, "--measure", "cache", str(path)],
+                                             env=env, capture_output=True, text=True, check=True)
+                        run = {"table": path.name, "code": code or "installed", **json.loads(res.stdout.strip().splitlines()[-1])}
+                        results["runs"].append(run)
+                        print(json.dumps(run), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
         return
     import shutil
 
