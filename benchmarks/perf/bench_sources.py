@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -244,7 +245,7 @@ def main() -> None:
             print(json.dumps(measure(path, args.check_rows) if kind == "table" else measure_manifest(path)))
         return
     if args.cache_only:
-        results = {"command": "python -m benchmarks.perf.bench_sources " + " ".join(sys.argv[1:]), "runs": []}
+        results = {"command": "python -m benchmarks.perf.bench_sources " + shlex.join(sys.argv[1:]), "runs": []}
         for n in args.rows:
             path = Path(args.out) / f"table-{n}.parquet"
             for _ in range(args.repeats):
@@ -267,7 +268,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "MMALIGN_ARROW_CACHE": str(out / "arrow-cache")}
-    results = {"command": "python -m benchmarks.perf.bench_sources " + " ".join(sys.argv[1:]), "load_average": os.getloadavg()}
+    results = {"command": "python -m benchmarks.perf.bench_sources " + shlex.join(sys.argv[1:]), "load_average": os.getloadavg()}
     man = out / f"manifest-{args.manifest_rows}.jsonl"
     with open(man, "w") as f:
         for i in range(args.manifest_rows):
