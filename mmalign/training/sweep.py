@@ -502,6 +502,7 @@ class SweepModule(_lightning().LightningModule):
         recipe = self._recipe()
         if epoch is None and self._trainer is not None:
             epoch = self.trainer.current_epoch
+        base = self._checkpoint_base() if checkpoints else {}
         for i, name in enumerate(self.names):
             member = self.member(i).cpu()
             config = _member_recipe(recipe, self.specs[i]) if recipe is not None else None
@@ -510,7 +511,7 @@ class SweepModule(_lightning().LightningModule):
                           checkpoint=checkpoint, onnx=onnx)
             if not checkpoints:
                 continue
-            self._save_member_checkpoint(member, folder / name / "model.ckpt")
+            self._save_member_checkpoint(member, folder / name / "model.ckpt", base)
             if config is not None:
                 import yaml
 
@@ -547,24 +548,31 @@ class SweepModule(_lightning().LightningModule):
             self._bind()
 
     def _recipe(self) -> dict[str, Any] | None:
+        """The CLI's recipe (None outside it), dumped once per trainer: every export of the fit's end reads it."""
         if self._trainer is None:
             return None
-        from mmalign.training.callbacks import _recipe_config
+        cached = self.__dict__.get("_recipe_of")
+        if cached is None or cached[0] is not self._trainer:
+            from mmalign.training.callbacks import _recipe_config
 
-        return _recipe_config(self.trainer)
+            self.__dict__["_recipe_of"] = cached = (self._trainer, _recipe_config(self._trainer))
+        return copy.deepcopy(cached[1])
 
-    def _save_member_checkpoint(self, member: nn.Module, path: Path) -> None:
+    def _checkpoint_base(self) -> dict[str, Any]:
+        """What every member's ``model.ckpt`` holds besides its weights (dumped once for all members)."""
         import lightning as L
 
         ckpt: dict[str, Any] = {"epoch": 0, "global_step": int(self.sweep_steps), "pytorch-lightning_version": L.__version__}
         if self._trainer is not None:
             ckpt = self.trainer._checkpoint_connector.dump_checkpoint(weights_only=True)
             ckpt.pop("callbacks", None)  # the sweep's ModelCheckpoint state names the sweep's files, not this member's
-        ckpt["state_dict"] = member.state_dict()
-        hparams = getattr(member, "hparams", None)
+            ckpt.pop("state_dict", None)  # the stacked members: each file gets its own member's
         ckpt.pop("hparams_name", None)
-        ckpt["hyper_parameters"] = dict(hparams) if hparams else {}
-        torch.save(ckpt, path)
+        return ckpt
+
+    def _save_member_checkpoint(self, member: nn.Module, path: Path, base: dict[str, Any]) -> None:
+        hparams = getattr(member, "hparams", None)
+        torch.save({**base, "state_dict": member.state_dict(), "hyper_parameters": dict(hparams) if hparams else {}}, path)
 
 
 def _member_metrics(metrics: dict[str, Any] | None, name: str) -> dict[str, float] | None:
