@@ -33,7 +33,7 @@ import numpy as np
 
 from mmalign.data.langs import unknown_language_detail
 from mmalign.data.manifest import ManifestRowError
-from mmalign.data.sources.table import DEFAULT_FIELDS, TableSource, _map_ipc, derived_copy
+from mmalign.data.sources.table import DEFAULT_FIELDS, TableSource, _map_ipc, derived_copy, release_memory
 
 #: Plain manifest paths of at least this many bytes are read by :class:`ManifestTableSource`.
 TABLE_BYTES = 8 << 20
@@ -161,6 +161,7 @@ def manifest_as_arrow(path: Path, fmt: str) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    release_memory()  # the readers' freed blocks: the checks that follow would peak on top of them
     os.replace(tmp, out)
     return out
 

@@ -65,6 +65,14 @@ def derived_copy(path: Path, tag: str | None = None, suffix: str = ".arrow") -> 
     return out, out.with_name(f".{out.name}.{os.getpid()}.tmp")
 
 
+def release_memory() -> None:
+    """Hand the Arrow memory pool's freed pages back to the OS after a conversion: mimalloc keeps them otherwise
+    (a 10M-row Parquet conversion left ~460 MB held, and the checks after it peaked on top: +897 MB, now +522 MB)."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+
+
 def _map_ipc(path: Path):
     import pyarrow as pa
 
@@ -87,6 +95,8 @@ def parquet_as_arrow(path: Path) -> Path:
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, pf.schema_arrow) as writer:
         for batch in pf.iter_batches(batch_size=1 << 20):  # few large batches: few chunks to search per row
             writer.write_batch(batch)
+    del pf
+    release_memory()
     os.replace(tmp, out)
     return out
 
@@ -114,6 +124,8 @@ def text_table_as_arrow(path: Path, fmt: str) -> Path:
         tmp.unlink(missing_ok=True)
         raise SourceError(f"{path}: cannot be read as a {fmt} table ({e}); as a long-format manifest (a plain path "
                           "without fields/root/lang) every bad line is named instead") from e
+    del reader
+    release_memory()
     os.replace(tmp, out)
     return out
 
