@@ -41,3 +41,42 @@ def test_same_seed_same_metrics(synthetic_data, tmp_path):
     init0, init1 = _weights(_cli(synthetic_data, tmp_path / "c", 0).model), _weights(_cli(synthetic_data, tmp_path / "d", 1).model)
     assert any(not torch.equal(init0[k], init1[k]) for k in init0)
     assert any(not torch.equal(init0[k], w1[k]) for k in init0)  # and training changed the weights
+
+
+def test_training_order_is_a_function_of_seed_and_epoch():
+    """The training sampler's epoch order depends on (seed, epoch) only: not on the global RNG, nor on the epochs
+    iterated before (what lets a fit resumed at an epoch end see the same batches: tests/test_resume.py)."""
+    from lightning.pytorch.trainer.connectors.data_connector import _get_distributed_sampler
+    from lightning.pytorch.utilities.data import _is_dataloader_shuffled
+    from torch.utils.data import DistributedSampler
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from mmalign.data.datamodule import EpochRandomSampler
+
+    data = list(range(40))
+    run = EpochRandomSampler(data, seed=7)
+    orders = []
+    for epoch in range(3):
+        run.set_epoch(epoch)
+        orders.append(list(run))
+        torch.rand(5)  # other draws from the global RNG in between change nothing
+    assert orders[0] != orders[1] != orders[2] and sorted(orders[2]) == data
+    assert list(EpochRandomSampler(data, seed=7, epoch=2)) == orders[2]  # a fresh process at epoch 2
+    assert list(EpochRandomSampler(data, seed=8, epoch=2)) != orders[2]
+    torch.manual_seed(7)
+    assert EpochRandomSampler(data).seed == 7  # default: the run's seed
+
+    # Mid-epoch: the StatefulDataLoader state resumes the epoch's remaining batches, seed included.
+    loader = StatefulDataLoader(data, batch_size=4, sampler=EpochRandomSampler(data, seed=3, epoch=1))
+    it = iter(loader)
+    seen = [next(it).tolist() for _ in range(3)]
+    state = loader.state_dict()
+    rest = [b.tolist() for b in it]
+    again = StatefulDataLoader(data, batch_size=4, sampler=EpochRandomSampler(data, seed=99, epoch=1))
+    again.load_state_dict(state)
+    assert [b.tolist() for b in again] == rest and len(seen) + len(rest) == 10
+
+    # Lightning sees a shuffled loader, so under DDP it swaps in a shuffling DistributedSampler.
+    assert _is_dataloader_shuffled(loader)
+    dist = _get_distributed_sampler(loader, shuffle=True, overfit_batches=0, num_replicas=2, rank=0)
+    assert isinstance(dist, DistributedSampler) and dist.shuffle
