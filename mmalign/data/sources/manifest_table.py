@@ -2,8 +2,8 @@
 
 The row-by-row reader (:class:`~mmalign.data.manifest.ManifestDataset`) costs ~25-340 us and ~1-2.5 KB of Python
 objects a row: a 10M-row manifest would take the better part of an hour and ~10-25 GB. Here the file is converted
-once, 64 MB blocks at a time, to an Arrow IPC file under ``$MMALIGN_ARROW_CACHE`` (keyed by path, size, mtime),
-memory-mapped from then on, and checked vectorised as a :class:`~mmalign.data.sources.table.TableSource` is, with
+once, streamed in 4 MB blocks (bounded memory), to an Arrow IPC file under ``$MMALIGN_ARROW_CACHE`` (keyed by path,
+size, mtime), memory-mapped from then on, and checked vectorised as a :class:`~mmalign.data.sources.table.TableSource` is, with
 the manifest reader's rules and messages: errors name ``<file>:<line>`` (1-based physical lines, blank lines
 counted), the id and the field (duplicate ids say ``first seen on line N``, unknown languages suggest a code),
 required fields are checked only on the rows of the requested languages, and under ``on_error="error"`` a
