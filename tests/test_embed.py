@@ -153,38 +153,49 @@ def test_language_the_encoder_does_not_cover_is_an_error(tmp_path):
     assert m.towers["a"].encoder._engine is None  # refused before any encoding
 
 
-def test_cli_encoder_overrides_load_an_export_naming_a_local_path(tiny_export, model, tmp_path, capsys):
+def test_cli_encoder_overrides_load_an_export_naming_a_local_path(tmp_path, capsys):
     """``mmalign embed --encoder_overrides`` is ``from_pretrained(encoder_overrides=...)``: an export whose recorded
-    encoder names a local folder is refused (docs/security.md) unless the user passes that path themselves."""
+    encoder names a local folder is refused (docs/security.md) unless the user passes a path themselves."""
     import shutil
 
+    from encoders import TimmImageEncoder
+    from encoders.hf_text import HFTextEncoder
     from encoders.tiny import resolve_model_path
+    from mmalign import AlignmentModule, ClipLoss, Objective, Tower
     from mmalign.cli import main
     from mmalign.export import ExportError
+    from projectors import Linear
 
-    local = shutil.copytree(resolve_model_path("tiny:bert-text"), tmp_path / "my-bert")
-    target = shutil.copytree(tiny_export, tmp_path / "export")
-    cfg = json.loads((target / "config.json").read_text())
-    cfg["towers"]["text"]["encoder"]["init_args"]["model_name_or_path"] = str(local)
-    (target / "config.json").write_text(json.dumps(cfg))
+    local = shutil.copytree(resolve_model_path("tiny:bert-text"), tmp_path / "my-bert")  # trained on a local copy
+    other = shutil.copytree(local, tmp_path / "copy-of-my-bert")
+    torch.manual_seed(3)
+    towers = {"image": Tower(TimmImageEncoder("tiny:timm-vit"), "image", Linear),
+              "text": Tower(HFTextEncoder(str(local), pooling="mean"), "text", Linear)}
+    module = AlignmentModule(towers, [Objective(ClipLoss(), ["image", "text"])], embed_dim=8).eval()
+    target = export_module(module, tmp_path / "export", languages=["en"])
+    assert json.loads((target / "config.json").read_text())["towers"]["text"]["encoder"]["init_args"]["model_name_or_path"] == str(local)
     (tmp_path / "t.txt").write_text("a red apple\nein Hund\n")
+    with torch.no_grad():
+        ref = module.towers["text"](module.towers["text"].encoder.preprocess(["a red apple", "ein Hund"]))  # [2, 8]
     out, args = tmp_path / "t.npy", ["embed", "--model", str(target), "--input", str(tmp_path / "t.txt"), "--progress=false"]
     with pytest.raises(ExportError, match=r"names a local path; .*mmalign embed: --encoder_overrides"):
         main([*args, "--output", str(out)])
     assert not out.exists()
-    overrides = f"{{text: {{model_name_or_path: {local}}}}}"
-    # the same strictness as the Python API: another path is another cache_key, refused unless --strict false
+    # the recorded path, passed by the user: the same cache_key, so strict loading passes
+    main([*args, "--output", str(out), "--encoder_overrides", f"{{text: {{model_name_or_path: {local}}}}}"])
+    np.testing.assert_allclose(np.load(out), ref.numpy(), atol=1e-5)
+    # another path is another cache_key: refused as by the Python API unless --strict false (then a warning)
+    overrides = f"{{text: {{model_name_or_path: {other}}}}}"
     with pytest.raises(ExportError, match="is not the one the projector was trained on"):
-        main([*args, "--output", str(out), "--encoder_overrides", overrides])
+        main([*args, "--output", str(tmp_path / "o.npy"), "--encoder_overrides", overrides])
     with pytest.warns(UserWarning, match="is not the one the projector was trained on"):
-        main([*args, "--output", str(out), "--encoder_overrides", overrides, "--strict", "false"])
-    np.testing.assert_allclose(np.load(out), model.embed_text(["a red apple", "ein Hund"]).numpy(), atol=1e-6)
+        main([*args, "--output", str(tmp_path / "o.npy"), "--encoder_overrides", overrides, "--strict", "false"])
+    np.testing.assert_allclose(np.load(tmp_path / "o.npy"), ref.numpy(), atol=1e-5)  # same weights, same output
     # an ensemble's members get the overrides too
     with pytest.warns(UserWarning, match="is not the one the projector was trained on"):
         main([*args[:2], f"[{target}, {target}]", *args[3:], "--output", str(tmp_path / "e.npy"),
               "--encoder_overrides", overrides, "--strict", "false"])
-    ref = model.embed_text(["a red apple", "ein Hund"])
-    np.testing.assert_allclose(np.load(tmp_path / "e.npy"), torch.nn.functional.normalize(ref, dim=-1).numpy(), atol=1e-6)
+    np.testing.assert_allclose(np.load(tmp_path / "e.npy"), torch.nn.functional.normalize(ref, dim=-1).numpy(), atol=1e-5)
     # validated as the API validates it: a tower the export lacks, and a value that is not {tower: {arg: value}}
     with pytest.raises(ExportError, match=r"encoder_overrides names tower 'txt', which is not loaded"):
         main([*args, "--output", str(out), "--encoder_overrides", f"{{txt: {{model_name_or_path: {local}}}}}"])

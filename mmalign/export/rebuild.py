@@ -102,8 +102,9 @@ def build_encoder(cfg: Any, key: str, who: str, override: Mapping[str, Any] | No
     recorded = field(cfg, "init_args", dict, key)
     mine = {k: v for k, v in recorded.items() if k not in (override or {})}  # what the user passes is theirs to trust
     refuse_local_paths(mine, key, label, "To load a local model you trust, pass its path yourself: "
-                       "AlignedModel.from_pretrained(..., encoder_overrides={<tower>: {<argument>: <path>}}, strict=False) "
-                       "(mmalign embed: --encoder_overrides '{<tower>: {<argument>: <path>}}' --strict false).")
+                       "AlignedModel.from_pretrained(..., encoder_overrides={<tower>: {<argument>: <path>}}) "
+                       "(mmalign embed: --encoder_overrides '{<tower>: {<argument>: <path>}}'); a path other than the "
+                       "recorded one is another cache_key, so it also needs strict=False (--strict false).")
     init_args = {**recorded, **dict(override or {})}
     output_dim = field(cfg, "output_dim", int, key)
     encoder = instantiate(cls, init_args, f"{label} {path}")
