@@ -6,6 +6,7 @@ image tower and a text tower of the same checkpoint already share a space.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -28,6 +29,15 @@ def _open_clip_source(model_name: str) -> str:
     if not resolved.startswith(LOCAL_DIR_PREFIX) and os.path.isdir(resolved):
         return LOCAL_DIR_PREFIX + resolved
     return resolved
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(source: str) -> Any:
+    """open_clip's tokenizer for ``source``, built once per process (building the BPE tokenizer costs ~1 s; a
+    sweep or a test builds many towers of one model). It holds no per-tower state, only its own BPE cache."""
+    import open_clip
+
+    return open_clip.get_tokenizer(source)
 
 
 def _create(model_name: str, pretrained: str | None, dtype: str) -> tuple[nn.Module, Any]:
@@ -130,7 +140,7 @@ class OpenClipTextEncoder(_OpenClipBase):
         model, _ = _create(model_name, pretrained, dtype)
         model.visual = None  # drop the image tower's weights
         self.model = model
-        self.tokenizer = open_clip.get_tokenizer(_open_clip_source(model_name))
+        self.tokenizer = _tokenizer(_open_clip_source(model_name))
         inner = getattr(self.tokenizer, "tokenizer", None)  # HF tokenizers wrap a transformers one
         self.pad_id = int(getattr(inner, "pad_token_id", None) or 0)
         self.context_length = int(getattr(self.tokenizer, "context_length", 77))
