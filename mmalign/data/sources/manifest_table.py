@@ -33,7 +33,7 @@ import numpy as np
 
 from mmalign.data.langs import unknown_language_detail
 from mmalign.data.manifest import ManifestRowError
-from mmalign.data.sources.table import DEFAULT_FIELDS, TableSource, _map_ipc, derived_copy, release_memory
+from mmalign.data.sources.table import DEFAULT_FIELDS, TableSource, _map_ipc, derived_copy, json_by_pieces, release_memory
 
 #: Plain manifest paths of at least this many bytes are read by :class:`ManifestTableSource`.
 TABLE_BYTES = 8 << 20
@@ -65,54 +65,6 @@ def _csv_header(path: Path) -> list[str]:
     if len(set(header)) != len(header) or any(not h for h in header):
         raise ManifestFallback("an empty or repeated CSV column name")
     return header
-
-
-def _json_pieces(path: Path, size: int) -> Iterable[bytes]:
-    """The file in pieces of about ``size`` bytes that end at a line end (a JSON line never holds a raw newline)."""
-    with open(path, "rb") as f:
-        tail = b""
-        while data := f.read(size):
-            data = tail + data
-            cut = data.rfind(b"\n") + 1
-            tail = data[cut:]
-            if cut:
-                yield data[:cut]
-        if tail:
-            yield tail
-
-
-def _json_by_pieces(path: Path, write: Any, tmp: Path) -> None:
-    """A JSONL whose columns or types change after the first block: each line-aligned piece is read with its own type
-    inference and spilled to a temporary Arrow file, the piece schemas are unified (a key first seen late, null ->
-    string, int -> float, struct fields merged) and every piece is written cast to the union: one parse, memory bounded
-    by a piece. Types that do not unify (a string in one piece, a number in another) raise (the file goes to the row
-    reader)."""
-    import pyarrow as pa
-    import pyarrow.json as pajson
-
-    spills, schemas = [], []
-    try:
-        for k, data in enumerate(_json_pieces(path, _PIECE)):
-            table = pajson.read_json(pa.BufferReader(data), read_options=pajson.ReadOptions(block_size=len(data) + 1, use_threads=False))
-            spill = tmp.with_name(f"{tmp.name}.{k}")
-            spills.append(spill)
-            with pa.OSFile(str(spill), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
-                w.write_table(table)
-            schemas.append(table.schema)
-            del table, data
-        schema = pa.unify_schemas(schemas, promote_options="permissive")
-
-        def batches() -> Iterable[Any]:
-            for spill in spills:
-                part = _map_ipc(spill)
-                cols = [part.column(f.name).cast(f.type) if f.name in part.column_names else pa.nulls(len(part), f.type)
-                        for f in schema]
-                yield from pa.table(cols, schema=schema).to_batches(max_chunksize=1 << 20)
-
-        write(batches(), schema)
-    finally:
-        for spill in spills:
-            spill.unlink(missing_ok=True)
 
 
 def manifest_as_arrow(path: Path, fmt: str) -> Path:
@@ -154,7 +106,7 @@ def manifest_as_arrow(path: Path, fmt: str) -> Path:
                 if not any(m in str(e) for m in ("unexpected field", "changed from", "Failed to convert JSON")):
                     raise
                 # a key first seen after the first block, or a type widening later (null -> string, int -> float)
-                _json_by_pieces(path, write, tmp)
+                json_by_pieces(path, write, tmp, _PIECE)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, UnicodeDecodeError, csv.Error) as e:
         tmp.unlink(missing_ok=True)
         raise ManifestFallback(str(e)) from e

@@ -101,8 +101,84 @@ def parquet_as_arrow(path: Path) -> Path:
     return out
 
 
+def _json_pieces(path: Path, size: int) -> Iterable[bytes]:
+    """The file in pieces of about ``size`` bytes that end at a line end (a JSON line never holds a raw newline)."""
+    with open(path, "rb") as f:
+        tail = b""
+        while data := f.read(size):
+            data = tail + data
+            cut = data.rfind(b"\n") + 1
+            tail = data[cut:]
+            if cut:
+                yield data[:cut]
+        if tail:
+            yield tail
+
+
+def json_by_pieces(path: Path, write: Any, tmp: Path, piece: int = 32 << 20) -> None:
+    """A JSONL whose columns or types change after the first block: each line-aligned piece is read with its own type
+    inference and spilled to a temporary Arrow file, the piece schemas are unified (a key first seen late, null ->
+    string, int -> float, struct fields merged) and every piece is written cast to the union: one parse, memory bounded
+    by a piece. Types that do not unify (a string in one piece, a number in another) raise (the file goes to the row
+    reader)."""
+    import pyarrow as pa
+    import pyarrow.json as pajson
+
+    spills, schemas = [], []
+    try:
+        for k, data in enumerate(_json_pieces(path, piece)):
+            table = pajson.read_json(pa.BufferReader(data), read_options=pajson.ReadOptions(block_size=len(data) + 1, use_threads=False))
+            spill = tmp.with_name(f"{tmp.name}.{k}")
+            spills.append(spill)
+            with pa.OSFile(str(spill), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+                w.write_table(table)
+            schemas.append(table.schema)
+            del table, data
+        schema = pa.unify_schemas(schemas, promote_options="permissive")
+
+        def batches() -> Iterable[Any]:
+            for spill in spills:
+                part = _map_ipc(spill)
+                cols = [part.column(f.name).cast(f.type) if f.name in part.column_names else pa.nulls(len(part), f.type)
+                        for f in schema]
+                yield from pa.table(cols, schema=schema).to_batches(max_chunksize=1 << 20)
+
+        write(batches(), schema)
+    finally:
+        for spill in spills:
+            spill.unlink(missing_ok=True)
+
+
+#: Streamed CSV/JSONL tables: Arrow's readers read up to 32 blocks ahead, so the block bounds the conversion's memory;
+#: CSV column types are inferred from the first ``_SNIFF`` bytes, as one block of that size would infer them.
+_TEXT_BLOCK = 4 << 20
+_TEXT_PIECE = 32 << 20
+_SNIFF = 64 << 20
+
+
+def _csv_types(path: Path, size: int) -> dict[str, Any] | None:
+    """``{column: type}`` that ``pyarrow.csv`` infers from the whole rows in the first ``size`` bytes (None: no
+    complete row there, or repeated column names: the caller streams with one large block instead)."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    with open(path, "rb") as f:
+        head = f.read(size)
+        more = bool(f.read(1))
+    cut = head.rfind(b"\n") + 1 if more else len(head)
+    if cut == 0:
+        return None
+    schema = pacsv.read_csv(pa.BufferReader(head[:cut]), read_options=pacsv.ReadOptions(block_size=cut + 1),
+                            convert_options=pacsv.ConvertOptions(strings_can_be_null=True)).schema
+    return None if len(set(schema.names)) != len(schema.names) else {f.name: f.type for f in schema}
+
+
 def text_table_as_arrow(path: Path, fmt: str) -> Path:
-    """An Arrow IPC copy of a CSV or JSONL table, converted block by block (bounded memory), to be memory-mapped."""
+    """An Arrow IPC copy of a CSV or JSONL table, converted block by block (bounded memory), to be memory-mapped.
+
+    CSV column types come from the first 64 MB; a JSONL whose keys or types change after its first block is read
+    piece by piece and unified (:func:`json_by_pieces`).
+    """
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.json as pajson
@@ -110,21 +186,33 @@ def text_table_as_arrow(path: Path, fmt: str) -> Path:
     out, tmp = derived_copy(path, fmt)
     if tmp is None:
         return out
-    block = 64 << 20  # the first block fixes the column types
+
+    def write(batches: Iterable[Any], schema: Any) -> None:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            for batch in batches:
+                writer.write_batch(batch)
+
     try:
         if fmt == "csv":
-            reader = pacsv.open_csv(str(path), read_options=pacsv.ReadOptions(block_size=block),
-                                    convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+            types = _csv_types(path, _SNIFF)
+            reader = pacsv.open_csv(str(path), read_options=pacsv.ReadOptions(block_size=_TEXT_BLOCK if types else _SNIFF),
+                                    convert_options=pacsv.ConvertOptions(strings_can_be_null=True, column_types=types))
+            write(reader, reader.schema)
         else:
-            reader = pajson.open_json(str(path), read_options=pajson.ReadOptions(block_size=block))
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, reader.schema) as writer:
-            for batch in reader:
-                writer.write_batch(batch)
-    except pa.ArrowInvalid as e:
+            try:
+                reader = pajson.open_json(str(path), read_options=pajson.ReadOptions(block_size=_TEXT_BLOCK))
+                write(reader, reader.schema)
+            except pa.ArrowInvalid as e:
+                if not any(m in str(e) for m in ("unexpected field", "changed from", "Failed to convert JSON")):
+                    raise
+                json_by_pieces(path, write, tmp, _TEXT_PIECE)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
         tmp.unlink(missing_ok=True)
         raise SourceError(f"{path}: cannot be read as a {fmt} table ({e}); as a long-format manifest (a plain path "
                           "without fields/root/lang) every bad line is named instead") from e
-    del reader
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     release_memory()
     os.replace(tmp, out)
     return out
