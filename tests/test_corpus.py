@@ -135,7 +135,10 @@ def test_corpus_overlay_composes_after_the_offline_pivot():
     overlay = files[0].parent / "offline" / "uclip_pivot_corpus.yaml"
     offline, corpus = load_config(files), load_config(files + [overlay])
     model = {**corpus["model"], "init_args": {k: v for k, v in corpus["model"]["init_args"].items() if k != "scheduler"}}
-    assert model == offline["model"]  # a data overlay: the recipe's towers, heads and losses ...
+    clip = model["init_args"]["objectives"][0]["init_args"]["loss"]["init_args"]
+    assert clip.pop("queue_size") == 4096  # the InfoNCE with a queue of 4,096 teacher negatives ...
+    assert offline["model"]["init_args"]["objectives"][0]["init_args"]["loss"]["init_args"].pop("queue_size") == 0
+    assert model == offline["model"]  # ... otherwise a data overlay: the recipe's towers, heads and losses ...
     sched = corpus["model"]["init_args"]["scheduler"]  # ... plus a cosine LR decay over the whole run (stepped per step)
     assert sched["class_path"] == "torch.optim.lr_scheduler.CosineAnnealingLR"
     assert sched["init_args"]["T_max"] == corpus["trainer"]["max_epochs"] * (110_205 // corpus["data"]["init_args"]["batch_size"])

@@ -176,7 +176,7 @@ def recipe_config(batch_size: int | None = None) -> dict:
 
 
 def variant_config(v: dict) -> dict:
-    """The composed recipe with a variant's patches: projector, loss weights, temperature, mixup."""
+    """The composed recipe with a variant's patches: projector, loss weights, temperature, queue, mixup."""
     import copy
 
     cfg = copy.deepcopy(recipe_config(v.get("batch_size")))
@@ -188,6 +188,8 @@ def variant_config(v: dict) -> dict:
     if v.get("temperature"):
         m["objectives"][0]["init_args"]["loss"] = {"class_path": "mmalign.ClipLoss", "init_args": {
             "logit_scale": 1.0 / v["temperature"], "learnable_scale": False}}
+    # the queue only where the variant asks for it (the corpus overlay's 4,096 is the variant {"queue": 4096})
+    m["objectives"][0]["init_args"]["loss"].setdefault("init_args", {})["queue_size"] = int(v.get("queue") or 0)
     if v.get("mixup"):
         m["mixup_alpha"] = float(v["mixup"])
     return cfg
