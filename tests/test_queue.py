@@ -272,3 +272,51 @@ def test_ddp_ranks_hold_the_same_queue(tmp_path):
         torch.testing.assert_close(res["groups"], single.queued()[1])
         torch.testing.assert_close(res["losses"], want, atol=1e-5, rtol=1e-5)
     assert len(got[0]["queue"]) == 10  # 3 steps x 6 valid rows, wrapped
+
+
+# -- through Lightning: `mmalign fit` checkpoints the queue and `--ckpt_path` resumes it ------------------
+QUEUE_OVERLAY = """
+model:
+  init_args:
+    objectives:
+      - class_path: mmalign.Objective
+        init_args:
+          towers: [student, teacher]
+          loss: {class_path: mmalign.ClipLoss, init_args: {queue_size: 40}}
+      - class_path: mmalign.Objective
+        init_args: {towers: [student, teacher], loss: {class_path: mmalign.MSELoss}}
+"""
+
+
+def test_fit_checkpoints_the_queue_and_resumes_it(synthetic_data, tmp_path, monkeypatch):
+    from mmalign.recipe import MMAlignCLI, recipe_files
+
+    monkeypatch.chdir(tmp_path)
+    overlay = tmp_path / "queue.yaml"
+    overlay.write_text(QUEUE_OVERLAY, encoding="utf-8")
+    files = [*recipe_files("uclip_pivot", "tiny"), overlay]  # the tiny pivot: a frozen teacher without projector
+    args = [a for f in files for a in ("--config", str(f))] + [
+        f"--data.init_args.{s}={synthetic_data / f'{s}.jsonl'}" for s in ("train", "val", "test")] + [
+        "--trainer.num_sanity_val_steps=0", "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={tmp_path}",
+        "--model.init_args.towers.student.init_args.projector.init_args.dropout=0.0"]
+
+    def fit(steps, *extra):
+        cli = MMAlignCLI(args=["fit", *args, f"--trainer.max_steps={steps}", *extra], save_config_callback=None)
+        return cli.trainer, cli.model.objectives[0].loss
+
+    trainer, loss = fit(2)
+    trainer.save_checkpoint(tmp_path / "q.ckpt")
+    saved = torch.load(tmp_path / "q.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    filled, ptr = int(saved["objectives.0.loss.queue_filled"]), int(saved["objectives.0.loss.queue_ptr"])
+    assert 0 < filled <= 40 and saved["objectives.0.loss.queue"].shape[0] == 40
+    torch.testing.assert_close(saved["objectives.0.loss.queue"], loss.queue)
+    # Mark the checkpoint's queue (the frozen teacher's rows would come out the same on a fresh run), then resume.
+    ckpt = torch.load(tmp_path / "q.ckpt", map_location="cpu", weights_only=False)
+    marker = F.normalize(torch.randn(saved["objectives.0.loss.queue"].shape), dim=-1)
+    ckpt["state_dict"]["objectives.0.loss.queue"] = marker
+    torch.save(ckpt, tmp_path / "q.ckpt")
+    _, resumed = fit(3, f"--ckpt_path={tmp_path / 'q.ckpt'}")  # one more step from the checkpoint's queue
+    new = (int(resumed.queue_ptr) - ptr) % 40 or 40  # rows the third step wrote (a batch of 40 rows or fewer)
+    assert 0 < new < 40 and int(resumed.queue_filled) == min(filled + new, 40)
+    kept = (ptr + new + torch.arange(40 - new)) % 40  # every slot the third step did not overwrite
+    torch.testing.assert_close(resumed.queue[kept], marker[kept])
