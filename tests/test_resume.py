@@ -188,3 +188,55 @@ def test_resume_at_epoch_end_matches_uninterrupted(source, synthetic_data, tiny_
     assert full_w.keys() == res_w.keys()
     for name, p in full_w.items():
         assert torch.equal(res_w[name], p), name
+
+
+# -- the global RNG in checkpoints: dropout and mixup draw the same numbers after a resume ----------------------
+# mmalign.training.rng saves every rank's torch/CUDA/numpy/Python state with the checkpoint and restores it, so a
+# fit with dropout (or latent mixup) resumed mid-epoch or at an epoch end ends bit-identical to the uninterrupted
+# run (without it the resumed process draws from its freshly seeded stream: different masks, different weights).
+
+def _rng_fit(data: Path, root: Path, extra: list[str], ckpt: Path | None = None) -> tuple[dict, list]:
+    from mmalign.recipe import load_recipe
+
+    torch.set_num_threads(1)
+    args = [
+        "--config", str(CONFIGS[0]), "--config", str(CONFIGS[1]), "--seed_everything=0",
+        "--data.init_args.train", str(data / "train.jsonl"), "--data.init_args.val", str(data / "val.jsonl"),
+        "--trainer.max_epochs=2", "--trainer.num_sanity_val_steps=0", "--trainer.enable_checkpointing=true",
+        f"--trainer.default_root_dir={root}", "--trainer.logger=false",
+        "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={root / 'steps'}",
+        "--trainer.callbacks.save_top_k=-1", "--trainer.callbacks.every_n_train_steps=3", "--trainer.callbacks.filename={step}",
+        "--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.dirpath={root / 'epochs'}",
+        "--trainer.callbacks.save_top_k=-1", "--trainer.callbacks.every_n_epochs=1", *extra,
+    ]
+    cli = load_recipe(args)
+    ids = _BatchIds()
+    cli.trainer.callbacks.append(ids)
+    cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=None if ckpt is None else str(ckpt))
+    return {k: v.detach().clone() for k, v in cli.model.state_dict().items()}, ids.seen
+
+
+@pytest.mark.parametrize("randomness", ["dropout", "mixup"])
+def test_resume_with_dropout_or_mixup_is_bit_identical(randomness, synthetic_data, tiny_cache, tmp_path):
+    from mmalign.training.rng import KEY
+
+    extra = {"dropout": [],  # the recipe's projector dropout 0.1
+             "mixup": [f"--data.init_args.cache_dir={tiny_cache}", "--model.init_args.mixup_alpha=1.0",
+                       "--model.init_args.towers.text.init_args.projector.init_args.dropout=0.0"]}[randomness]
+    full_w, full_seen = _rng_fit(synthetic_data, tmp_path / "full", extra)
+    mid = torch.load(tmp_path / "full/steps/step=3.ckpt", weights_only=True)  # still loadable without pickles
+    end = next((tmp_path / "full/epochs").glob("epoch=0-*.ckpt"))
+    assert (mid["epoch"], mid["global_step"]) == (0, 3) and torch.load(end, weights_only=True)["global_step"] == 4
+    assert mid[KEY]["world_size"] == 1 and len(mid[KEY]["ranks"]) == 1
+    for name, start, steps in (("mid_epoch", tmp_path / "full/steps/step=3.ckpt", 5), ("epoch_end", end, 4)):
+        res_w, res_seen = _rng_fit(synthetic_data, tmp_path / name, extra, ckpt=start)
+        assert res_seen == full_seen[-steps:], name  # the same remaining batches ...
+        for k, p in full_w.items():  # ... and the same masks / mixes: bit-identical weights
+            assert torch.equal(res_w[k], p), (name, k)
+    # A checkpoint from before the RNG was saved still resumes (the process's own stream: not exact).
+    old = torch.load(end, weights_only=True)
+    del old[KEY]
+    torch.save(old, tmp_path / "old.ckpt")
+    old_w, old_seen = _rng_fit(synthetic_data, tmp_path / "old", extra, ckpt=tmp_path / "old.ckpt")
+    assert old_seen == full_seen[-4:]
+    assert any(not torch.equal(old_w[k], p) for k, p in full_w.items())  # the stream matters: the test can fail
