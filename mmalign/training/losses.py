@@ -191,7 +191,9 @@ class ClipLoss(nn.Module):
             momentum encoder for that), and a queue of the trained ``a`` side would always be stale.
             In training mode (``self.training``) only: the current batch's rows are enqueued *after* its
             loss (a batch is never its own negative), valid rows only under a partial-modality ``mask``,
-            the all-gathered rows under DDP with ``gather=True`` (every rank holds the same queue), with
+            the all-gathered rows under DDP with ``gather=True`` (every rank holds the same queue; DDP's
+            ``broadcast_buffers`` copies rank 0's to the others each step, the same rows, so it costs one
+            broadcast; with ``gather=False`` that broadcast would replace each rank's own rows), with
             their ``groups`` ids so ``false_negatives="mask"`` leaves out same-concept entries. Under
             eval the loss is the plain in-batch loss (validation losses do not depend on the training
             history) and nothing is enqueued. The queue is a persistent buffer, allocated at the first
