@@ -307,6 +307,18 @@ class SweepModule(_lightning().LightningModule):
         self.register_buffer("sweep_steps", torch.zeros((), dtype=torch.long))
         self._holder_params = [nn.Parameter(torch.zeros(())) for _ in specs]  # one LR per member for the scheduler
         self._val: list[dict[str, list[Any]]] = []
+        from mmalign.training.rng import RngResume
+
+        self._rng = RngResume()  # the global RNG (dropout, mixup) in checkpoints, as AlignmentModule
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rng.save(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rng.load(checkpoint)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._rng.batch_start(batch_idx)
 
     @property
     def towers(self) -> Any:  # what the DataModule connects to (fields, encoders' preprocessing)
