@@ -9,8 +9,10 @@ import lightning as L
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+from mmalign.training.rng import RngCheckpointHooks
 
-class FrozenBackboneModule(L.LightningModule):
+
+class FrozenBackboneModule(RngCheckpointHooks, L.LightningModule):  # the global RNG in checkpoints (exact resume)
     """Base of :class:`~mmalign.training.module.AlignmentModule` and :class:`~mmalign.captioning.PrefixCaptioningModule`.
 
     Subclasses call ``super().__init__(optimizer, scheduler)`` and implement ``_eval_step(batch, stage)``

@@ -19,7 +19,6 @@ from mmalign.training.gradcache import check_per_sample, chunk_ranges, grad_cach
 from mmalign.training.base import FrozenBackboneModule
 from mmalign.training.losses import group_ids
 from mmalign.training.mixup import mixup_batch
-from mmalign.training.rng import RngResume
 from mmalign.training.towers import Objective, Tower
 
 
@@ -161,7 +160,6 @@ class AlignmentModule(FrozenBackboneModule):
                     raise ValueError(f"objective names tower {name!r}; towers are {sorted(self.towers)}")
         self.retrieval_pairs, self.pair_kinds = retrieval_pairs(list(self.towers), [o.towers for o in self.objectives], retrieval)
         self._eval_store: dict[str, list[Any]] = defaultdict(list)
-        self._rng = RngResume()  # dropout / mixup draw the uninterrupted run's numbers after a resume
         if grad_cache_chunk is not None:
             chunk_ranges(1, grad_cache_chunk)  # validates the size
             check_per_sample({name: tower.projector for name, tower in self.towers.items()})
@@ -344,16 +342,6 @@ class AlignmentModule(FrozenBackboneModule):
             return False
         last_epoch = trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1
         return bool(last_epoch or train_monitors(trainer))  # epoch ends, when something reads them there
-
-    # -- the global RNG in checkpoints (mmalign.training.rng): a resume draws the same dropout masks and mixup --
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._rng.save(checkpoint)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._rng.load(checkpoint)
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._rng.batch_start(batch_idx)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         if not batch["meta"]["id"]:

@@ -106,3 +106,26 @@ class RngResume:
             pending, self.pending = self.pending, None
             if batch_idx > 0:
                 restore_rng_state(pending, warn=False)
+
+
+class RngCheckpointHooks:
+    """LightningModule mixin: the global RNG in checkpoints through the three hooks, with one :class:`RngResume`
+    per module (created on first use, so subclasses need no ``__init__`` call). :class:`FrozenBackboneModule`
+    (alignment and captioning modules) and :class:`~mmalign.training.sweep.SweepModule` inherit it; a subclass
+    overriding a hook calls ``super()``."""
+
+    @property
+    def _rng(self) -> RngResume:
+        rng = self.__dict__.get("_rng_resume")
+        if rng is None:
+            rng = self.__dict__["_rng_resume"] = RngResume()
+        return rng
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rng.save(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rng.load(checkpoint)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._rng.batch_start(batch_idx)

@@ -34,6 +34,9 @@ member's export, its final Lightning checkpoint ``model.ckpt`` and the member's 
 and settings filled in), so ``mmalign eval``/``mmalign export``/``AlignedModel`` load a member like a plain
 fit's; ``<run>/sweep/ensemble.json`` lists them; :class:`Ensemble` embeds with the mean of the members'
 L2-normalised embeddings.
+
+One module of ~630 lines on purpose: the stacked members, their Lightning module and the per-member outputs
+(checkpoints, exports, ensemble) share one member layout; split, each part would re-derive it.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
+
+from mmalign.training.rng import RngCheckpointHooks
 
 __all__ = ["Ensemble", "ModuleMember", "PairMember", "Sweep", "SweepModule", "build_members"]
 
@@ -260,7 +265,7 @@ def _lightning():
     return L
 
 
-class SweepModule(_lightning().LightningModule):
+class SweepModule(RngCheckpointHooks, _lightning().LightningModule):  # the global RNG (dropout, mixup) in checkpoints
     """N members of one recipe trained as one batched model under Lightning (manual optimisation).
 
     The stacked parameters, BatchNorm statistics and AdamW moments are buffers of this module and the recipe's
@@ -307,18 +312,6 @@ class SweepModule(_lightning().LightningModule):
         self.register_buffer("sweep_steps", torch.zeros((), dtype=torch.long))
         self._holder_params = [nn.Parameter(torch.zeros(())) for _ in specs]  # one LR per member for the scheduler
         self._val: list[dict[str, list[Any]]] = []
-        from mmalign.training.rng import RngResume
-
-        self._rng = RngResume()  # the global RNG (dropout, mixup) in checkpoints, as AlignmentModule
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._rng.save(checkpoint)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._rng.load(checkpoint)
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._rng.batch_start(batch_idx)
 
     @property
     def towers(self) -> Any:  # what the DataModule connects to (fields, encoders' preprocessing)
