@@ -33,7 +33,8 @@ import numpy as np
 
 from mmalign.data.langs import unknown_language_detail
 from mmalign.data.manifest import ManifestRowError
-from mmalign.data.sources.table import DEFAULT_FIELDS, TableSource, _map_ipc, derived_copy, json_by_pieces, release_memory
+from mmalign.data.sources.arrow_copies import _map_ipc, derived_copy, json_by_pieces, release_memory
+from mmalign.data.sources.table import DEFAULT_FIELDS, TableSource
 
 #: Plain manifest paths of at least this many bytes are read by :class:`ManifestTableSource`.
 TABLE_BYTES = 8 << 20

@@ -21,7 +21,7 @@ import numpy as np
 from mmalign.data.manifest import ManifestError
 from mmalign.data.policy import ON_ERROR, BadInputReport, check_choice, is_known_language
 from mmalign.data.sources.base import RowError, RowSource, SourceError
-from mmalign.data.sources.table import derived_copy
+from mmalign.data.sources.arrow_copies import derived_copy
 
 
 def _plain(path: Path) -> Path:
