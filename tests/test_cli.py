@@ -122,3 +122,16 @@ def test_a_tiny_fit_is_quiet_and_leaves_no_config_in_the_working_directory(synth
     assert list(tmp_path.glob("lightning_logs/version_*/config.yaml"))
     for noise in ("litlogger", "tensorboardX", "smaller than the logging interval", "litmodels"):
         assert noise not in text, noise
+
+
+def test_a_closed_pipe_stops_quietly():
+    """`mmalign recipes | head -1`: the reader leaves before the output is written; the command exits without a traceback on stderr."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "from mmalign.cli.main import main; main()", "recipes"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the child (still importing) writes its first line
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr

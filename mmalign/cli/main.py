@@ -148,8 +148,9 @@ def main(argv: list[str] | None = None, readable_errors: bool | None = None) -> 
     """
     from mmalign.cli.errors import READABLE, ConfigError, debug_requested, readable
 
+    argv_given = argv is not None
     if readable_errors is None:
-        readable_errors = argv is None
+        readable_errors = not argv_given
     argv = list(sys.argv[1:] if argv is None else argv)
     if debug_requested(argv):
         readable_errors = False
@@ -161,6 +162,14 @@ def main(argv: list[str] | None = None, readable_errors: bool | None = None) -> 
         _dispatch(argv)
     except (KeyboardInterrupt, GeneratorExit):
         raise
+    except BrokenPipeError:
+        if argv_given:
+            raise
+        # The reader of stdout went away (`mmalign recipes | head`): stop quietly, as the Python docs advise
+        # (https://docs.python.org/3/library/signal.html#note-on-sigpipe), instead of a traceback on stderr.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise SystemExit(1) from None
     except BaseException as err:  # noqa: BLE001 - classified by readable(); anything else is re-raised
         if isinstance(err, SystemExit) and not isinstance(err, ConfigError):
             raise
