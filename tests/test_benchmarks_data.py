@@ -193,3 +193,31 @@ def test_eval_benchmark_and_classify_with_a_real_tiny_export(xm3600, tmp_path):
     (tmp_path / "labels.txt").write_text("Hund\nKatze\n")
     out = classify(model=str(export), labels=str(tmp_path / "labels.txt"), images=str(xm3600 / "images"), lang="de", device="cpu")
     assert len(out["predictions"]) == 3 and out["predictions"][0]["top"][0]["label"] in ("Hund", "Katze")
+
+
+class CoversOnlyEnglish(Stub):
+    """A model whose text tower declares its languages (as USE-m's 16): German is not among them."""
+
+    def language_problem(self, lang):
+        return None if lang == "en" else f"the text encoder does not cover {lang!r}"
+
+
+def test_uncovered_languages_are_skipped_and_counted_or_stop_the_run(xm3600, tmp_path, monkeypatch, capsys):
+    bench = load_benchmark("xm3600", xm3600)
+    res = run_benchmark(CoversOnlyEnglish(MEDIA, TEXTS), bench)
+    assert sorted(res["retrieval"]) == ["en"] and res["retrieval"]["en"]["text->image/R@1"] == 50.0  # en unchanged
+    assert res["skipped_languages"] == {"de": "the text encoder does not cover 'de'"}
+    with pytest.raises(ValueError, match=r"xm3600: language 'de': the text encoder does not cover 'de'"):
+        run_benchmark(CoversOnlyEnglish(MEDIA, TEXTS), bench, uncovered="error")
+    with pytest.raises(ValueError, match="covers none of its 1 languages"):
+        run_benchmark(CoversOnlyEnglish(MEDIA, TEXTS), load_benchmark("xm3600", xm3600, languages=["de"]))
+
+    from mmalign.evaluation.command import evaluate
+    from mmalign.export import model as model_mod
+
+    monkeypatch.setattr(model_mod.AlignedModel, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: CoversOnlyEnglish(MEDIA, TEXTS)))
+    evaluate(["--benchmark", "xm3600", "--root", str(xm3600), "--model", "x", "--output", str(tmp_path / "ev")])
+    assert "Skipped 1 of 2 languages the model does not cover: de" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="language 'de'"):
+        evaluate(["--benchmark", "xm3600", "--root", str(xm3600), "--model", "x", "--uncovered", "error"])

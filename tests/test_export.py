@@ -199,6 +199,20 @@ def test_tower_choice_and_bad_input_errors(aligned, synthetic_data):
         aligned.embed_text(["un chien"], lang="fr")
 
 
+def test_language_problem_names_what_the_encoder_does_not_cover(aligned, monkeypatch):
+    name = aligned.select_tower(modality="text", tower="text")
+    assert aligned.language_problem("en", tower=name) is None
+    assert "did you mean" in aligned.language_problem("english", tower=name)
+
+    def only_en(langs, n):
+        if any(c not in ("en", None) for c in langs):
+            raise ValueError("covers only ['en']")
+
+    monkeypatch.setattr(aligned.towers[name].encoder, "check_languages", only_en, raising=False)
+    assert aligned.language_problem("en", tower=name) is None
+    assert aligned.language_problem("de", tower=name) == f"tower {name!r}: covers only ['en']"
+
+
 def test_not_an_export_refused(tmp_path):
     with pytest.raises(ExportError, match="no config.json"):
         AlignedModel.from_pretrained(tmp_path)

@@ -218,17 +218,43 @@ def retrieval_scores(media_embeds: torch.Tensor, text_embeds: dict[str, torch.Te
     return out
 
 
-def run_benchmark(model: Any, bench: RetrievalSet, batch_size: int = 64, captions: str = "all") -> dict[str, Any]:
+def run_benchmark(model: Any, bench: RetrievalSet, batch_size: int = 64, captions: str = "all",
+                  uncovered: str = "skip") -> dict[str, Any]:
     """Embed ``bench`` with an :class:`~mmalign.export.AlignedModel` (or anything with ``embed_image``/
-    ``embed_speech``/``embed_text``) and score it."""
+    ``embed_speech``/``embed_text``) and score it.
+
+    ``uncovered``: what to do with a benchmark language the model's text tower cannot embed (an encoder that
+    declares its languages, e.g. USE-m's 16, against XM3600's 36; asked through ``model.language_problem``):
+    ``"skip"`` scores the other languages and lists each skipped one with its reason under
+    ``"skipped_languages"`` (counted in the table); ``"error"`` stops with that reason. Every language skipped is
+    an error either way: there would be nothing to report."""
+    if uncovered not in ("skip", "error"):
+        raise ValueError(f"uncovered must be 'skip' or 'error', got {uncovered!r}")
     if captions == "first":
         bench = bench.first_only()
+    skipped: dict[str, str] = {}
+    check = getattr(model, "language_problem", None)
+    for lang in list(bench.captions) if check is not None else ():
+        problem = check(lang)
+        if problem is None:
+            continue
+        if uncovered == "error":
+            raise ValueError(f"{bench.name}: language {lang!r}: {problem} (--uncovered skip scores the languages the "
+                             "model covers and lists the others)")
+        skipped[lang] = problem
+    if skipped and len(skipped) == len(bench.captions):
+        raise ValueError(f"{bench.name}: the model covers none of its {len(skipped)} languages: "
+                         f"{next(iter(skipped.values()))}")
+    if skipped:
+        bench = RetrievalSet(bench.name, bench.modality, bench.media,
+                             {k: v for k, v in bench.captions.items() if k not in skipped})
     embed_media = model.embed_image if bench.modality == "image" else model.embed_speech
     media = embed_media(bench.media, batch_size=batch_size)
     texts = {lang: model.embed_text([t for _, t in caps], lang=lang, batch_size=batch_size) for lang, caps in bench.captions.items()}
     scores = retrieval_scores(media, texts, bench)
     return {"benchmark": bench.name, "protocol": f"CLIP_benchmark zeroshot_retrieval, captions={captions}",
-            "num_media": len(bench.media), "num_captions": {k: len(v) for k, v in bench.captions.items()}, "retrieval": scores}
+            "num_media": len(bench.media), "num_captions": {k: len(v) for k, v in bench.captions.items()}, "retrieval": scores,
+            "skipped_languages": skipped}
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -238,6 +264,10 @@ def format_table(result: dict[str, Any]) -> str:
              "|---|" + "---|" * len(cols)]
     for lang in sorted(rows):
         lines.append(f"| {lang} | " + " | ".join(f"{rows[lang][c]:.1f}" for c in cols) + " |")
+    skipped = result.get("skipped_languages") or {}
+    if skipped:
+        lines += ["", f"Skipped {len(skipped)} of {len(skipped) + len(rows)} languages the model does not cover: "
+                  + ", ".join(sorted(skipped)) + f" (reasons in {result['benchmark']}.json)."]
     return "\n".join(lines)
 
 
@@ -256,6 +286,8 @@ def benchmark_command(argv: list[str]) -> dict[str, Any]:
     p.add_argument("--languages", default=None, help="comma-separated subset")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--device", default=None)
+    p.add_argument("--uncovered", choices=["skip", "error"], default="skip",
+                   help="a language the model cannot embed: skip it (listed and counted in the report) or stop")
     a = p.parse_args(argv)
     kwargs: dict[str, Any] = {}
     if a.benchmark == "multi30k":
@@ -268,7 +300,7 @@ def benchmark_command(argv: list[str]) -> dict[str, Any]:
     from mmalign.export.model import AlignedModel
 
     model = AlignedModel.from_pretrained(a.model, device=a.device)
-    result = run_benchmark(model, bench, a.batch_size, a.captions)
+    result = run_benchmark(model, bench, a.batch_size, a.captions, a.uncovered)
     result["provenance"] = {"model": a.model, "root": a.root, **kwargs}
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)

@@ -400,6 +400,18 @@ class AlignedModel(_ModalityShortcuts, nn.Module):
                     raise exc from item_err
             raise
 
+    def language_problem(self, lang: str, tower: str | None = None, modality: str = "text") -> str | None:
+        """Why ``tower`` (default: the only ``modality`` tower) cannot embed items in ``lang``: an invalid code or a
+        language its encoder does not cover; ``None`` when it can (a covered language training did not see is
+        fine: zero-shot transfer, warned about once). Benchmarks use it to skip, and count, what a model does not
+        cover instead of stopping at the first such language."""
+        name = self.select_tower(modality=modality, tower=tower)
+        try:
+            self._check_langs(lang, 1, name)
+        except ValueError as err:
+            return str(err)
+        return None
+
     def _check_langs(self, lang: str | Sequence[str] | None, n: int, name: str) -> None:
         """Codes must be ISO 639-1 (as in manifests); tower ``name``'s encoder must cover them (an error from
         the encoder); languages it covers but training did not see get a zero-shot warning."""
