@@ -557,6 +557,31 @@ def test_captioner_lm_local_path_refused(captioner_export, tmp_path):
         mmalign.load(target)
 
 
+def test_captioner_local_paths_the_user_passes_are_theirs(captioner_export, tmp_path):
+    """A captioner export naming a local LM or encoder is refused with the way to pass it (``lm_overrides``,
+    ``encoder_overrides`` of the captioner's own ``from_pretrained``); passed by the user, it loads."""
+    from encoders.tiny import resolve_model_path
+    from mmalign.captioning import PrefixCaptioningModule
+
+    lm = shutil.copytree(resolve_model_path("tiny:tiny-causal-lm"), tmp_path / "my_lm")
+    target = edit_config(copy(captioner_export, tmp_path), lambda c: c["lm"]["init_args"].update(model_name=str(lm)))
+    with pytest.raises(ExportError, match=r"names a local path; .*PrefixCaptioningModule\.from_pretrained\(\.\.\., lm_overrides="):
+        PrefixCaptioningModule.from_pretrained(target)
+    model = PrefixCaptioningModule.from_pretrained(target, lm_overrides={"model_name": str(lm)})
+    ref = PrefixCaptioningModule.from_pretrained(captioner_export)
+    for (k, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=k)  # the same tiny LM from the user's copy: the same weights
+
+    key = ref.encoder_arg
+    target = edit_config(copy(captioner_export, tmp_path, "enc"),
+                         lambda c: c[key]["init_args"].update(checkpoint_path=str(tmp_path / "vit.bin")))
+    with pytest.raises(ExportError, match=r"names a local path; .*from_pretrained\(\.\.\., encoder_overrides=\{<argument>"):
+        PrefixCaptioningModule.from_pretrained(target)
+    model = PrefixCaptioningModule.from_pretrained(target, encoder_overrides={"checkpoint_path": None})  # the user's value
+    for (k, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=k)
+
+
 def test_checkpoint_recipe_plain_dotted_string_never_imported(module, tmp_path, marker, monkeypatch):
     """jsonargparse imports a dotted STRING given for a callable-typed argument (the projector factory) with no
     ``class_path`` key; such strings are checked like class paths before parsing."""

@@ -335,7 +335,9 @@ class PrefixCaptioningModule(FrozenBackboneModule):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu", strict: bool = True,
-                        trusted_classes: Sequence[str | type] | None = None) -> "PrefixCaptioningModule":
+                        trusted_classes: Sequence[str | type] | None = None,
+                        encoder_overrides: dict[str, Any] | None = None,
+                        lm_overrides: dict[str, Any] | None = None) -> "PrefixCaptioningModule":
         """Rebuild encoder, projector and LM from an export and load its weights (strictly).
 
         The export is untrusted: only the project's own encoder/projector/LM classes are imported (plus
@@ -346,10 +348,15 @@ class PrefixCaptioningModule(FrozenBackboneModule):
             map_location: Device of the rebuilt module.
             strict: Refuse an image encoder whose ``cache_key`` differs from the recorded one (else warn).
             trusted_classes: Classes from outside mmalign's packages to accept (still of the right base class).
+            encoder_overrides: ``{init_arg: value}`` replacing the recorded encoder arguments, e.g. a local copy of
+                the same checkpoint (``{"model_name": "/models/whisper-base"}``): a shared export never names a
+                local path itself (refused), so the user passes the one they trust.
+            lm_overrides: The same for the frozen LM (``{"model_name": "/models/mt5-small"}``).
 
         Raises:
             ExportError: The directory is not a captioner export, or it is unsafe or inconsistent.
         """
         from mmalign.export.captioner import load_captioner
 
-        return load_captioner(cls, directory, map_location=map_location, strict=strict, trusted_classes=trusted_classes)
+        return load_captioner(cls, directory, map_location=map_location, strict=strict, trusted_classes=trusted_classes,
+                              encoder_overrides=encoder_overrides, lm_overrides=lm_overrides)

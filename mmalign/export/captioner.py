@@ -87,7 +87,8 @@ def captioner_config(module: Any, *, languages: list[str] | None = None, **prove
 
 
 def load_captioner(cls: type, path: str | os.PathLike, map_location: str | torch.device = "cpu", strict: bool = True,
-                   trusted_classes: ClassList | None = None) -> Any:
+                   trusted_classes: ClassList | None = None, encoder_overrides: dict[str, Any] | None = None,
+                   lm_overrides: dict[str, Any] | None = None) -> Any:
     """Rebuild a captioner export (see :meth:`PrefixCaptioningModule.from_pretrained`).
 
     Order: strict config.json; the module class (``module_class``, a project subclass of ``cls``); every
@@ -116,8 +117,10 @@ def load_captioner(cls: type, path: str | os.PathLike, map_location: str | torch
                           f"(unknown: {unknown}; known: {allowed})")
     lm_cfg = field(config, "lm", dict, "config")
     lm_cls = resolve_class(field(lm_cfg, "class_path", str, "lm"), FrozenLM, "lm", trusted_classes)
-    refuse_local_paths(field(lm_cfg, "init_args", dict, "lm"), "lm", "lm", "A local language model you trust is "
-                       "rebuilt in code (FrozenLM(<path>)), not named by a shared export.")
+    lm_recorded = field(lm_cfg, "init_args", dict, "lm")
+    refuse_local_paths({k: v for k, v in lm_recorded.items() if k not in (lm_overrides or {})}, "lm", "lm",
+                       f"To load a local language model you trust, pass its path yourself: {cls.__name__}"
+                       ".from_pretrained(..., lm_overrides={<argument>: <path>}).")
     key = cls.encoder_arg
     enc_cfg = field(config, key, dict, "config")
     weights = open_weights(root, config)
@@ -129,8 +132,11 @@ def load_captioner(cls: type, path: str | os.PathLike, map_location: str | torch
                           + "\n  ".join(problems))
     verify_checksum(weights)
 
-    encoder = build_encoder(enc_cfg, key, key, strict=strict, trusted=trusted_classes, label=key)
-    lm = instantiate(lm_cls, field(lm_cfg, "init_args", dict, "lm"), f"lm {lm_cfg['class_path']}")
+    encoder = build_encoder(enc_cfg, key, key, override=encoder_overrides, strict=strict, trusted=trusted_classes,
+                            label=key, hint=f"To load a local model you trust, pass its path yourself: {cls.__name__}"
+                            ".from_pretrained(..., encoder_overrides={<argument>: <path>}); a path other than the "
+                            "recorded one is another cache_key, so it also needs strict=False.")
+    lm = instantiate(lm_cls, {**lm_recorded, **(lm_overrides or {})}, f"lm {lm_cfg['class_path']}")
     projector = instantiate(proj_cls, proj_args, "projector")
 
     def factory(in_dim: int, out_dim: int) -> Any:

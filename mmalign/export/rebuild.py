@@ -78,7 +78,7 @@ def instantiate(cls: type, init_args: Mapping[str, Any], where: str) -> Any:
 
 
 def build_encoder(cfg: Any, key: str, who: str, override: Mapping[str, Any] | None = None, strict: bool = True,
-                  trusted: ClassList | None = None, label: str | None = None) -> nn.Module:
+                  trusted: ClassList | None = None, label: str | None = None, hint: str | None = None) -> nn.Module:
     """Rebuild a frozen encoder from ``{"class_path", "init_args", "cache_key", "output_dim", "spec"}``.
 
     Args:
@@ -89,6 +89,8 @@ def build_encoder(cfg: Any, key: str, who: str, override: Mapping[str, Any] | No
         strict: Refuse an encoder whose ``cache_key`` differs from the recorded one (else warn).
         trusted: Class paths trusted outside the project's packages.
         label: Name of the class slot in refusals (default ``"<who> encoder"``).
+        hint: How the caller's users pass a local path themselves (default: the embedding export's
+            ``encoder_overrides``), in the refusal of a recorded local path.
 
     Raises:
         ExportError: A refused class, or an encoder other than the recorded one (a different ``output_dim``
@@ -101,10 +103,11 @@ def build_encoder(cfg: Any, key: str, who: str, override: Mapping[str, Any] | No
     cls = resolve_class(path, Encoder, label, trusted)
     recorded = field(cfg, "init_args", dict, key)
     mine = {k: v for k, v in recorded.items() if k not in (override or {})}  # what the user passes is theirs to trust
-    refuse_local_paths(mine, key, label, "To load a local model you trust, pass its path yourself: "
-                       "AlignedModel.from_pretrained(..., encoder_overrides={<tower>: {<argument>: <path>}}) "
-                       "(mmalign embed: --encoder_overrides '{<tower>: {<argument>: <path>}}'); a path other than the "
-                       "recorded one is another cache_key, so it also needs strict=False (--strict false).")
+    refuse_local_paths(mine, key, label, hint or (
+        "To load a local model you trust, pass its path yourself: "
+        "AlignedModel.from_pretrained(..., encoder_overrides={<tower>: {<argument>: <path>}}) "
+        "(mmalign embed: --encoder_overrides '{<tower>: {<argument>: <path>}}'); a path other than the "
+        "recorded one is another cache_key, so it also needs strict=False (--strict false)."))
     init_args = {**recorded, **dict(override or {})}
     output_dim = field(cfg, "output_dim", int, key)
     encoder = instantiate(cls, init_args, f"{label} {path}")
