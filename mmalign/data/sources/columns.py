@@ -103,16 +103,18 @@ def repeated(column: Any) -> np.ndarray | None:
     import pyarrow as pa
 
     h = hash_strings(column)
-    rows = np.arange(len(h)) if not column.null_count else np.flatnonzero(~_nulls(column))
-    hv = h if not column.null_count else h[rows]
+    rows = np.flatnonzero(~_nulls(column)) if column.null_count else None  # None: every row (no [n] index array)
+    hv = h if rows is None else h[rows]
     s = np.sort(hv)
     dup_hashes = np.unique(s[1:][s[1:] == s[:-1]])
+    del s
     if len(dup_hashes) == 0:
         return None
-    candidates = rows[np.isin(hv, dup_hashes)]  # rows whose hash repeats: compared exactly
+    hit = np.isin(hv, dup_hashes)
+    candidates = np.flatnonzero(hit) if rows is None else rows[hit]  # rows whose hash repeats: compared exactly
     import pyarrow.compute as pc
 
-    hc = hv[np.isin(hv, dup_hashes)]
+    hc = hv[hit]
     order = np.lexsort((candidates, hc))  # by hash, then row: each group's first row comes first
     rows_sorted, h_sorted = candidates[order], hc[order]
     values = column.take(pa.array(rows_sorted))
