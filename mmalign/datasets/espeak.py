@@ -32,19 +32,21 @@ def find_espeak() -> str:
     return exe
 
 
-def wav_problem(path: Path) -> str | None:
-    """Why ``path`` is not a usable espeak-ng wav (None when it is: 22050 Hz, mono, not silent)."""
+def wav_problem(path: Path, sample_rate: int = SAMPLE_RATE) -> str | None:
+    """Why ``path`` is not a usable wav (None when it is: ``sample_rate`` Hz (espeak-ng's 22050 by default), mono,
+    at least 50 ms, not silent)."""
+    expected = sample_rate
     import soundfile as sf
 
     try:
         audio, sample_rate = sf.read(str(path), dtype="float32", always_2d=True)  # [T, C]
     except (OSError, RuntimeError, sf.LibsndfileError) as err:
         return f"unreadable ({err})"
-    if sample_rate != SAMPLE_RATE:
-        return f"sample rate {sample_rate} != {SAMPLE_RATE}"
+    if sample_rate != expected:
+        return f"sample rate {sample_rate} != {expected}"
     if audio.shape[1] != 1:
         return f"{audio.shape[1]} channels, expected mono"
-    if audio.shape[0] < SAMPLE_RATE // 20:
+    if audio.shape[0] < expected // 20:
         return f"only {audio.shape[0]} samples"
     if float(np.abs(audio).max()) < 1e-3:
         return "silent"
@@ -167,8 +169,10 @@ def sample_style(rng: np.random.Generator, lang: str) -> dict:
             "tag": f"{variant}_s{speed}_p{pitch}_{aug.name}"}
 
 
-def _robust_jobs(rows: Sequence[dict], variants: int, sentences: int, seed: int) -> list[dict]:
-    """The augmented clips to make: per row ``variants`` styled names, per row ``sentences`` styled sentences."""
+def _robust_jobs(rows: Sequence[dict], variants: int, sentences: int, seed: int,
+                 engines: Sequence[str] | None = None) -> list[dict]:
+    """The augmented clips to make: per row ``variants`` styled names, per row ``sentences`` styled sentences.
+    With ``engines`` each clip's speaker is drawn by :func:`mmalign.datasets.tts.sample_engine_style`."""
     from mmalign.data.augment import sample_augment, seed_for
 
     jobs = []
@@ -177,6 +181,13 @@ def _robust_jobs(rows: Sequence[dict], variants: int, sentences: int, seed: int)
         templates = SENTENCE_TEMPLATES.get(row["lang"], ())
         kinds = ["name"] * variants + (["sentence"] * sentences if templates else [])
         for k, kind in enumerate(kinds):
+            if engines is not None:
+                from mmalign.datasets.tts import sample_engine_style
+
+                st = sample_engine_style(rng, row["lang"], engines)
+                text = row["text"] if kind == "name" else templates[int(rng.integers(len(templates)))].format(row["text"])
+                jobs.append({"row": row, "kind": kind, "text": text, "style": st, "tag": f"{kind[0]}{k}_{st['tag']}"})
+                continue
             variant = str(rng.choice(VOICE_VARIANTS))
             speed = int(rng.integers(ESPEAK_SPEED[0], ESPEAK_SPEED[1] + 1))
             pitch = int(rng.integers(ESPEAK_PITCH[0], ESPEAK_PITCH[1] + 1))
@@ -198,6 +209,7 @@ def build_robust_speech(
     exclude_concepts: Sequence[str] = (),
     workers: int = 1,
     progress: bool = True,
+    engines: Sequence[str] | None = None,
 ) -> dict:
     """Write augmented espeak-ng speech for ``rows`` (training rows with ``id/concept/lang/text``) under ``root``.
 
@@ -213,6 +225,12 @@ def build_robust_speech(
     Args:
         exclude_concepts: Held-out concepts; rows of these are refused (counted in ``info.json``), so test
             concepts never leak into training speech.
+        engines: None (default): espeak-ng voice variants as above, 22050 Hz. A list of
+            :data:`mmalign.datasets.tts.ENGINES` (``["espeak-ng", "flite", "festival"]``): each clip's speaker is
+            drawn among the installed voices of those engines for the row's language (engines weighted equally,
+            :func:`mmalign.datasets.tts.sample_engine_style`), at a random rate, written at 16 kHz; a language
+            none of them speaks falls back to espeak-ng's variants, counted in ``info.json`` (``engines``). The
+            tag (file name, row id) then names engine, voice, rate, pitch and augmentation.
 
     Returns:
         The ``info.json`` record.
@@ -228,13 +246,19 @@ def build_robust_speech(
     excluded = set(exclude_concepts)
     kept = [r for r in rows if r["concept"] not in excluded and r.get("lang") in SENTENCE_TEMPLATES]
     espeak = find_espeak()
-    jobs = _robust_jobs(kept, variants, sentences, seed)
+    engines = list(engines) if engines is not None else None
+    jobs = _robust_jobs(kept, variants, sentences, seed, engines)
 
     def make(job: dict) -> str | None:
         name = f"{job['row']['id']}~{job['tag']}.wav"
         path = root / "audio" / name
         if path.is_file():
             return None
+        if engines is not None:
+            from mmalign.datasets.tts import speak
+
+            st = job["style"]
+            return speak(job["text"], st["voice"], path, st["rate"], st["pitch"], st["aug"], seed=seed_for(seed, name))
         return synthesize_augmented(job["text"], job["voice"], path, espeak, job["speed"], job["pitch"], job["aug"],
                                     seed=seed_for(seed, name))
 
@@ -253,13 +277,44 @@ def build_robust_speech(
             "id": f"{row['id']}~{job['tag']}", "concept": row["concept"], "lang": row["lang"], "text": job["text"],
             "text_en": row.get("text_en", row["text"]), "kind": job["kind"],
             "audio": f"audio/{row['id']}~{job['tag']}.wav",
-            "augment": {"voice": job["voice"], "espeak_speed": job["speed"], "espeak_pitch": job["pitch"],
-                        **job["aug"].to_dict()},
+            "augment": _augment_record(job),
         })
     tmp = root / f".train.jsonl.{os.getpid()}.tmp"
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out_rows), encoding="utf-8")
     os.replace(tmp, root / "train.jsonl")
     info = {"args": {"variants": variants, "sentences": sentences, "seed": seed}, "source_rows": len(rows),
             "excluded_rows": len(rows) - len(kept), "clips": len(out_rows), "skipped": skipped}
+    if engines is not None:  # only then: info of folders built before the option stays as it was
+        info["args"]["engines"] = engines
+        info["engines"] = engine_counts(jobs, problems)
     (root / "info.json").write_text(json.dumps(info, indent=1, ensure_ascii=False))
     return info
+
+
+def _augment_record(job: dict) -> dict:
+    if "style" in job:
+        from mmalign.datasets.tts import style_record
+
+        return style_record(job["style"])
+    return {"voice": job["voice"], "espeak_speed": job["speed"], "espeak_pitch": job["pitch"], **job["aug"].to_dict()}
+
+
+def engine_counts(jobs: Sequence[dict], problems: Sequence[str | None]) -> dict:
+    """Clips written per engine, per voice and per language, and those that fell back to espeak-ng because no
+    requested engine speaks their language (``espeak_fallback``: language -> clips)."""
+    clips: dict[str, int] = {}
+    voices: dict[str, int] = {}
+    per_lang: dict[str, dict[str, int]] = {}
+    fallback: dict[str, int] = {}
+    for job, problem in zip(jobs, problems):
+        if problem is not None:
+            continue
+        st, lang = job["style"], job["row"]["lang"]
+        clips[st["voice"].engine] = clips.get(st["voice"].engine, 0) + 1
+        voices[st["voice"].key] = voices.get(st["voice"].key, 0) + 1
+        per_lang.setdefault(lang, {}).setdefault(st["voice"].engine, 0)
+        per_lang[lang][st["voice"].engine] += 1
+        if st["fallback"]:
+            fallback[lang] = fallback.get(lang, 0) + 1
+    return {"clips": dict(sorted(clips.items())), "voices": dict(sorted(voices.items())),
+            "per_language": dict(sorted(per_lang.items())), "espeak_fallback": dict(sorted(fallback.items()))}

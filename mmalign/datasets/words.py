@@ -126,14 +126,20 @@ def _audio_path(lang: str, word: str, tag: str | None = None) -> str:
     return f"audio/{lang}/{digest}.wav" if tag is None else f"audio/{lang}/{digest}~{tag}.wav"
 
 
-def word_style(seed: int, lang: str, word: str) -> dict:
-    """The speaker and augmentation of one styled word clip (:func:`mmalign.datasets.espeak.sample_style`),
-    a function of ``(seed, lang, word)`` only: a larger word list keeps every smaller list's clips."""
+def word_style(seed: int, lang: str, word: str, engines: Sequence[str] | None = None) -> dict:
+    """The speaker and augmentation of one styled word clip (:func:`mmalign.datasets.espeak.sample_style`, or
+    with ``engines`` :func:`mmalign.datasets.tts.sample_engine_style`), a function of ``(seed, lang, word)``
+    (and ``engines``) only: a larger word list keeps every smaller list's clips."""
     import numpy as np
 
     from mmalign.data.augment import seed_for
 
-    return sample_style(np.random.default_rng(seed_for(seed, "words", lang, word)), lang)
+    rng = np.random.default_rng(seed_for(seed, "words", lang, word))
+    if engines is not None:
+        from mmalign.datasets.tts import sample_engine_style
+
+        return sample_engine_style(rng, lang, engines)
+    return sample_style(rng, lang)
 
 
 def build_words_dataset(
@@ -148,6 +154,7 @@ def build_words_dataset(
     workers: int = 2,
     styled: bool = False,
     seed: int = 0,
+    engines: Sequence[str] | None = None,
 ) -> WordsInfo:
     """Build (or find cached) a train-only manifest of frequent words spoken by espeak-ng.
 
@@ -170,6 +177,11 @@ def build_words_dataset(
             (issue 17.3). The file name and the row's ``augment`` record name the style, so the feature cache
             keys each clip by its augmentation. False: the language's default voice, unaugmented.
         seed: Seed of the styles (``styled`` only).
+        engines: With ``styled``: draw each word's speaker among the installed voices of these engines
+            (:data:`mmalign.datasets.tts.ENGINES`, e.g. ``[espeak-ng, flite, festival]``; engines weighted
+            equally, then a random rate and the same augmentations), written at 16 kHz; a language none of them
+            speaks falls back to espeak-ng's variants, counted in ``info.json`` (``engines.espeak_fallback``).
+            None (default): espeak-ng variants only, as before (folders built without it keep their fingerprint).
 
     Rows: ``{"id": "word-<lang>-<word>", "concept": "word:<word>", "lang", "text", "audio"}``. A word
     spelled alike in two languages shares its concept, so false-negative masking treats the pair as one.
@@ -195,8 +207,13 @@ def build_words_dataset(
     names = held_out_names(exclude)
     args = {"languages": languages, "words_per_language": words_per_language, "skip_top": skip_top,
             "min_length": min_length}
+    if engines is not None and not styled:
+        raise ValueError("engines chooses the speakers of styled words; pass styled=True with it")
     if styled:  # only then, so fingerprints of unstyled folders built before the option stay valid
         args.update(styled=True, seed=int(seed))
+    if engines is not None:
+        engines = list(engines)
+        args.update(engines=engines)
     fingerprint = {
         "generator_version": GENERATOR_VERSION, "wordfreq_version": getattr(wordfreq, "__version__", "unknown"),
         "args": args, "held_out_names": hashlib.blake2b("\n".join(sorted(names)).encode(), digest_size=16).hexdigest(),
@@ -227,7 +244,8 @@ def build_words_dataset(
         (root / "audio" / lang).mkdir(parents=True, exist_ok=True)
 
     jobs = [(lang, words[lang][i]) for i in range(words_per_language) for lang in languages]  # rank-interleaved
-    styles = {job: word_style(seed, *job) for job in jobs} if styled else {}
+    styles = {job: word_style(seed, *job, engines=engines) for job in jobs} if styled else {}
+    rate = 16_000 if engines is not None else None  # the engine layer writes Whisper's rate
 
     def audio_of(lang: str, word: str) -> str:
         return _audio_path(lang, word, styles[lang, word]["tag"] if styled else None)
@@ -235,12 +253,16 @@ def build_words_dataset(
     def run(job: tuple[str, str]) -> str | None:
         lang, word = job
         path = root / audio_of(lang, word)
-        if path.is_file() and wav_problem(path) is None:
+        if path.is_file() and (wav_problem(path) if rate is None else wav_problem(path, rate)) is None:
             return None  # resumed: written atomically and still valid
         if styled:
             st = styles[job]
             from mmalign.data.augment import seed_for
 
+            if engines is not None:
+                from mmalign.datasets.tts import speak
+
+                return speak(word, st["voice"], path, st["rate"], st["pitch"], st["aug"], seed=seed_for(seed, path.name))
             return synthesize_augmented(word, st["voice"], path, espeak, st["speed"], st["pitch"], st["aug"],
                                         seed=seed_for(seed, path.name))
         return synthesize(word, ESPEAK_VOICES[lang], path, espeak)
@@ -257,8 +279,13 @@ def build_words_dataset(
                    "audio": audio_of(lang, word)}
             if styled:
                 st = styles[lang, word]
-                row["augment"] = {"voice": st["voice"], "espeak_speed": st["speed"], "espeak_pitch": st["pitch"],
-                                  **st["aug"].to_dict()}
+                if engines is not None:
+                    from mmalign.datasets.tts import style_record
+
+                    row["augment"] = style_record(st)
+                else:
+                    row["augment"] = {"voice": st["voice"], "espeak_speed": st["speed"], "espeak_pitch": st["pitch"],
+                                      **st["aug"].to_dict()}
             rows.append(row)
     atomic_write_text(root / "train.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     for lang in languages:
@@ -267,6 +294,12 @@ def build_words_dataset(
                 skipped=dict(sorted(skipped.items())), exclude=[str(p) for p in exclude],
                 provenance={"wordlist": "wordfreq 'best' (data CC BY-SA 4.0)",
                             "espeak_voices": {lang: ESPEAK_VOICES[lang] for lang in languages}})
+    if engines is not None:
+        from mmalign.datasets.espeak import engine_counts
+
+        kept = {r["audio"] for r in rows}
+        done = [{"style": styles[job], "row": {"lang": job[0]}} for job in jobs if audio_of(*job) in kept]
+        info["engines"] = engine_counts(done, [None] * len(done))
     atomic_write_text(root / "info.json", dumps_json(info))
     atomic_write_text(root / ".complete", GENERATOR_VERSION + "\n")
     return WordsInfo.fromdumps_json(root, cached=False)
