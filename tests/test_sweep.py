@@ -321,8 +321,8 @@ def test_weights_of_refuses_another_sweeps_checkpoint(lit_sweep):
 def test_fit_sweep_resumes_exactly(lit_sweep):
     """The sweep resumed from its step-6 checkpoint (mid-epoch 2 of 4 steps each, ``--ckpt_path``) ends where the
     uninterrupted sweep does: stacked parameters, AdamW moments, the scheduled rates and the sampler position are in
-    the checkpoint. (Lightning does not checkpoint the global RNG, so a resume at an epoch boundary reshuffles the
-    next epoch differently, for a plain fit as for a sweep.)"""
+    the checkpoint (the epoch order is a function of (seed, epoch) and the global RNG is checkpointed too:
+    mmalign.training.rng)."""
     from mmalign.recipe import MMAlignCLI
 
     tmp, done = lit_sweep["tmp"], lit_sweep["sweep"]
