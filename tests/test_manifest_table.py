@@ -183,7 +183,6 @@ def _small_blocks(monkeypatch, block: int = 256) -> None:
     from mmalign.data.sources import manifest_table
 
     monkeypatch.setattr(manifest_table, "_BLOCK", block)
-    monkeypatch.setattr(manifest_table, "_PIECE", block)
 
 
 def _no_nulls(value):

@@ -354,7 +354,6 @@ def test_text_tables_in_small_blocks_read_as_in_one(fmt, tmp_path, monkeypatch):
 
     one = read("one")
     monkeypatch.setattr(table, "_TEXT_BLOCK", 128)
-    monkeypatch.setattr(table, "_TEXT_PIECE", 256)
     monkeypatch.setattr(table, "_SNIFF", 4096 if fmt == "csv" else 128)  # the CSV sniff still sees every row
     small = read("small")
     assert len(small[0].table.to_batches()) > 3 and small[1] == one[1] and small[2] == one[2]

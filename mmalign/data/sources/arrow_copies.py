@@ -1,6 +1,6 @@
 """Converted Arrow copies of the sources: where they live, how they are named and staged, and the converters
-(Parquet row group by row group; CSV/JSONL tables streamed in small blocks, a JSONL whose keys or types change
-late read piece by piece and unified). Split out of :mod:`mmalign.data.sources.table`, which maps the copies.
+(Parquet row group by row group; CSV/JSONL tables streamed in small blocks, a JSONL in line-aligned pieces whose
+schemas are unified when its keys or types change late). Split out of :mod:`mmalign.data.sources.table`, which maps the copies.
 
 Every copy is written to a temporary name and ``os.replace``-d onto its key (path, size, mtime), so a reader
 never sees a half-written file under a good name.
@@ -71,58 +71,217 @@ def parquet_as_arrow(path: Path) -> Path:
     return out
 
 
-def _json_pieces(path: Path, size: int) -> Iterable[bytes]:
-    """The file in pieces of about ``size`` bytes that end at a line end (a JSON line never holds a raw newline)."""
+def _json_pieces(path: Path, size: int) -> Iterable[tuple[int, Any]]:
+    """``(offset, piece)``: the file in ``pyarrow.Buffer`` pieces of about ``size`` bytes that end at a line end (a
+    JSON line never holds a raw newline; a line longer than ``size`` is one piece). No copy: each piece is a slice of
+    one read, the next read starts at its end."""
+    import pyarrow as pa
+
     with open(path, "rb") as f:
-        tail = b""
-        while data := f.read(size):
-            data = tail + data
+        offset = 0
+        while True:
+            n = size
+            f.seek(offset)
+            data = f.read(n)
             cut = data.rfind(b"\n") + 1
-            tail = data[cut:]
-            if cut:
-                yield data[:cut]
-        if tail:
-            yield tail
+            while not cut and len(data) == n:  # a line longer than the piece: read more of it
+                n *= 2
+                f.seek(offset)
+                data = f.read(n)
+                cut = data.rfind(b"\n") + 1
+            if not data:
+                return
+            cut = cut or len(data)  # the last line, without a newline
+            yield offset, pa.py_buffer(data).slice(0, cut)
+            offset += cut
 
 
-def json_by_pieces(path: Path, write: Any, tmp: Path, piece: int = 32 << 20) -> None:
-    """A JSONL whose columns or types change after the first block: each line-aligned piece is read with its own type
-    inference and spilled to a temporary Arrow file, the piece schemas are unified (a key first seen late, null ->
-    string, int -> float, struct fields merged) and every piece is written cast to the union: one parse, memory bounded
-    by a piece. Types that do not unify (a string in one piece, a number in another) raise (the file goes to the row
-    reader)."""
+def _line_of(path: Path, offset: int, piece: Any, message: str) -> int | None:
+    """The 1-based file line of the line of ``piece`` (at byte ``offset``) that Arrow refused: its ``in row N`` (rows
+    are the piece's non-blank lines), else the first line that is not a JSON object. Only on an error path."""
+    import json
+    import re
+
+    lines = piece.to_pybytes().split(b"\n")
+    found = re.search(r"in row (\d+)", message)
+    k = None
+    if found:
+        rows = [i for i, line in enumerate(lines) if line.strip()]
+        k = rows[int(found.group(1))] if int(found.group(1)) < len(rows) else None
+    if k is None:
+        for i, line in enumerate(lines):
+            try:
+                if line.strip() and not isinstance(json.loads(line), dict):
+                    k = i
+            except ValueError:
+                k = i
+            if k is not None:
+                break
+    if k is None:
+        return None
+    before = 0
+    with open(path, "rb") as f:
+        while offset > 0 and (data := f.read(min(offset, 64 << 20))):
+            before += data.count(b"\n")
+            offset -= len(data)
+    return before + k + 1
+
+
+def _json_piece(path: Path, offset: int, data: Any, known: Any, validate: bool) -> Any:
+    """One line-aligned piece as a table: read with the columns and types seen so far (``known``; a new key inferred,
+    as the streaming reader reads every block after its first), else, where a value does not fit them, with the
+    piece's own inference (its schema is then unified with the others). A piece neither reads raises naming the
+    file line; with ``validate`` one whose strings are not UTF-8 (``pyarrow.json`` keeps such bytes) raises too."""
     import pyarrow as pa
     import pyarrow.json as pajson
 
-    spills, schemas = [], []
+    options = pajson.ReadOptions(block_size=data.size + 1, use_threads=False)
+    table = None
+    if known is not None:
+        try:
+            table = pajson.read_json(pa.BufferReader(data), read_options=options, parse_options=pajson.ParseOptions(
+                explicit_schema=known, unexpected_field_behavior="infer"))
+        except pa.ArrowInvalid:
+            pass
+    if table is None:
+        try:
+            table = pajson.read_json(pa.BufferReader(data), read_options=options)
+        except pa.ArrowInvalid as e:
+            line = _line_of(path, offset, data, str(e))
+            if line is None:
+                raise
+            raise pa.ArrowInvalid(f"line {line}: {e}") from e
+    if validate:
+        table.validate(full=True)
+    return table
+
+
+def _json_tables(path: Path, size: int, threads: bool, validate: bool) -> Iterable[Any]:
+    """The pieces of a JSONL as tables, in file order (empty pieces left out), each read with the union of the
+    schemas before it; with ``threads`` read on Arrow's CPU count of threads, a few pieces ahead of the consumer
+    (memory bounded by those pieces). Types that do not unify (a string in one piece, a number in another) raise."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow as pa
+
+    known = None
+
+    def seen(table: Any) -> Any:
+        nonlocal known
+        if known is None:
+            known = table.schema
+        elif not table.schema.equals(known):
+            known = pa.unify_schemas([known, table.schema], promote_options="permissive")
+        return table
+
+    pieces = _json_pieces(path, size)
+    if not threads:
+        for offset, data in pieces:
+            table = _json_piece(path, offset, data, known, validate)
+            if table.num_rows:
+                yield seen(table)
+        return
+    workers = max(1, pa.cpu_count())
+    with ThreadPoolExecutor(workers) as pool:  # read_json releases the GIL
+        ahead: deque = deque()
+        try:
+            for offset, data in pieces:
+                ahead.append(pool.submit(_json_piece, path, offset, data, known, validate))
+                if len(ahead) > 2 * workers:
+                    table = ahead.popleft().result()
+                    if table.num_rows:
+                        yield seen(table)
+            while ahead:
+                table = ahead.popleft().result()
+                if table.num_rows:
+                    yield seen(table)
+        finally:
+            for future in ahead:
+                future.cancel()
+
+
+def json_as_arrow(path: Path, write: Any, tmp: Path, block: int, threads: bool = True, validate: bool = False) -> None:
+    """A JSONL converted in one parse, in line-aligned pieces of about ``block`` bytes: ``write(batches, schema)``
+    writes ``tmp``; with ``validate`` every piece's strings are checked as UTF-8 once, on the reading threads.
+
+    The first piece's inferred schema is kept while every piece has it (the common case: batches go straight to
+    ``write``). A key or type first seen later (a key first seen late, null -> string, int -> float, a struct gaining a
+    key) does not restart the read, as Arrow's streaming reader would have to: what was written so far and the
+    pieces after it are kept as temporary Arrow files, one per schema, and ``write`` is given all of them cast to the
+    union of their schemas (one parse, one more write, memory bounded by a few pieces). Before, a 10M-row file with
+    one key first seen on its last line was parsed twice (18.2 CPU s instead of 7.8, docs/data.md).
+
+    Raises:
+        pyarrow.ArrowInvalid: A line that is not JSON (``line N: ...``), an empty file, bytes that are not UTF-8
+            (with ``validate``).
+        pyarrow.ArrowTypeError: Types that do not unify.
+    """
+    import pyarrow as pa
+
+    tables = iter(_json_tables(path, block, threads, validate))
+    spills: list[Path] = []
     try:
-        for k, data in enumerate(_json_pieces(path, piece)):
-            table = pajson.read_json(pa.BufferReader(data), read_options=pajson.ReadOptions(block_size=len(data) + 1, use_threads=False))
-            spill = tmp.with_name(f"{tmp.name}.{k}")
-            spills.append(spill)
-            with pa.OSFile(str(spill), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
-                w.write_table(table)
-            schemas.append(table.schema)
-            del table, data
+        first = next(tables, None)
+        if first is None:
+            raise pa.ArrowInvalid(f"{path}: Empty JSON stream")
+        changed: list[Any] = []
+
+        def same_schema() -> Iterable[Any]:
+            yield from first.to_batches()
+            for table in tables:
+                if not table.schema.equals(first.schema):
+                    changed.append(table)
+                    return
+                yield from table.to_batches()
+
+        write(same_schema(), first.schema)
+        if not changed:
+            return
+        spills.append(tmp.with_name(f"{tmp.name}.0"))
+        os.replace(tmp, spills[0])
+        schemas = [first.schema]
+        sink = writer = None
+        try:
+            for table in [changed[0], *tables]:
+                if writer is None or not table.schema.equals(schemas[-1]):
+                    if writer is not None:
+                        writer.close()
+                        sink.close()
+                    spills.append(tmp.with_name(f"{tmp.name}.{len(spills)}"))
+                    schemas.append(table.schema)
+                    sink = pa.OSFile(str(spills[-1]), "wb")
+                    writer = pa.ipc.new_file(sink, table.schema)
+                writer.write_table(table)
+        finally:
+            if writer is not None:
+                writer.close()
+                sink.close()
         schema = pa.unify_schemas(schemas, promote_options="permissive")
 
-        def batches() -> Iterable[Any]:
-            for spill in spills:
-                part = _map_ipc(spill)
-                cols = [part.column(f.name).cast(f.type) if f.name in part.column_names else pa.nulls(len(part), f.type)
-                        for f in schema]
-                yield from pa.table(cols, schema=schema).to_batches(max_chunksize=1 << 20)
+        def cast() -> Iterable[Any]:
+            for spill in spills:  # read batch by batch, not mapped: the pages of a mapped spill count in the RSS
+                with pa.OSFile(str(spill), "rb") as source:
+                    reader = pa.ipc.open_file(source)
+                    for i in range(reader.num_record_batches):
+                        part = reader.get_batch(i)
+                        cols = [part.column(f.name).cast(f.type) if f.name in part.schema.names
+                                else pa.nulls(len(part), f.type) for f in schema]
+                        yield pa.record_batch(cols, schema=schema)
 
-        write(batches(), schema)
+        write(cast(), schema)
     finally:
+        close = getattr(tables, "close", None)
+        if close is not None:
+            close()
         for spill in spills:
             spill.unlink(missing_ok=True)
 
 
-#: Streamed CSV/JSONL tables: Arrow's readers read up to 32 blocks ahead, so the block bounds the conversion's memory;
-#: CSV column types are inferred from the first ``_SNIFF`` bytes, as one block of that size would infer them.
+#: Streamed CSV/JSONL tables: Arrow's CSV reader reads up to 32 blocks ahead, so the block bounds the conversion's
+#: memory (a JSONL is read in pieces of this size, a few ahead); CSV column types are inferred from the first
+#: ``_SNIFF`` bytes, as one block of that size would infer them.
 _TEXT_BLOCK = 4 << 20
-_TEXT_PIECE = 32 << 20
 _SNIFF = 64 << 20
 
 
@@ -146,12 +305,11 @@ def _csv_types(path: Path, size: int) -> dict[str, Any] | None:
 def text_table_as_arrow(path: Path, fmt: str) -> Path:
     """An Arrow IPC copy of a CSV or JSONL table, converted block by block (bounded memory), to be memory-mapped.
 
-    CSV column types come from the first 64 MB; a JSONL whose keys or types change after its first block is read
-    piece by piece and unified (:func:`json_by_pieces`).
+    CSV column types come from the first 64 MB; a JSONL whose keys or types change after its first block is unified
+    without a second parse (:func:`json_as_arrow`).
     """
     import pyarrow as pa
     import pyarrow.csv as pacsv
-    import pyarrow.json as pajson
 
     out, tmp = derived_copy(path, fmt)
     if tmp is None:
@@ -169,13 +327,7 @@ def text_table_as_arrow(path: Path, fmt: str) -> Path:
                                     convert_options=pacsv.ConvertOptions(strings_can_be_null=True, column_types=types))
             write(reader, reader.schema)
         else:
-            try:
-                reader = pajson.open_json(str(path), read_options=pajson.ReadOptions(block_size=_TEXT_BLOCK))
-                write(reader, reader.schema)
-            except pa.ArrowInvalid as e:
-                if not any(m in str(e) for m in ("unexpected field", "changed from", "Failed to convert JSON")):
-                    raise
-                json_by_pieces(path, write, tmp, _TEXT_PIECE)
+            json_as_arrow(path, write, tmp, _TEXT_BLOCK)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
         tmp.unlink(missing_ok=True)
         raise SourceError(f"{path}: cannot be read as a {fmt} table ({e}); as a long-format manifest (a plain path "

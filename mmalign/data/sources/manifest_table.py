@@ -33,14 +33,13 @@ import numpy as np
 
 from mmalign.data.langs import unknown_language_detail
 from mmalign.data.manifest import ManifestRowError
-from mmalign.data.sources.arrow_copies import _map_ipc, derived_copy, json_by_pieces, release_memory
+from mmalign.data.sources.arrow_copies import _map_ipc, derived_copy, json_as_arrow, release_memory
 from mmalign.data.sources.table import DEFAULT_FIELDS, TableSource
 
 #: Plain manifest paths of at least this many bytes are read by :class:`ManifestTableSource`.
 TABLE_BYTES = 8 << 20
-#: Block of the streamed readers (they read up to 32 blocks ahead: ~128 MB at most) and of the piece-wise JSON path.
+#: Block of the streamed CSV reader (it reads up to 32 blocks ahead: ~128 MB at most) and piece of the JSONL reader.
 _BLOCK = 4 << 20
-_PIECE = 32 << 20
 _THREADS = True
 
 
@@ -71,24 +70,25 @@ def _csv_header(path: Path) -> list[str]:
 def manifest_as_arrow(path: Path, fmt: str) -> Path:
     """An Arrow IPC copy of a ``.jsonl``/``.csv`` manifest (CSV cells as strings, as ``csv.DictReader`` gives them).
 
-    Read streamed in small blocks: Arrow's readers read up to 32 blocks ahead of the consumer, so the block size
-    bounds the peak memory of the conversion (with 64 MB blocks a 10M-row JSONL peaked at +1.5 GB).
+    Read streamed in small blocks: Arrow's CSV reader reads up to 32 blocks ahead of the consumer, so the block size
+    bounds the peak memory of the conversion (with 64 MB blocks a 10M-row JSONL peaked at +1.5 GB); a JSONL is read
+    in pieces of that size, a few ahead (:func:`~mmalign.data.sources.arrow_copies.json_as_arrow`).
 
     Raises:
         ManifestFallback: The file needs the row reader (a bad line, a changing type...).
     """
     import pyarrow as pa
     import pyarrow.csv as pacsv
-    import pyarrow.json as pajson
 
     out, tmp = derived_copy(path, f"manifest-{fmt}")
     if tmp is None:
         return out
 
-    def write(batches: Iterable[Any], schema: Any) -> None:
+    def write(batches: Iterable[Any], schema: Any, validate: bool = True) -> None:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
             for batch in batches:
-                batch.validate(full=True)  # pyarrow.json keeps bytes that are not UTF-8: refused here (to the row reader)
+                if validate:  # bytes that are not UTF-8: refused here (to the row reader)
+                    batch.validate(full=True)
                 writer.write_batch(batch)
 
     try:
@@ -99,15 +99,9 @@ def manifest_as_arrow(path: Path, fmt: str) -> Path:
                 parse_options=pacsv.ParseOptions(newlines_in_values=True),
                 convert_options=pacsv.ConvertOptions(strings_can_be_null=True, column_types={h: pa.string() for h in header}))
             write(reader, reader.schema)
-        else:
-            try:  # streamed: the first block fixes the columns and their types
-                reader = pajson.open_json(str(path), read_options=pajson.ReadOptions(block_size=_BLOCK, use_threads=_THREADS))
-                write(reader, reader.schema)
-            except pa.ArrowInvalid as e:
-                if not any(m in str(e) for m in ("unexpected field", "changed from", "Failed to convert JSON")):
-                    raise
-                # a key first seen after the first block, or a type widening later (null -> string, int -> float)
-                json_by_pieces(path, write, tmp, _PIECE)
+        else:  # one parse in pieces; a key first seen late or a type widening later (int -> float) unified
+            # pyarrow.json keeps bytes that are not UTF-8: refused (to the row reader) as each piece is read
+            json_as_arrow(path, lambda batches, schema: write(batches, schema, False), tmp, _BLOCK, _THREADS, validate=True)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, UnicodeDecodeError, csv.Error) as e:
         tmp.unlink(missing_ok=True)
         raise ManifestFallback(str(e)) from e
