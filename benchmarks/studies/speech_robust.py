@@ -79,6 +79,8 @@ def speech_features(rows: list[dict], cache: Path, threads: int) -> np.ndarray:
 def text_features(texts: list[str], cache: Path) -> np.ndarray:
     from encoders import UniversalSentenceEncoderM
 
+    if not texts:
+        return np.zeros((0, 512), np.float32)
     out = cache / f"usem_{_key(*texts)}.npy"
     if out.exists():
         return np.load(out)
@@ -93,6 +95,7 @@ def cascade(rows: list[dict], cache: Path, threads: int, pad_seconds: float) -> 
     """Cascade-tower transcripts (language hint = the row's language) and their USE-m embeddings, cached."""
     from encoders.cascade import WhisperCascadeEncoder
 
+    cache.mkdir(parents=True, exist_ok=True)
     out = cache / f"cascade_{_key('whisper-base', 'hint', pad_seconds, *[r['audio'] for r in rows])}.json"
     if out.exists():
         texts = json.loads(out.read_text())
@@ -104,7 +107,9 @@ def cascade(rows: list[dict], cache: Path, threads: int, pad_seconds: float) -> 
         texts = [""] * len(rows)
         for i in tqdm(range(len(rows)), desc="cascade transcripts", unit="clip"):
             texts[i] = enc.transcribe([rows[i]["audio"]], language=rows[i]["lang"])[0]
-        out.write_text(json.dumps(texts, ensure_ascii=False))
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(texts, ensure_ascii=False))
+        tmp.replace(out)
     return texts, text_features([t if t.strip() else "-" for t in texts], cache)
 
 

@@ -10,6 +10,12 @@ cascade, same frozen Whisper base and USE-m), with:
 * **heads**: the SONAR recipe's BatchNorm MLP on mean-pooled states of a chosen Whisper layer, and
   ``projectors.FramePoolMLP`` (the same MLP over mean + temporal-pyramid segment means + attentive means of the
   frames);
+* **other synthesis engines** (session 8): ``emoji+espeak`` adds, per training row, styled clips by random
+  espeak-ng voice variants (``build_robust_speech(engines=["espeak-ng"])``), ``emoji+engines`` the same number
+  of clips by random voices of ``--engines`` (default flite and festival; a language they do not speak, here
+  German and Spanish, falls back to the identical espeak-ng draw, so only the English clips differ),
+  ``emoji+espeak+engines`` both (the shared clips once). ``val_engines/en`` (val names by those engines) is
+  reported beside val, not part of its mean;
 * **selection on a validation set only**: the val concepts of ``data/emoji`` in en/de/es spoken by the default
   voice AND by a random styled voice (``build_robust_speech(variants=1, sentences=0, seed=1)``); the variant with
   the best mean val R@1 (3 seeds) is the one the report calls the winner. The test concepts and the real
@@ -52,6 +58,14 @@ def same_concepts(root: Path, split: str, concepts: list[str], langs: tuple[str,
     return [by[c][lang] for c in concepts if len(by.get(c, {})) == len(langs) for lang in langs]
 
 
+def _read_rows(root: Path) -> list[dict]:
+    """A generated folder's ``train.jsonl`` rows with ``audio`` made a path under ``root``."""
+    rows = [json.loads(line) for line in (root / "train.jsonl").open(encoding="utf-8")]
+    for r in rows:
+        r["audio"] = str(root / r["audio"])
+    return rows
+
+
 def _key(*parts) -> str:
     return hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()[:12]
 
@@ -63,6 +77,9 @@ def frame_features(paths: list[str], cache: Path, threads: int, desc: str, chunk
     """Whisper base states of each clip: ``means [N, 7, 512]`` (masked mean of every hidden state of
     :data:`LAYERS`), ``frames [sum T, 512]`` float16 of the final layer and ``offsets [N + 1]``. Cached per chunk
     of ``chunk`` clips (an interrupted run resumes; a longer list whose prefix was encoded reuses it)."""
+    if not paths:
+        return {"means": np.zeros((0, len(LAYERS), 512), np.float32), "frames": np.zeros((0, 512), np.float16),
+                "offsets": np.zeros(1, np.int64)}
     parts = [_frame_chunk(paths[i:i + chunk], cache, threads, f"{desc} {i // chunk + 1}/{-(-len(paths) // chunk)}")
              for i in range(0, len(paths), chunk)]
     return concat(parts)
@@ -191,8 +208,10 @@ def centred(f: dict, sets: list[str], target: np.ndarray) -> dict[str, np.ndarra
 
 def concat(parts: list[dict]) -> dict[str, np.ndarray]:
     offsets = [parts[0]["offsets"]]
-    for p in parts[1:]:
-        offsets.append(p["offsets"][1:] + offsets[-1][-1])
+    total = int(parts[0]["offsets"][-1])
+    for p in parts[1:]:  # an empty part (offsets [0]) adds nothing
+        offsets.append(p["offsets"][1:] + total)
+        total += int(p["offsets"][-1])
     return {"means": np.concatenate([p["means"] for p in parts]), "frames": np.concatenate([p["frames"] for p in parts]),
             "offsets": np.concatenate(offsets)}
 
@@ -200,7 +219,8 @@ def concat(parts: list[dict]) -> dict[str, np.ndarray]:
 def subset(f: dict, idx: np.ndarray) -> dict[str, np.ndarray]:
     off = f["offsets"]
     lengths = off[idx + 1] - off[idx]
-    return {"means": f["means"][idx], "frames": np.concatenate([f["frames"][off[k]: off[k + 1]] for k in idx]),
+    frames = [f["frames"][off[k]: off[k + 1]] for k in idx] or [f["frames"][:0]]
+    return {"means": f["means"][idx], "frames": np.concatenate(frames),
             "offsets": np.concatenate([[0], np.cumsum(lengths)])}
 
 
@@ -218,6 +238,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {  # name -> (training data, head)
     "emoji+words_seg3": ("emoji+words", {"kind": "framepool", "segments": 3}),
     "emoji+words_attn2": ("emoji+words", {"kind": "framepool", "segments": 0, "attention_heads": 2}),
     "emoji+words_seg3_attn2": ("emoji+words", {"kind": "framepool", "segments": 3, "attention_heads": 2}),
+    # session 8: the same number of extra clips of the same rows, by random espeak-ng variants or by other engines
+    "emoji+espeak_mlp": ("emoji+espeak", {"kind": "mlp"}),
+    "emoji+engines_mlp": ("emoji+engines", {"kind": "mlp"}),
+    "emoji+espeak+engines_mlp": ("emoji+espeak+engines", {"kind": "mlp"}),
 }
 
 
@@ -240,6 +264,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
     ap.add_argument("--encode-only", action="store_true", help="fill the feature cache and stop")
+    ap.add_argument("--robust-espeak-root", default="data/emoji_robust_espeak",
+                    help="extra clips of the training rows by random espeak-ng variants (engines [espeak-ng])")
+    ap.add_argument("--robust-engines-root", default="data/emoji_robust_engines",
+                    help="the same clips by random voices of --engines (espeak-ng fallback where none speaks)")
+    ap.add_argument("--engines", nargs="*", default=["flite", "festival"])
+    ap.add_argument("--robust-variants", type=int, default=1, help="styled names per training row")
+    ap.add_argument("--robust-sentences", type=int, default=1, help="styled template sentences per training row")
+    ap.add_argument("--val-engines-root", default="data/emoji_val_engines",
+                    help="val names in English by --engines voices: an extra val group, not in the val mean")
     ap.add_argument("--centring", action="store_true",
                     help="also score each head on test-time centred features (variant name + '+centred')")
     args = ap.parse_args()
@@ -256,18 +289,43 @@ def main() -> None:
     val_styled = [json.loads(line) for line in (Path(args.val_styled_root) / "train.jsonl").open(encoding="utf-8")]
     for r in val_styled:
         r["audio"] = str(Path(args.val_styled_root) / r["audio"])
-    words_info = json.loads((Path(args.words) / "info.json").read_text())
-    words_rows = [json.loads(line) for line in (Path(args.words) / "train.jsonl").open(encoding="utf-8")]
-    words_rows = words_rows[: args.words_per_language * len(LANGS)]  # rank-interleaved: a prefix per language
-    for r in words_rows:
-        r["audio"] = str(Path(args.words) / r["audio"])
+    needs = {VARIANTS[name][0] for name in args.variants}
+    need_words = any("words" in w for w in needs)
+    need_extra = any(w.startswith("emoji7") for w in needs)
+    words_info, words_rows = {}, []
+    if need_words:
+        words_info = json.loads((Path(args.words) / "info.json").read_text())
+        words_rows = [json.loads(line) for line in (Path(args.words) / "train.jsonl").open(encoding="utf-8")]
+        words_rows = words_rows[: args.words_per_language * len(LANGS)]  # rank-interleaved: a prefix per language
+        for r in words_rows:
+            r["audio"] = str(Path(args.words) / r["audio"])
     test_rows = select(root, "test", args.test_concepts, seed=0)
     real_rows = [json.loads(line) for line in (Path(args.real_root) / "test.jsonl").open(encoding="utf-8")]
     for r in real_rows:
         r["audio"] = str(Path(args.real_root) / r["audio"])
     eval_rows = test_rows + real_rows
     concepts = list(dict.fromkeys(r["concept"] for r in emoji_rows))
-    extra_rows = same_concepts(root, "train", concepts, EXTRA_LANGS)
+    extra_rows = same_concepts(root, "train", concepts, EXTRA_LANGS) if need_extra else []
+    need_robust = any("espeak" in w or "engines" in w for w in needs)
+    robust_info, espeak_rows, engine_rows = {}, [], []
+    if need_robust:
+        held_out = {json.loads(line)["concept"] for s in ("val", "test") for line in (root / f"{s}.jsonl").open()}
+        kw = dict(variants=args.robust_variants, sentences=args.robust_sentences, seed=0, exclude_concepts=held_out,
+                  workers=2)
+        robust_info["espeak"] = build_robust_speech(args.robust_espeak_root, emoji_rows, engines=["espeak-ng"], **kw)
+        robust_info["engines"] = build_robust_speech(args.robust_engines_root, emoji_rows, engines=args.engines, **kw)
+        espeak_rows = _read_rows(Path(args.robust_espeak_root))
+        engine_rows = _read_rows(Path(args.robust_engines_root))
+    # clips drawn identically in both sets (a language no engine speaks falls back to the same espeak-ng draw)
+    # are one file: encode it once, from the espeak folder
+    espeak_ids = {r["id"]: i for i, r in enumerate(espeak_rows)}
+    shared = [espeak_ids[r["id"]] for r in engine_rows if r["id"] in espeak_ids]
+    engine_only = [r for r in engine_rows if r["id"] not in espeak_ids]
+    val_engine_rows: list[dict] = []
+    if need_robust:
+        build_robust_speech(args.val_engines_root, [r for r in val_rows if r["lang"] == "en"], variants=1,
+                            sentences=0, seed=1, engines=args.engines, workers=2)
+        val_engine_rows = _read_rows(Path(args.val_engines_root))
     val_extra = same_concepts(root, "val", list(dict.fromkeys(r["concept"] for r in val_rows)), EXTRA_LANGS)
     print(f"{len(emoji_rows)} emoji + {len(words_rows)} styled word clips; val {len(val_rows)} + {len(val_styled)} "
           f"styled; test {len(test_rows)} espeak + {len(real_rows)} real", flush=True)
@@ -278,9 +336,20 @@ def main() -> None:
     f_words = frame_features([r["audio"] for r in words_rows], cache, args.threads, "words")
     f_extra = frame_features([r["audio"] for r in extra_rows], cache, args.threads, "emoji fr/it/pt/ru")
     f_val_extra = frame_features([r["audio"] for r in val_extra], cache, args.threads, "val fr/it/pt/ru")
+    f_espeak = frame_features([r["audio"] for r in espeak_rows], cache, args.threads, "robust espeak-ng")
+    f_engines_only = frame_features([r["audio"] for r in engine_only], cache, args.threads, "robust engines")
+    f_val_engines = frame_features([r["audio"] for r in val_engine_rows], cache, args.threads, "val engines")
     if args.encode_only:
         return
-    f_val = concat([f_val, f_val_extra])
+    f_val = concat([f_val, f_val_extra, f_val_engines])
+    y_espeak = text_features([r["text"] for r in espeak_rows], cache)
+    y_engines_only = text_features([r["text"] for r in engine_only], cache)
+    shared_idx = np.asarray(shared, dtype=np.int64)
+    f_engines = concat([subset(f_espeak, shared_idx), f_engines_only])
+    y_engines = np.concatenate([y_espeak[shared_idx], y_engines_only])
+    c_emoji = [r["concept"] for r in emoji_rows]
+    c_espeak = [r["concept"] for r in espeak_rows]
+    c_engines = [espeak_rows[i]["concept"] for i in shared] + [r["concept"] for r in engine_only]
     y_extra = text_features([r["text"] for r in extra_rows], cache)
     y_emoji = text_features([r["text"] for r in emoji_rows], cache)
     y_words = text_features([r["text"] for r in words_rows], cache)
@@ -296,13 +365,20 @@ def main() -> None:
         "emoji": (f_emoji, y_emoji, [r["concept"] for r in emoji_rows]),
         "emoji+words": (concat([f_emoji, f_words]), np.concatenate([y_emoji, y_words]),
                         [r["concept"] for r in emoji_rows + words_rows]),
+        "emoji+espeak": (concat([f_emoji, f_espeak]), np.concatenate([y_emoji, y_espeak]), c_emoji + c_espeak),
+        "emoji+engines": (concat([f_emoji, f_engines]), np.concatenate([y_emoji, y_engines]), c_emoji + c_engines),
+        "emoji+espeak+engines": (concat([f_emoji, f_espeak, f_engines_only]),
+                                 np.concatenate([y_emoji, y_espeak, y_engines_only]),
+                                 c_emoji + c_espeak + [r["concept"] for r in engine_only]),
     }
 
     # validation groups: clean and styled val names per language, gallery = the val names of that language
-    vrows = val_rows + val_styled + val_extra
+    vrows = val_rows + val_styled + val_extra + val_engine_rows
     vgroups = {}
     n1, n2 = len(val_rows), len(val_rows) + len(val_styled)
-    for kind, lo, hi, langs in (("val", 0, n1, LANGS), ("val_styled", n1, n2, LANGS), ("val", n2, len(vrows), EXTRA_LANGS)):
+    n3 = n2 + len(val_extra)
+    for kind, lo, hi, langs in (("val", 0, n1, LANGS), ("val_styled", n1, n2, LANGS), ("val", n2, n3, EXTRA_LANGS),
+                                ("val_engines", n3, len(vrows), ("en",) if val_engine_rows else ())):
         for lang in langs:
             q = [i for i in range(lo, hi) if vrows[i]["lang"] == lang]
             texts = sorted({vrows[i]["text"] for i in q if vrows[i].get("kind", "name") == "name"})
@@ -315,24 +391,33 @@ def main() -> None:
 
     real_names = [g for g in groups if not g.startswith("espeak/")]
     real_w = [len(groups[g][0]) for g in real_names]
+    real_en = [g for g in real_names if g.endswith("/en")]
 
     def summary(s: dict) -> dict:
         out = {"espeak": float(np.mean([s[f"espeak/{lang}"] for lang in LANGS])),
-               "real": float(np.average([s[g] for g in real_names], weights=real_w))}
+               "real": float(np.average([s[g] for g in real_names], weights=real_w)),
+               # English real recordings: the only ones whose language the flite/festival voices speak
+               "real_en": float(np.average([s[g] for g in real_en], weights=[len(groups[g][0]) for g in real_en]))}
         if "val/en" in s:
-            out["val"] = float(np.mean([s[g] for g in vgroups]))  # 7 clean + 3 styled groups
+            out["val"] = float(np.mean([s[g] for g in vgroups if not g.startswith("val_engines")]))  # 7 clean + 3 styled
+            if "val_engines/en" in s:  # reported, never chosen on (the study's val stays the 10 groups above)
+                out["val_engines_en"] = s["val_engines/en"]
             out["val_clean"] = float(np.mean([s[f"val/{lang}"] for lang in LANGS]))
             out["val_styled"] = float(np.mean([s[f"val_styled/{lang}"] for lang in LANGS]))
             out["val_unheard"] = float(np.mean([s[f"val/{lang}"] for lang in EXTRA_LANGS]))
         return out
 
-    results: dict = {"args": vars(args), "words_info": {k: words_info[k] for k in ("num_rows", "rows_per_lang", "skipped", "exclude")},
+    results: dict = {"args": vars(args), "words_info": {k: words_info[k] for k in ("num_rows", "rows_per_lang", "skipped", "exclude") if k in words_info},
                      "val_styled_info": {k: v for k, v in vinfo.items() if k != "skipped"},
+                     "robust_info": {k: {kk: vv for kk, vv in v.items() if kk != "skipped"} | {"skipped": len(v["skipped"])}
+                                     for k, v in robust_info.items()},
+                     "robust_shared_clips": len(shared),
                      "n_train": {k: len(v[2]) for k, v in data.items()},
                      "n": {name: len(q) for name, (q, _, _) in {**groups, **vgroups}.items()},
                      "gallery": {name: len(t) for name, (_, _, t) in {**groups, **vgroups}.items()}, "variants": {}}
     eval_sets = ["espeak"] * len(test_rows) + [r["set"] for r in real_rows]
-    val_sets = ["val_clean"] * len(val_rows) + ["val_styled"] * len(val_styled) + ["val_clean"] * len(val_extra)
+    val_sets = (["val_clean"] * len(val_rows) + ["val_styled"] * len(val_styled) + ["val_clean"] * len(val_extra)
+                + ["val_engines"] * len(val_engine_rows))
     jobs = [(name, False) for name in args.variants] + ([(name, True) for name in args.variants] if args.centring else [])
     trained: dict[tuple[str, int], object] = {}
     for name, centre in jobs:
@@ -372,10 +457,12 @@ def main() -> None:
         results["gap_closed_real_vs_emoji60"] = {
             k: (v["summary"]["real"] - base["summary"]["real"]) / gap for k, v in results["variants"].items()}
     results["seconds"] = round(time.perf_counter() - t0, 1)
-    print(f"{'variant':26s} {'val':>6s} {'v.clean':>7s} {'v.styled':>8s} {'v.unheard':>9s} {'espeak':>6s} {'real':>6s}")
+    print(f"{'variant':26s} {'val':>6s} {'v.clean':>7s} {'v.styled':>8s} {'v.unheard':>9s} {'v.eng/en':>8s} "
+          f"{'espeak':>6s} {'real':>6s}")
     for k, v in results["variants"].items():
         s, sd = v["summary"], v["summary_std"]
         print(f"{k:26s} {s['val']:6.3f} {s['val_clean']:7.3f} {s['val_styled']:8.3f} {s['val_unheard']:9.3f} "
+              f"{s.get('val_engines_en', float('nan')):8.3f} "
               f"{s['espeak']:.3f}±{sd['espeak']:.3f} {s['real']:.3f}±{sd['real']:.3f}")
     c = results["cascade"]["summary"]
     print(f"{'cascade':26s} {'':6s} {'':7s} {'':8s} {c['espeak']:.3f} {c['real']:.3f}")
