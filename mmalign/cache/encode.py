@@ -59,7 +59,7 @@ class ItemCollate:
         self.collator = TowerCollator({plan.towers[0]: (plan.field, self.preprocess)}, on_error, silent_audio,
                                       max_image_pixels=max_image_pixels)
         #: Items the collator would hand to ``preprocess`` unchanged (text: no file, no decoding, no pixel budget).
-        self.direct = plan.field not in PATH_FIELDS and str(getattr(plan.encoder, "modality", "")) != "speech"
+        self.direct = plan.field not in PATH_FIELDS and str(getattr(plan.encoder, "modality", "")) == "text"
 
     def direct_batch(self, labels: Sequence[str], values: list[Any]) -> tuple[dict[str, torch.Tensor] | None, list[int], list[Bad]]:
         """What ``self(list(zip(labels, values)))`` returns for direct items, with nothing built per item: one
