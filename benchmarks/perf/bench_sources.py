@@ -3,7 +3,8 @@
     python -m benchmarks.perf.bench_sources --rows 1000000 10000000 --formats parquet jsonl csv --out outputs/bench_sources
 
 For each size: a Parquet table (id, concept, lang, text, image) is written in 1M-row row groups, and the same rows as
-a plain JSONL and CSV manifest (``--formats``); then, in a fresh process each, each file is opened with
+a plain JSONL and CSV manifest (``--formats``; ``jsonl_late``: the JSONL plus one last row with a key no other row
+has, the case where a key first seen after the first block must be unified); then, in a fresh process each, each file is opened with
 :func:`mmalign.data.sources.open_source` three times (cold: the one-time conversion to a mapped Arrow copy and the row
 checks; warm: the mapped copy and the saved checks; fields: as the DataModule opens it for a recipe reading text +
 image), and we record open wall and CPU seconds, extra RSS (MB), random row access (us/row) and the seconds the
@@ -11,7 +12,8 @@ feature cache takes to plan all rows (``RowTable.of`` + ``unique_index`` over ``
 ``CachedSplit`` do first). ``--cache_only`` then measures rows/s through the feature-cache writer of ``mmalign cache``
 (``write_split``) with a near-free text encoder (a byte histogram) on the first ``--cache_rows`` rows of each table.
 The row-by-row manifest reader (``ManifestDataset``) is measured on a JSONL of ``--manifest_rows`` rows in the same
-run (us and KB of RSS per row). Generated files are deleted at the end unless ``--keep``.
+run (us and KB of RSS per row). ``--open_code OLD_CHECKOUT ''`` alternates the opens between checkouts of mmalign
+(``--repeats`` rounds, in ``open_runs``). Generated files are deleted at the end unless ``--keep``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ LANGS = ["en", "de", "fr", "es", "ja", "zh", "ar", "ru"]
 
 
 def rss_mb(kind: str = "VmRSS") -> float:
-    """Resident MB: ``VmRSS`` (all), ``RssAnon`` (process memory) or ``RssFile`` (mapped file pages, shared)."""
+    """Resident MB: ``VmRSS`` (all), ``RssAnon`` (process memory), ``RssFile`` (mapped file pages, shared) or ``VmHWM``
+    (the peak of ``VmRSS``; not ``ru_maxrss``, which a child process inherits from its parent's RSS at the spawn:
+    opens measured after the parent generated a file read the parent's ~600 MB as their peak)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(kind + ":"):
@@ -58,8 +62,9 @@ def make_table(path: Path, rows: int, chunk: int = 1_000_000) -> None:
     writer.close()
 
 
-def make_text(parquet: Path, path: Path) -> None:
-    """The rows of ``parquet`` as a plain JSONL or CSV manifest (by ``path``'s suffix), 1M rows at a time."""
+def make_text(parquet: Path, path: Path, late_key: bool = False) -> None:
+    """The rows of ``parquet`` as a plain JSONL or CSV manifest (by ``path``'s suffix), 1M rows at a time; with
+    ``late_key`` (JSONL) one more row at the end with a key (``source``) no other row has."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
@@ -73,11 +78,14 @@ def make_text(parquet: Path, path: Path) -> None:
         for batch in pf.iter_batches(batch_size=1_000_000):
             cols = {k: batch.column(k).to_pylist() for k in batch.schema.names}
             f.write("".join(json.dumps(dict(zip(cols, vals))) + "\n" for vals in zip(*cols.values())))
+        if late_key:
+            n = pf.metadata.num_rows
+            f.write(json.dumps({"id": f"row{n}", "concept": f"c{n // 4}", "lang": "en", "text": "a late row",
+                                "image": f"images/{n // 4}.jpg", "source": "late"}) + "\n")
 
 
 def measure(path: str, check_rows: int) -> dict:
     import random
-    import resource
 
     from mmalign.cache.rowtable import RowTable
     from mmalign.data.sources import open_source
@@ -93,7 +101,7 @@ def measure(path: str, check_rows: int) -> dict:
         out[f"rss_{phase}_mb"] = round(rss_mb() - base, 1)
         out[f"rss_anon_{phase}_mb"] = round(rss_mb("RssAnon") - base_anon, 1)
         if phase == "cold":
-            out["peak_rss_cold_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base, 1)
+            out["peak_rss_cold_mb"] = round(rss_mb("VmHWM") - base, 1)
         if phase != "fields":
             del src
     out["source"] = type(src).__name__
@@ -134,7 +142,7 @@ def measure(path: str, check_rows: int) -> dict:
             out["cache_ids_check_rss_mb"] = round(rss_mb() - rss0, 1)
             out["cache_ids_files_mb"] = round(sum(f.stat().st_size for f in Path(tmp).iterdir()) / 2**20, 1)
             del ids
-    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out["peak_rss_mb"] = round(rss_mb("VmHWM"), 1)
     out["rows"] = n
     return out
 
@@ -221,7 +229,7 @@ def measure_manifest(path: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
-    p.add_argument("--formats", nargs="+", default=["parquet", "jsonl", "csv"], choices=["parquet", "jsonl", "csv"])
+    p.add_argument("--formats", nargs="+", default=["parquet", "jsonl", "csv"], choices=["parquet", "jsonl", "csv", "jsonl_late"])
     p.add_argument("--manifest_rows", type=int, default=20_000)
     p.add_argument("--check_rows", type=int, default=200_000, help=argparse.SUPPRESS)
     p.add_argument("--cache_rows", type=int, default=200_000, help="rows written by the cache-writer measurement (0: all)")
@@ -231,7 +239,9 @@ def main() -> None:
     p.add_argument("--cache_code", nargs="+", default=[""],
                    help="checkouts of mmalign whose writer is measured (PYTHONPATH of the measuring process; '' = "
                         "the installed one), alternated with the encoders in one run")
-    p.add_argument("--repeats", type=int, default=1, help="rounds of the alternated cache measurements")
+    p.add_argument("--open_code", nargs="+", default=[""],
+                   help="checkouts of mmalign whose opens are measured ('' = the installed one), alternated in one run")
+    p.add_argument("--repeats", type=int, default=1, help="rounds of the alternated cache (or --open_code) measurements")
     p.add_argument("--out", default="outputs/bench_sources")
     p.add_argument("--json", default=None, help="also write the results here (e.g. benchmarks/results/sources.json)")
     p.add_argument("--keep", action="store_true", help="keep the generated files and Arrow copies")
@@ -276,22 +286,32 @@ def main() -> None:
                                 "text": f"a synthetic caption number {i}", "image": f"images/{i // 4}.jpg"}) + "\n")
     jobs = [("manifest", man)]
     for n in args.rows:
-        parquet = out / f"table-{n}.parquet"
         for fmt in args.formats:
-            jobs.append(("table", out / f"table-{n}.{fmt}"))
+            jobs.append(("table", out / (f"table-{n}-late.jsonl" if fmt == "jsonl_late" else f"table-{n}.{fmt}")))
+    results["open_runs"] = []
     try:
         for kind, path in jobs:
             if kind == "table" and not path.exists():
-                parquet = path.with_suffix(".parquet")
+                n = int(path.stem.split("-")[1])
+                parquet = out / f"table-{n}.parquet"
                 if not parquet.exists():
-                    make_table(parquet, int(path.stem.split("-")[1]))
+                    make_table(parquet, n)
                 if path != parquet:
-                    make_text(parquet, path)
-            res = subprocess.run([sys.executable, "-m", "benchmarks.perf.bench_sources", "--measure", kind, str(path)],
-                                 env=env, capture_output=True, text=True, check=True)
-            results[path.name] = json.loads(res.stdout.strip().splitlines()[-1])
-            results[path.name]["file_mb"] = round(path.stat().st_size / 2**20, 1)
-            print(path.name, results[path.name], flush=True)
+                    make_text(parquet, path, late_key=path.stem.endswith("-late"))
+            runs = [(r, code) for r in range(args.repeats) for code in args.open_code] if kind == "table" else [(0, "")]
+            for r, code in runs:
+                run_env = dict(env)
+                if code:  # the other checkout's mmalign first; this file is run as a script
+                    run_env["PYTHONPATH"] = str(Path(code).resolve())
+                res = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--measure", kind, str(path)],
+                                     env=run_env, capture_output=True, text=True, check=True)
+                results[path.name] = json.loads(res.stdout.strip().splitlines()[-1])
+                results[path.name]["file_mb"] = round(path.stat().st_size / 2**20, 1)
+                results[path.name]["load_average"] = os.getloadavg()[0]
+                if kind == "table":
+                    results["open_runs"].append({"file": path.name, "code": code or "installed", "round": r, **results[path.name]})
+                    shutil.rmtree(out / "arrow-cache", ignore_errors=True)  # the next code or round converts again
+                print(path.name, code or "installed", results[path.name], flush=True)
             if kind == "table" and path.suffix != ".parquet" and not args.keep:
                 path.unlink()  # disk: only the Parquet source and the Arrow copies stay until the end
         (out / "results.json").write_text(json.dumps(results, indent=1))
