@@ -121,9 +121,13 @@ def test_types_that_do_not_unify_raise_and_strings_not_utf8_with_validate(tmp_pa
     reader); bytes that are not UTF-8 pass through pyarrow.json, so ``validate`` refuses them."""
     path = tmp_path / "mixed.jsonl"
     path.write_text("".join(json.dumps({"id": f"r{i}", "tag": "x" if i < 30 else 5}) + "\n" for i in range(40)))
-    for block in (64, 1 << 20):
-        with pytest.raises((pa.ArrowInvalid, pa.ArrowTypeError)):
-            _convert(path, tmp_path, block, True)
+    with pytest.raises((pa.ArrowInvalid, pa.ArrowTypeError), match=r"changed from string to number"):
+        _convert(path, tmp_path, 1 << 20, True)  # one piece: Arrow's own message
+    for threads in (True, False):  # the first number is on line 31: its line, or its piece's lines, named
+        with pytest.raises((pa.ArrowInvalid, pa.ArrowTypeError), match=r"^lines? \d+(-\d+)?: ") as e:
+            _convert(path, tmp_path, 64, threads)
+        span = str(e.value).split(":")[0].split()[1].split("-")
+        assert int(span[0]) <= 31 <= int(span[-1]) and int(span[-1]) - int(span[0]) < 3
     raw = tmp_path / "latin1.jsonl"
     raw.write_bytes(b'{"id": "a", "text": "ok"}\n{"id": "b", "text": "caf\xe9"}\n')
     assert _convert(raw, tmp_path, 1 << 20, False).num_rows == 2

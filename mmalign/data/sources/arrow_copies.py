@@ -117,14 +117,17 @@ def _line_of(path: Path, offset: int, piece: Any, message: str) -> int | None:
                 k = i
             if k is not None:
                 break
-    if k is None:
-        return None
+    return None if k is None else _lines_before(path, offset) + k + 1
+
+
+def _lines_before(path: Path, offset: int) -> int:
+    """How many lines of the file end before byte ``offset`` (one pass up to it; only on an error path)."""
     before = 0
     with open(path, "rb") as f:
         while offset > 0 and (data := f.read(min(offset, 64 << 20))):
             before += data.count(b"\n")
             offset -= len(data)
-    return before + k + 1
+    return before
 
 
 def _json_piece(path: Path, offset: int, data: Any, known: Any, validate: bool) -> Any:
@@ -167,12 +170,17 @@ def _json_tables(path: Path, size: int, threads: bool, validate: bool) -> Iterab
 
     known = None
 
-    def seen(table: Any) -> Any:
+    def seen(table: Any, offset: int, data: Any) -> Any:
         nonlocal known
         if known is None:
             known = table.schema
         elif not table.schema.equals(known):
-            known = pa.unify_schemas([known, table.schema], promote_options="permissive")
+            try:
+                known = pa.unify_schemas([known, table.schema], promote_options="permissive")
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+                first = _lines_before(path, offset) + 1
+                last = first + data.to_pybytes().rstrip(b"\n").count(b"\n")
+                raise type(e)(f"lines {first}-{last}: types that do not unify with the lines before ({e})") from e
         return table
 
     pieces = _json_pieces(path, size)
@@ -180,24 +188,26 @@ def _json_tables(path: Path, size: int, threads: bool, validate: bool) -> Iterab
         for offset, data in pieces:
             table = _json_piece(path, offset, data, known, validate)
             if table.num_rows:
-                yield seen(table)
+                yield seen(table, offset, data)
         return
     workers = max(1, pa.cpu_count())
     with ThreadPoolExecutor(workers) as pool:  # read_json releases the GIL
         ahead: deque = deque()
         try:
             for offset, data in pieces:
-                ahead.append(pool.submit(_json_piece, path, offset, data, known, validate))
+                ahead.append((offset, data, pool.submit(_json_piece, path, offset, data, known, validate)))
                 if len(ahead) > 2 * workers:
-                    table = ahead.popleft().result()
+                    at, piece, future = ahead.popleft()
+                    table = future.result()
                     if table.num_rows:
-                        yield seen(table)
+                        yield seen(table, at, piece)
             while ahead:
-                table = ahead.popleft().result()
+                at, piece, future = ahead.popleft()
+                table = future.result()
                 if table.num_rows:
-                    yield seen(table)
+                    yield seen(table, at, piece)
         finally:
-            for future in ahead:
+            for _, _, future in ahead:
                 future.cancel()
 
 
