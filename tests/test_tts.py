@@ -74,6 +74,7 @@ def test_style_tags_name_engine_voice_rate_and_augmentation_and_are_deterministi
         assert (st["pitch"] is None) == (st["voice"].engine != "espeak-ng")  # only espeak-ng takes a pitch
         record = tts.style_record(st)
         assert record["engine"] == st["voice"].engine and json.loads(json.dumps(record)) == record
+        assert record.get("espeak_pitch") == st["pitch"] and record["pitch"] == st["aug"].pitch  # no key clash
         tags.add(st["voice"].engine)
     assert tags == {"flite", "espeak-ng"}  # engines weighted equally: both drawn
     # a language no engine speaks draws exactly what the espeak-ng pool draws (same clip, same tag)

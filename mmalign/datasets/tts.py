@@ -308,8 +308,8 @@ def sample_engine_style(rng: np.random.Generator, lang: str, engines: Sequence[s
 def style_record(style: dict) -> dict:
     """The manifest's ``augment`` record of a :func:`sample_engine_style` clip (JSON-ready)."""
     out = {"engine": style["voice"].engine, "voice": style["voice"].name, "rate": style["rate"]}
-    if style["pitch"] is not None:
-        out["pitch"] = style["pitch"]
+    if style["pitch"] is not None:  # espeak-ng's -p; "pitch" is the augmentation's shift in semitones
+        out["espeak_pitch"] = style["pitch"]
     return {**out, **style["aug"].to_dict()}
 
 
