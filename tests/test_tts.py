@@ -61,6 +61,9 @@ def test_get_voice_names_the_missing_package(fake_installed):
         tts.get_voice("flite:nobody")
     with pytest.raises(ValueError, match="engine:name"):
         tts.get_voice("slt")
+    with pytest.raises(ValueError, match="bad voice name"):  # festival would evaluate it as Scheme
+        tts._command(tts.Voice("festival", "kal_diphone) (system \"x\"", "en", "x"), "text2wave",
+                     tts.Path("t.txt"), tts.Path("o.wav"), 1.0, None)
 
 
 def test_style_tags_name_engine_voice_rate_and_augmentation_and_are_deterministic(fake_installed):

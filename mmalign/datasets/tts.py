@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import subprocess
 import uuid
@@ -161,6 +162,8 @@ def get_voice(key: str) -> Voice:
 
 def _command(voice: Voice, exe: str, text_file: Path, out: Path, rate: float, pitch: int | None) -> list[str]:
     """The engine's command line; the text is in ``text_file`` (espeak-ng reads it through stdin instead)."""
+    if not re.fullmatch(r"[A-Za-z0-9_+-]+", voice.name):  # festival evaluates it as Scheme: names only
+        raise ValueError(f"bad voice name {voice.name!r}")
     if voice.engine == "espeak-ng":
         cmd = [exe, "-v", voice.name, "-w", str(out), "-s", str(int(round(175 * rate)))]
         return cmd + (["-p", str(int(pitch))] if pitch is not None else []) + ["--stdin"]
@@ -196,8 +199,11 @@ def synthesize_wave(text: str, voice: Voice | str, workdir: Path, rate: float = 
     try:
         text_file.write_bytes(data)
         cmd = _command(voice, exe, text_file, raw, rate, pitch)
-        proc = subprocess.run(cmd, input=data if voice.engine == "espeak-ng" else None, capture_output=True,
-                              timeout=120)
+        try:
+            proc = subprocess.run(cmd, input=data if voice.engine == "espeak-ng" else None, capture_output=True,
+                                  timeout=120)
+        except subprocess.TimeoutExpired:
+            return None, f"{voice.engine} took more than 120 s"
         if proc.returncode != 0 or not raw.is_file():
             return None, f"{voice.engine} exit {proc.returncode}: {proc.stderr.decode(errors='replace')[-200:]}"
         try:
