@@ -34,8 +34,9 @@ SKIPPED: list[tuple[str, str]] = [
     (r"^bash scripts/setup\.sh", "installs Debian and pip packages (the CI set-up)"),
     (r"^mmalign quickstart", "the ~3-minute offline main job on real encoders (tests/test_wheel.py, README figures)"),
     (r"^python -m pytest", "the test suite itself"),
-    (r"^mmalign data (emoji|words)", "builds the real emoji/words data (espeak-ng, renders: minutes); "
-                                     "tests/test_emoji_data.py and tests/test_words_data.py build small subsets"),
+    (r"^mmalign data (emoji|words|robust)", "builds the real emoji/words/styled-speech data (espeak-ng, renders: "
+                                            "minutes); tests/test_emoji_data.py, tests/test_words_data.py and "
+                                            "tests/test_robust_data.py build small subsets"),
     (r"--benchmark ", "needs a local copy of the benchmark; tests/test_benchmarks_data.py runs it on fixtures"),
     (r"^mmalign classify", "needs a folder of photos or Babel-ImageNet; tests/test_benchmarks_data.py runs it on fixtures"),
     (r"^python -m benchmarks\.studies\.", "research runs on real encoders (minutes to hours); their docs give the figures"),
