@@ -84,3 +84,36 @@ def test_batch_transfer_returns_tensors_already_on_the_device_untouched():
     assert isinstance(out["features"]["text"]["masks"][1], tuple)
     moved = data.transfer_batch_to_device(batch, torch.device("meta"), 0)
     assert moved["features"]["text"]["masks"][1][0].device.type == "meta" and moved["present"]["text"].device.type == "meta"
+
+
+def test_plain_attribute_fast_path_keeps_module_semantics():
+    module = make_module()
+    module._current_fx_name = "training_step"  # an existing plain attribute: stored in __dict__ directly
+    assert module.__dict__["_current_fx_name"] == "training_step"
+    module._current_fx_name = None
+    assert module._current_fx_name is None
+    module.register_buffer("scratch", torch.ones(2))
+    module.scratch = None  # a registered buffer still goes through nn.Module (stays a buffer name)
+    assert "scratch" in module._buffers and module._buffers["scratch"] is None and "scratch" not in module.__dict__
+    head = torch.nn.Linear(2, 2)
+    module.extra = head  # submodules and parameters too
+    assert module._modules["extra"] is head and "extra" not in module.__dict__
+    module.flag = 1
+    module.flag = torch.nn.Parameter(torch.zeros(1))  # a plain attribute replaced by a parameter: nn.Module's path
+    assert "flag" in module._parameters and "flag" not in module.__dict__
+
+
+def test_fast_attribute_path_trains_bit_identically(synthetic_data, tmp_path, monkeypatch):
+    from mmalign.training.base import FrozenBackboneModule
+
+    def run(name):
+        L.seed_everything(0)
+        trainer, _ = _fit(synthetic_data, tmp_path / name, log_every=2, epochs=2)
+        module = trainer.lightning_module
+        return trainer.callback_metrics["train/loss"].clone(), [p.detach().clone() for p in module.trainable_parameters()]
+
+    fast = run("fast")
+    monkeypatch.setattr(FrozenBackboneModule, "__setattr__", torch.nn.Module.__setattr__)
+    slow = run("slow")
+    assert torch.equal(fast[0], slow[0])
+    assert all(torch.equal(a, b) for a, b in zip(fast[1], slow[1]))
