@@ -150,6 +150,7 @@ def main() -> None:
     base, _ = build(config)
 
     rounds = []
+    load_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.rounds):
             _, data = build(config)
@@ -169,11 +170,13 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     result = {
         "command": "python benchmarks/perf/bench_loop.py " + " ".join(
-            f"--{k} {v}" for k, v in (("recipe", a.recipe), ("steps", a.steps), ("rounds", a.rounds), ("threads", a.threads), ("device", a.device))),
+            f"--{k} {v}" for k, v in (("recipe", a.recipe), ("data", a.data), ("steps", a.steps), ("rounds", a.rounds), ("threads", a.threads), ("device", a.device))),
         "recipe": a.recipe, "batch_size": d["batch_size"], "device": a.device, "gpu": gpu, "torch_threads": a.threads,
-        "load_average": os.getloadavg(), "rounds": rounds, "median_ratio": ratio, "median_cpu_ratio": cpu_ratio,
+        "load_average_start": load_start, "load_average": os.getloadavg(), "rounds": rounds, "median_ratio": ratio, "median_cpu_ratio": cpu_ratio,
     }
-    print(f"median fit/plain steps/s: {ratio:.3f} wall, {cpu_ratio:.3f} per CPU second (goal >= 0.9)")
+    spread = sorted(x["cpu_ratio"] for x in rounds)
+    print(f"median fit/plain steps/s: {ratio:.3f} wall, {cpu_ratio:.3f} per CPU second (rounds {spread[0]:.3f}-{spread[-1]:.3f}; "
+          f"goal >= 0.9); load average {load_start[0]:.1f} -> {os.getloadavg()[0]:.1f}")
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
 
