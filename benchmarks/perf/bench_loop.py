@@ -18,7 +18,7 @@ round, not one side). The thread count is pinned (``--threads``, default 1) so C
 the process (``time.process_time``) are printed beside wall-clock steps/s: on a shared machine they measure
 the work a step costs, not the other jobs (data loading runs in-process, ``num_workers: 0``).
 
-    python benchmarks/perf/bench_loop.py                              # offline uCLIP pivot, data/emoji_text
+    python benchmarks/perf/bench_loop.py                              # offline uCLIP pivot, data/emoji
     python benchmarks/perf/bench_loop.py --steps 600 --rounds 5 --batch_size 128
     python benchmarks/perf/bench_loop.py --device cuda                # on a GPU (records the GPU name)
 """
@@ -127,7 +127,7 @@ def lightning_fit(module: Any, data: Any, steps: int, warmup: int, device: torch
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="offline/uclip_pivot")
-    p.add_argument("--data", default=str(ROOT / "data" / "emoji_text"), help="emoji dataset (the quickstart builds data/emoji_text)")
+    p.add_argument("--data", default=str(ROOT / "data" / "emoji"), help="emoji dataset (mmalign data emoji --root data/emoji builds it)")
     p.add_argument("--cache", default=str(Path(os.environ.get("MMALIGN_CACHE_DIR", Path.home() / ".cache" / "mmalign")) / "bench_loop"))
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--warmup", type=int, default=30)

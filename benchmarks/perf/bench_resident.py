@@ -48,7 +48,7 @@ def loader_rate(data, batches: int, device: torch.device) -> tuple[float, float]
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="offline/uclip_pivot")
-    p.add_argument("--data", default=str(ROOT / "data" / "emoji_text"))
+    p.add_argument("--data", default=str(ROOT / "data" / "emoji"), help="emoji dataset (mmalign data emoji --root data/emoji builds it)")
     p.add_argument("--cache", default=str(Path(os.environ.get("MMALIGN_CACHE_DIR", Path.home() / ".cache" / "mmalign")) / "bench_loop"))
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batches", type=int, default=300)
