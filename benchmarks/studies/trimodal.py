@@ -37,14 +37,19 @@ DIRECTIONS = ("text->image", "speech->image", "speech->text")
 
 
 def subset_manifests(data: Path, out: Path, speech_concepts: int, val_concepts: int, test_concepts: int,
-                     train_concepts: int | None = None, speech_targets: Sequence[str] = ()) -> dict[str, str]:
+                     train_concepts: int | None = None, speech_targets: Sequence[str] = (),
+                     robust: Path | None = None) -> dict[str, str]:
     """Write the study's manifests: the first ``train_concepts`` train concepts (audio kept for the first
     ``speech_concepts``), the first val/test concepts. Paths stay absolute, so the subset reads the original media.
 
     ``speech_targets``: several positives for the speech tower. Each spoken TRAINING row also gets a speech-text row
     (no image) per language of ``speech_targets`` pairing its clip with the concept's name in that language, so the
     speech tower learns the concept's place among the names in every caption language, as the image tower does
-    (an image is captioned in all of them); the feature cache encodes each clip once."""
+    (an image is captioned in all of them); the feature cache encodes each clip once.
+
+    ``robust``: a ``mmalign data robust`` folder built from ``data``'s training split: its clips of spoken training
+    concepts in the heard languages become extra speech-text training rows (no image; the text is what the clip
+    says: the name, or the sentence around it)."""
     out.mkdir(parents=True, exist_ok=True)
     manifests = {}
     for split, keep in (("train", train_concepts), ("val", val_concepts), ("test", test_concepts)):
@@ -69,6 +74,12 @@ def subset_manifests(data: Path, out: Path, speech_concepts: int, val_concepts: 
                         extra = {"id": f"{r['id']}-to-{lang}", "concept": r["concept"], "lang": lang,
                                  "text": names[(r["concept"], lang)], "audio": r["audio"]}
                         lines.append(json.dumps(extra, ensure_ascii=False) + "\n")
+        if split == "train" and robust is not None:
+            for line in (robust / "train.jsonl").read_text(encoding="utf-8").splitlines():
+                r = json.loads(line)
+                if r["concept"] in spoken and r["lang"] in HEARD:
+                    lines.append(json.dumps({k: r[k] for k in ("id", "concept", "lang", "text")}
+                                            | {"audio": str((robust / r["audio"]).resolve())}, ensure_ascii=False) + "\n")
         path = out / f"{split}.jsonl"
         path.write_text("".join(lines), encoding="utf-8")
         manifests[split] = str(path)
@@ -168,15 +179,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     start = time.time()
     out = Path(args.output)
     manifests = subset_manifests(Path(args.data), out / "data", args.speech_concepts, args.val_concepts, args.test_concepts,
-                                 args.train_concepts, speech_targets=args.speech_targets)
+                                 args.train_concepts, speech_targets=args.speech_targets,
+                                 robust=Path(args.robust) if args.robust else None)
     seeds = [run_seed(args, manifests, out, seed) for seed in args.seeds]
     result = {
         "command": f"python -m benchmarks.studies.trimodal --data {args.data} --output {args.output} --train_concepts "
                    f"{args.train_concepts} --speech_concepts {args.speech_concepts} --test_concepts {args.test_concepts} "
                    f"--val_concepts {args.val_concepts}"
                    + (f" --epochs {args.epochs}" if args.epochs else "") + " --seeds " + " ".join(map(str, args.seeds))
-                   + (f" --speech_targets {','.join(args.speech_targets)}" if args.speech_targets else ""),
-        "seeds": seeds, "seconds": round(time.time() - start),
+                   + (f" --speech_targets {','.join(args.speech_targets)}" if args.speech_targets else "")
+                   + (f" --robust {args.robust}" if args.robust else ""),
+        "seeds": seeds, "robust": args.robust, "seconds": round(time.time() - start),
         "train_rows": seeds[0]["train_rows"], "train_speech_rows": seeds[0]["train_speech_rows"],
         "speech_targets": list(args.speech_targets),
     }
@@ -217,6 +230,8 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         f"(InfoNCE against the frozen anchor, speech in {', '.join(HEARD)}"
         + (f"; each clip also paired with its concept's names in {', '.join(result['speech_targets'])}"
            if result.get("speech_targets") else "")
+        + (f"; plus the styled, augmented clips of `{result['robust']}` (`mmalign data robust`) as speech-text rows"
+           if result.get("robust") else "")
         + f"). One fit per seed on partial rows: {result['train_rows']} "
         f"training rows, {result['train_speech_rows']} of them with audio. Speech->image is never trained (emergent). Test: "
         "held-out concepts, one gallery item per concept; fr/it/pt/ru speech was never heard and their captions never "
@@ -284,6 +299,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--speech_targets", type=lambda v: tuple(x for x in v.split(",") if x), default=(),
                    help="several positives: pair each spoken training clip with the concept's name in these languages "
                         "too (e.g. en,de,es,ja,ko,zh: the image captions' languages)")
+    p.add_argument("--robust", default=None,
+                   help="a `mmalign data robust` folder of the training split: its heard-language clips of spoken "
+                        "training concepts are added as speech-text rows")
     run(p.parse_args(argv))
 
 
