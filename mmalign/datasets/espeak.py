@@ -53,6 +53,16 @@ def wav_problem(path: Path, sample_rate: int = SAMPLE_RATE) -> str | None:
     return None
 
 
+def publish_wav(tmp: Path, path: Path, sample_rate: int = SAMPLE_RATE) -> str | None:
+    """Move the finished clip ``tmp`` to ``path`` if :func:`wav_problem` finds nothing wrong; else why not (the
+    target is then left untouched; the caller removes ``tmp``)."""
+    problem = wav_problem(tmp, sample_rate=sample_rate)
+    if problem is not None:
+        return problem
+    os.replace(tmp, path)
+    return None
+
+
 def synthesize(text: str, voice: str, path: Path, espeak: str) -> str | None:
     """Speak ``text`` with espeak-ng into ``path`` atomically (the voice's own rate and pitch).
 
@@ -117,11 +127,7 @@ def synthesize_styled(text: str, voice: str, path: Path, espeak: str, speed: int
         proc = subprocess.run([*cmd, "--stdin"], input=text.encode("utf-8"), capture_output=True, timeout=120)
         if proc.returncode != 0:
             return f"espeak-ng exit {proc.returncode}: {proc.stderr.decode(errors='replace')[-200:]}"
-        problem = wav_problem(tmp)
-        if problem is not None:
-            return problem
-        os.replace(tmp, path)
-        return None
+        return publish_wav(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

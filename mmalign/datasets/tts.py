@@ -231,7 +231,7 @@ def speak(text: str, voice: Voice | str, path: str | Path, rate: float = 1.0, pi
     """
     import soundfile as sf
 
-    from mmalign.datasets.espeak import wav_problem
+    from mmalign.datasets.espeak import publish_wav
 
     path = Path(path)
     wave, problem = synthesize_wave(text, voice, path.parent, rate, pitch)
@@ -247,11 +247,7 @@ def speak(text: str, voice: Voice | str, path: str | Path, rate: float = 1.0, pi
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         sf.write(str(tmp), wave, SAMPLE_RATE, subtype="PCM_16", format="WAV")
-        problem = wav_problem(tmp, sample_rate=SAMPLE_RATE)
-        if problem is not None:
-            return problem
-        os.replace(tmp, path)
-        return None
+        return publish_wav(tmp, path, sample_rate=SAMPLE_RATE)
     finally:
         tmp.unlink(missing_ok=True)
 
