@@ -245,6 +245,10 @@ class AlignmentDataModule(L.LightningDataModule):
             persistent_workers=self.hparams.num_workers > 0,
             # page-locked host batches let Lightning's transfer to the GPU overlap with compute
             pin_memory=torch.cuda.is_available(),
+            # An evaluation loader draws its base seed from its own generator, not the global torch stream: a
+            # validation in the middle of an epoch then leaves the training stream (dropout masks, mixup) as it
+            # was, so a fit resumed from a checkpoint on either side of it continues bit for bit.
+            generator=None if shuffle else torch.Generator().manual_seed(0),
         )
 
     def _fit_epoch(self) -> int:
