@@ -229,6 +229,21 @@ def variant_model(v: dict, seed: int):
                                          norm=v.get("norm", "none"), input_norm=False)
     else:
         tower.projector = tower._projector_factory(in_dim, model.embed_dim)
+    head = v.get("teacher_head")
+    if head:  # two-sided (uCLIP trains a head on each encoder): the anchor side gets a trainable projector too
+        teacher = model.towers["teacher"]
+        t_in = teacher.encoder.output_dim
+        if head == "linear":
+            teacher.projector = projectors.Linear(t_in, model.embed_dim)
+            if t_in == model.embed_dim:  # start at the frozen anchor's own space
+                with torch.no_grad():
+                    teacher.projector.proj.weight.copy_(torch.eye(t_in))
+                    teacher.projector.proj.bias.zero_()
+        elif head == "uclip":
+            teacher.projector = UclipHead(t_in, model.embed_dim, hidden_dim=int(v.get("hidden_dim") or 1024))
+        else:
+            teacher.projector = projectors.MLP(t_in, model.embed_dim, hidden_dim=int(v.get("hidden_dim") or 1024),
+                                               num_blocks=0, dropout=float(v.get("dropout", 0.1)), norm="none", input_norm=False)
     if "mse_weight" in v:
         model.objectives[1].weight = float(v["mse_weight"])
     if v.get("cosine"):  # cosine distillation beside InfoNCE (and the recipe's MSE)
@@ -295,7 +310,11 @@ def fit_features(v: dict, x_s: torch.Tensor, x_t: torch.Tensor, steps: int, seed
                 bidx = torch.randint(0, n, (bank,), generator=g)
                 s = F.normalize(embeds["student"].float(), dim=-1)
                 t = F.normalize(embeds["teacher"].float(), dim=-1)
-                logits = model.objectives[0].loss.logit_scale() * (s @ torch.cat([t, x_tn[bidx]]).T)
+                if v.get("teacher_head"):  # the bank through the trainable anchor head (fresh, with gradients)
+                    negatives = F.normalize(project_train(model, "teacher", x_t[bidx]).float(), dim=-1)
+                else:
+                    negatives = x_tn[bidx]
+                logits = model.objectives[0].loss.logit_scale() * (s @ torch.cat([t, negatives]).T)
                 logits[:, len(idx):] = logits[:, len(idx):].masked_fill(idx[:, None] == bidx[None, :], float("-inf"))
                 losses["bank_loss"] = bank_w * F.cross_entropy(logits, torch.arange(len(idx)))
             loss = torch.stack(list(losses.values())).sum()
@@ -308,6 +327,12 @@ def fit_features(v: dict, x_s: torch.Tensor, x_t: torch.Tensor, steps: int, seed
             if step == steps:
                 break
     return model.eval()
+
+
+def project_train(model, tower: str, x: torch.Tensor) -> torch.Tensor:
+    from encoders.base import EncoderOutput
+
+    return model.towers[tower].project(EncoderOutput(pooled=x))
 
 
 def project(model, tower: str, x: torch.Tensor) -> torch.Tensor:
