@@ -32,6 +32,9 @@ from encoders.registry import load_object
 from encoders.tiny import resolve_model_path
 from encoders.utils import quiet_transformers, torch_dtype
 
+#: What the cascade tower outputs: the transcript's embedding, or the decoder's state beside it.
+OUTPUTS = ("transcript", "decoder+transcript")
+
 #: What an empty transcript is embedded as (the text encoders refuse blank strings).
 EMPTY_TRANSCRIPT = "-"
 
@@ -81,6 +84,11 @@ class WhisperCascadeEncoder(Encoder):
         pad_seconds: ``None`` for the 30 s window; else the window is the clip plus this much silence.
         dtype: Whisper's weights and compute dtype.
         revision: Hub revision, recorded in :meth:`spec`.
+        output: ``"transcript"``: the text encoder's embedding of the transcript (``output_dim`` = the text
+            encoder's). ``"decoder+transcript"``: ``[decoder state, transcript embedding]``, the mean of Whisper's
+            last decoder hidden state over the transcript's own tokens (the state at the last decoded position when
+            the transcript is empty; the prompt's tokens are read but not averaged) concatenated with the same embedding (``output_dim`` = Whisper's ``d_model`` +
+            the text encoder's): what a trained :class:`projectors.CascadeResidual` corrects the cascade from.
     """
 
     modality = Modality.SPEECH
@@ -102,6 +110,7 @@ class WhisperCascadeEncoder(Encoder):
         pad_seconds: float | None = None,
         dtype: str = "float32",
         revision: str | None = None,
+        output: str = "transcript",
     ) -> None:
         super().__init__()
         from transformers import WhisperForConditionalGeneration, WhisperProcessor
@@ -113,6 +122,8 @@ class WhisperCascadeEncoder(Encoder):
             raise ValueError(f"max_seconds must be in (0, 30] (one Whisper window), got {max_seconds}")
         if pad_seconds is not None and not 0 <= pad_seconds <= 30.0:
             raise ValueError(f"pad_seconds must be None or in [0, 30], got {pad_seconds}")
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         if max_new_tokens < 1 or num_beams < 1:
             raise ValueError(f"max_new_tokens and num_beams must be positive, got {max_new_tokens}, {num_beams}")
         path = resolve_model_path(model_name_or_path)
@@ -132,7 +143,8 @@ class WhisperCascadeEncoder(Encoder):
         if language is not None and getattr(gen, "lang_to_id", None) and f"<|{language}|>" not in gen.lang_to_id:
             raise ValueError(f"Whisper {model_name_or_path!r} has no language {language!r}")
         self.text = cls(**(text_encoder_args or {}))
-        self.output_dim = int(self.text.output_dim)
+        self.decoder_dim = int(self.asr.config.d_model) if output == "decoder+transcript" else 0
+        self.output_dim = self.decoder_dim + int(self.text.output_dim)
         self.freeze()
 
     def spec(self) -> dict[str, Any]:
@@ -179,6 +191,13 @@ class WhisperCascadeEncoder(Encoder):
         Args:
             language: Overrides the constructor's hint for this call (``None`` detects); ``"default"`` keeps it.
         """
+        return self.decode_features(inputs, language, states=False)[0]
+
+    def decode_features(self, inputs: dict[str, Tensor], language: str | None = "default",
+                        states: bool = True) -> tuple[list[str], Tensor | None]:
+        """Transcripts of a :meth:`preprocess` batch and, with ``states``, ``[B, d_model]`` float32: the mean of the
+        decoder's last hidden state over each transcript's own (non-special) tokens, or the state at the last
+        decoded position when there are none. ``language`` as in :meth:`transcribe_features`."""
         from transformers.modeling_outputs import BaseModelOutput
 
         a = self._init_args
@@ -186,16 +205,36 @@ class WhisperCascadeEncoder(Encoder):
                        max_new_tokens=a["max_new_tokens"], num_beams=a["num_beams"], do_sample=False,
                        return_timestamps=False)
         feats = inputs["input_features"].to(self.device, dtype=self.asr.dtype)
+        texts: list[str] = []
+        pooled: list[Tensor] = []
         with torch.inference_mode(), quiet_transformers():
-            if "feature_lengths" not in inputs:
-                ids = self.asr.generate(feats, **options)
-                return [t.strip() for t in self.processor.batch_decode(ids, skip_special_tokens=True)]
-            texts = []
-            for i, n in enumerate(inputs["feature_lengths"].tolist()):  # one clip at a time: no padding frames
-                states = self._encoder_states(feats[i:i + 1, :, :n])
-                ids = self.asr.generate(encoder_outputs=BaseModelOutput(last_hidden_state=states), **options)
-                texts.append(self.processor.batch_decode(ids, skip_special_tokens=True)[0].strip())
-            return texts
+            if "feature_lengths" in inputs:  # one clip at a time: no padding frames
+                windows = [feats[i:i + 1, :, :n] for i, n in enumerate(inputs["feature_lengths"].tolist())]
+                encoded = [self._encoder_states(w) for w in windows]
+            else:
+                encoded = [self.asr.model.encoder(feats).last_hidden_state]
+            for enc in encoded:  # the whole sequence: prompt (start, language, task tokens), transcript, end
+                ids = self.asr.generate(encoder_outputs=BaseModelOutput(last_hidden_state=enc), return_dict_in_generate=True,
+                                        **options).sequences
+                texts += [t.strip() for t in self.processor.batch_decode(ids, skip_special_tokens=True)]
+                if states:
+                    pooled.append(self._decoder_mean(ids, enc))
+        return texts, torch.cat(pooled) if states else None
+
+    def _decoder_mean(self, ids: Tensor, encoder_states: Tensor) -> Tensor:
+        """Decoder states of the generated ``ids`` (prompt included: every token is read in its context)."""
+        hidden = self.asr.model.decoder(input_ids=ids, encoder_hidden_states=encoder_states).last_hidden_state.float()
+        # [B, L]: Whisper's vocabulary puts every special token (end/padding, start, language, task, timestamps)
+        # at or after the end token
+        text = ids < self.asr.generation_config.eos_token_id
+        out = []
+        for b in range(len(ids)):
+            if text[b].any():
+                out.append(hidden[b][text[b]].mean(0))
+            else:  # nothing transcribed: the state at the first end token (or the last position)
+                eos = (ids[b] == self.asr.generation_config.eos_token_id).nonzero()[:, 0]
+                out.append(hidden[b, int(eos[0]) if len(eos) else ids.shape[1] - 1])
+        return torch.stack(out)
 
     def transcribe(self, items: Sequence[Any], sampling_rate: int | None = None, language: str | None = "default") -> list[str]:
         """Whisper's transcripts of ``items`` (paths or waveforms); ``language`` as in :meth:`transcribe_features`."""
@@ -207,8 +246,11 @@ class WhisperCascadeEncoder(Encoder):
         return self.text.encode(self.text.preprocess(texts)).pooled.float()
 
     def encode(self, inputs: dict[str, Tensor]) -> EncoderOutput:
-        pooled = self.embed_transcripts(self.transcribe_features(inputs))
-        return EncoderOutput(pooled=pooled.to(self.device))
+        texts, states = self.decode_features(inputs, states=self.decoder_dim > 0)
+        pooled = self.embed_transcripts(texts).to(self.device)
+        if states is not None:
+            pooled = torch.cat([states.to(pooled), pooled], dim=-1)
+        return EncoderOutput(pooled=pooled)
 
 
-__all__ = ["EMPTY_TRANSCRIPT", "WhisperCascadeEncoder"]
+__all__ = ["EMPTY_TRANSCRIPT", "OUTPUTS", "WhisperCascadeEncoder"]

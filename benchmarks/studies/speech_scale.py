@@ -132,6 +132,60 @@ def _frame_chunk(paths: list[str], cache: Path, threads: int, desc: str) -> dict
     return data
 
 
+def decoder_features(rows: list[dict], cache: Path, threads: int, desc: str, pad_seconds: float = 3.0,
+                     chunk: int = 400) -> dict[str, np.ndarray]:
+    """ASR-side features of each clip (the cascade's own decoding: frozen Whisper base, greedy, language hint =
+    the row's language, ``pad_seconds`` of silence): ``means [N, 2, 512]`` = (mean of the decoder's last hidden
+    state over the transcript's tokens, USE-m of the transcript, i.e. the cascade's embedding), in the same
+    layout as :func:`frame_features` (``frames`` empty). Cached per chunk of ``chunk`` clips."""
+    parts = [_decoder_chunk(rows[i:i + chunk], cache, threads, f"{desc} {i // chunk + 1}/{-(-len(rows) // chunk)}",
+                            pad_seconds) for i in range(0, len(rows), chunk)]
+    if not parts:
+        return {"means": np.zeros((0, 2, 512), np.float32), "frames": np.zeros((0, 512), np.float16),
+                "offsets": np.zeros(1, np.int64)}
+    means = np.concatenate([p["means"] for p in parts])
+    texts = [t for p in parts for t in p["texts"]]
+    return {"means": means, "frames": np.zeros((0, 512), np.float16), "offsets": np.arange(len(means) + 1),
+            "texts": texts}
+
+
+_ASR = None
+
+
+def _decoder_chunk(rows: list[dict], cache: Path, threads: int, desc: str, pad_seconds: float) -> dict:
+    global _ASR
+    from benchmarks.studies.speech_robust import text_features as usem
+
+    paths = [r["audio"] for r in rows]
+    key = _key("whisper-base-decoder-v2", pad_seconds, *paths, *[r["lang"] for r in rows],
+               *[os.path.getsize(p) for p in paths])
+    out = cache / f"decoder_{key}.npz"
+    if out.exists():
+        with np.load(out) as z:
+            return {"means": z["means"], "texts": [str(t) for t in z["texts"]]}
+    from tqdm.auto import tqdm
+
+    from encoders.cascade import WhisperCascadeEncoder
+
+    if _ASR is None:  # the product's cascade tower, output="decoder+transcript" (its own decode_features)
+        _ASR = WhisperCascadeEncoder("packaged:whisper-base", language=None, max_new_tokens=48, pad_seconds=pad_seconds,
+                                     output="decoder+transcript")
+    enc = _ASR
+    torch.set_num_threads(threads)
+    states = np.zeros((len(rows), enc.decoder_dim), np.float32)
+    texts = []
+    for i in tqdm(range(len(rows)), desc=desc, unit="clip", mininterval=10):
+        t, st = enc.decode_features(enc.preprocess([paths[i]]), language=rows[i]["lang"])  # the cascade's hint
+        states[i] = st[0].numpy()
+        texts += t
+    y = usem([t if t.strip() else "-" for t in texts], cache)  # = the tower's transcript half (EMPTY_TRANSCRIPT "-")
+    data = {"means": np.stack([states, y], axis=1), "texts": np.array(texts)}
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, **data)
+    os.replace(tmp, out)
+    return {"means": data["means"], "texts": texts}
+
+
 def padded(feats: dict[str, np.ndarray], idx: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Frames of clips ``idx`` padded to the longest: ``[B, T, D]`` float32 and the mask ``[B, T]``."""
     off = feats["offsets"]
@@ -156,12 +210,27 @@ def train_head(train: dict, y: torch.Tensor, concepts: list[str], head_spec: dic
     torch.manual_seed(seed)
     spec = dict(head_spec)
     kind = spec.pop("kind")
+    spec.pop("features", None)  # which feature family (frames or ASR decoder): chosen by the caller
+    epochs = int(spec.pop("epochs", epochs))
+    lr, objective = float(spec.pop("lr", 1e-3)), spec.pop("loss", "clip")  # "cos": 1 - cosine to the target
     if kind == "mlp":
         layer = LAYERS.index(spec.pop("layer", "final"))
         head = MLP(512, y.shape[1], hidden_dim=1024, num_blocks=0, dropout=0.5, norm="batch")
 
         def features(f: dict, idx) -> EncoderOutput:
             return EncoderOutput(pooled=torch.as_tensor(f["means"][np.asarray(idx), layer]).float())
+    elif kind == "dec_mlp":  # the recipe's MLP on the ASR decoder's mean state (decoder_features slot 0)
+        head = MLP(512, y.shape[1], hidden_dim=1024, num_blocks=0, dropout=0.5, norm="batch")
+
+        def features(f: dict, idx) -> EncoderOutput:
+            return EncoderOutput(pooled=torch.as_tensor(f["means"][np.asarray(idx), 0]).float())
+    elif kind == "fused":  # the cascade's embedding + a learned correction from (decoder state, cascade embedding)
+        from projectors import CascadeResidual
+
+        head = CascadeResidual(1024, y.shape[1])  # the product's projector (the SONAR head's sizes by default)
+
+        def features(f: dict, idx) -> EncoderOutput:
+            return EncoderOutput(pooled=torch.as_tensor(f["means"][np.asarray(idx)]).float().flatten(1))
     else:
         head = FramePoolMLP(512, y.shape[1], **spec)
 
@@ -170,7 +239,7 @@ def train_head(train: dict, y: torch.Tensor, concepts: list[str], head_spec: dic
             return EncoderOutput(pooled=tokens[:, 0], tokens=tokens, mask=mask)
     clip = ClipLoss(gather=False, false_negatives="mask", logit_scale=30.0, learnable_scale=False)
     groups = group_ids(concepts)
-    opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.01)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)
     n = len(train["offsets"]) - 1
     head.train()
@@ -178,7 +247,11 @@ def train_head(train: dict, y: torch.Tensor, concepts: list[str], head_spec: dic
         for idx in torch.randperm(n, generator=g).split(batch):
             if len(idx) < 2:
                 continue
-            loss = clip(head(features(train, idx.numpy())), y[idx], groups[idx])["clip_loss"]
+            pred = head(features(train, idx.numpy()))
+            if objective == "cos":
+                loss = 1 - torch.nn.functional.cosine_similarity(pred, y[idx], dim=-1).mean()
+            else:
+                loss = clip(pred, y[idx], groups[idx])["clip_loss"]
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -240,6 +313,22 @@ VARIANTS: dict[str, tuple[str, dict]] = {  # name -> (training data, head)
     "emoji+words_seg3_attn2": ("emoji+words", {"kind": "framepool", "segments": 3, "attention_heads": 2}),
     # session 8: the same number of extra clips of the same rows, by random espeak-ng variants or by other engines
     "emoji+espeak_mlp": ("emoji+espeak", {"kind": "mlp"}),
+    # ASR-side features (decoder_features): the frozen Whisper decoder's state over its own transcript
+    "emoji_dec": ("emoji", {"kind": "dec_mlp", "features": "decoder"}),
+    "emoji+espeak_dec": ("emoji+espeak", {"kind": "dec_mlp", "features": "decoder"}),
+    "emoji_fused": ("emoji", {"kind": "fused", "features": "decoder"}),
+    "cascade_e0": ("emoji", {"kind": "fused", "features": "decoder", "epochs": 0}),  # untrained = the ASR cascade
+    "emoji_fused_e1": ("emoji", {"kind": "fused", "features": "decoder", "epochs": 1}),
+    "emoji_fused_e3": ("emoji", {"kind": "fused", "features": "decoder", "epochs": 3}),
+    "emoji_fused_e10": ("emoji", {"kind": "fused", "features": "decoder", "epochs": 10}),
+    "emoji_fused_cos": ("emoji", {"kind": "fused", "features": "decoder", "loss": "cos"}),
+    "emoji_fused_lr1e-4": ("emoji", {"kind": "fused", "features": "decoder", "lr": 1e-4}),
+    "emoji_fused_cos_lr1e-4": ("emoji", {"kind": "fused", "features": "decoder", "loss": "cos", "lr": 1e-4}),
+    "emoji_fused_lr3e-5": ("emoji", {"kind": "fused", "features": "decoder", "lr": 3e-5}),
+    "emoji_fused_lr3e-4": ("emoji", {"kind": "fused", "features": "decoder", "lr": 3e-4}),
+    "emoji_fused_lr1e-4_e60": ("emoji", {"kind": "fused", "features": "decoder", "lr": 1e-4, "epochs": 60}),
+    "emoji+espeak_fused_lr1e-4": ("emoji+espeak", {"kind": "fused", "features": "decoder", "lr": 1e-4}),
+    "emoji+espeak_fused": ("emoji+espeak", {"kind": "fused", "features": "decoder"}),
     "emoji+engines_mlp": ("emoji+engines", {"kind": "mlp"}),
     "emoji+espeak+engines_mlp": ("emoji+espeak+engines", {"kind": "mlp"}),
 }
@@ -339,6 +428,16 @@ def main() -> None:
     f_espeak = frame_features([r["audio"] for r in espeak_rows], cache, args.threads, "robust espeak-ng")
     f_engines_only = frame_features([r["audio"] for r in engine_only], cache, args.threads, "robust engines")
     f_val_engines = frame_features([r["audio"] for r in val_engine_rows], cache, args.threads, "val engines")
+    dec_variants = [n for n in args.variants if VARIANTS[n][1].get("features") == "decoder"]
+    dec_data: dict = {}
+    if dec_variants:  # the ASR decoder's features of every clip a decoder variant trains or is scored on
+        if {VARIANTS[n][0] for n in dec_variants} - {"emoji", "emoji+espeak"}:
+            raise SystemExit("decoder variants train on 'emoji' or 'emoji+espeak' only")
+        d_eval = decoder_features(eval_rows, cache, args.threads, "decoder test", args.pad_seconds)
+        d_val = decoder_features(val_rows + val_styled + val_extra + val_engine_rows, cache, args.threads,
+                                 "decoder val", args.pad_seconds)
+        d_emoji = decoder_features(emoji_rows, cache, args.threads, "decoder emoji train", args.pad_seconds)
+        d_espeak = decoder_features(espeak_rows, cache, args.threads, "decoder robust espeak-ng", args.pad_seconds)
     if args.encode_only:
         return
     f_val = concat([f_val, f_val_extra, f_val_engines])
@@ -371,6 +470,13 @@ def main() -> None:
                                  np.concatenate([y_emoji, y_espeak, y_engines_only]),
                                  c_emoji + c_espeak + [r["concept"] for r in engine_only]),
     }
+
+    if dec_variants:
+        def cat(*parts):
+            return {"means": np.concatenate([p["means"] for p in parts]), "frames": parts[0]["frames"],
+                    "offsets": np.arange(sum(len(p["means"]) for p in parts) + 1)}
+        dec_data = {"emoji": (d_emoji, y_emoji, c_emoji),
+                    "emoji+espeak": (cat(d_emoji, d_espeak), np.concatenate([y_emoji, y_espeak]), c_emoji + c_espeak)}
 
     # validation groups: clean and styled val names per language, gallery = the val names of that language
     vrows = val_rows + val_styled + val_extra + val_engine_rows
@@ -422,10 +528,13 @@ def main() -> None:
     trained: dict[tuple[str, int], object] = {}
     for name, centre in jobs:
         which, head = VARIANTS[name]
-        f, y, concepts = data[which]
+        decoder = head.get("features") == "decoder"
+        if decoder and centre:
+            continue
+        f, y, concepts = (dec_data if decoder else data)[which]
         t1 = time.perf_counter()
         runs = []
-        fe, fv = f_eval, f_val
+        fe, fv = (d_eval, d_val) if decoder else (f_eval, f_val)
         if centre:
             target = f["means"].mean(0)
             fe, fv = centred(f_eval, eval_sets, target), centred(f_val, val_sets, target)

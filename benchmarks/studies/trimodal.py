@@ -157,7 +157,10 @@ def run_seed(args: argparse.Namespace, manifests: dict[str, str], out: Path, see
 
     langs = HEARD + UNHEARD
     lst = lambda v: "[" + ",".join(v) + "]"  # noqa: E731
-    cli, ckpt = train_trimodal(manifests, out, max_epochs=args.epochs, extra_args=[
+    from mmalign.cli.quickstart import RECIPE
+
+    files = [RECIPE, *args.overlay]  # e.g. configs/offline/anchor_bind_fused.yaml: the ASR-fused speech tower
+    cli, ckpt = train_trimodal(manifests, out, recipe=files, max_epochs=args.epochs, extra_args=[
         f"--data.init_args.train_languages={lst(TRAIN_LANGUAGES)}", f"--data.init_args.eval_languages={lst(langs)}",
         f"--seed_everything={seed}", f"--trainer.default_root_dir={out / f'seed{seed}'}"])
     data = cli.datamodule
@@ -188,10 +191,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    f"--val_concepts {args.val_concepts}"
                    + (f" --epochs {args.epochs}" if args.epochs else "") + " --seeds " + " ".join(map(str, args.seeds))
                    + (f" --speech_targets {','.join(args.speech_targets)}" if args.speech_targets else "")
-                   + (f" --robust {args.robust}" if args.robust else ""),
+                   + (f" --robust {args.robust}" if args.robust else "")
+                   + "".join(f" --overlay {o}" for o in args.overlay),
         "seeds": seeds, "robust": args.robust, "seconds": round(time.time() - start),
         "train_rows": seeds[0]["train_rows"], "train_speech_rows": seeds[0]["train_speech_rows"],
-        "speech_targets": list(args.speech_targets),
+        "speech_targets": list(args.speech_targets), "overlay": list(args.overlay),
     }
     (out / "trimodal.json").write_text(json.dumps(result, indent=2))
     write_markdown(result, Path(args.doc))
@@ -302,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--robust", default=None,
                    help="a `mmalign data robust` folder of the training split: its heard-language clips of spoken "
                         "training concepts are added as speech-text rows")
+    p.add_argument("--overlay", nargs="*", default=[],
+                   help="YAML overlays composed after the recipe (e.g. configs/offline/anchor_bind_fused.yaml)")
     run(p.parse_args(argv))
 
 

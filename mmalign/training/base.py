@@ -61,8 +61,26 @@ class FrozenBackboneModule(RngCheckpointHooks, L.LightningModule):  # the global
         """Projector, temperature (and LoRA) parameters: frozen encoders and LMs never reach the optimizer."""
         return [p for p in self.parameters() if p.requires_grad]
 
+    def _parameter_groups(self) -> list[nn.Parameter] | list[dict[str, Any]]:
+        """The trainable parameters; one extra group per tower with ``lr_scale != 1`` (its projector's)."""
+        params = self.trainable_parameters()
+        towers = getattr(self, "towers", None) or {}
+        scaled = {name: t for name, t in towers.items() if getattr(t, "lr_scale", 1.0) != 1.0}
+        if not scaled:
+            return params
+        groups, taken = [], set()
+        for name, tower in scaled.items():
+            ps = [p for p in tower.projector.parameters() if p.requires_grad]
+            taken |= {id(p) for p in ps}
+            if ps:
+                groups.append({"params": ps, "lr_scale": tower.lr_scale, "tower": name})
+        rest = [p for p in params if id(p) not in taken]
+        return ([{"params": rest}] if rest else []) + groups
+
     def configure_optimizers(self) -> Any:
-        optimizer = self._optimizer(self.trainable_parameters())
+        optimizer = self._optimizer(self._parameter_groups())
+        for group in optimizer.param_groups:  # before the scheduler records each group's initial lr
+            group["lr"] = group["lr"] * group.get("lr_scale", 1.0)
         if self._scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self._scheduler(optimizer), "interval": "step"}}

@@ -26,13 +26,20 @@ class Tower(nn.Module):
             ``class_path``/``init_args`` without dimensions). ``None``: the encoder's pooled output is
             the tower output (a frozen teacher), and its size must equal the shared dimension.
         normalize: L2-normalise the tower output.
+        lr_scale: This tower's projector trains at ``lr_scale`` times the optimizer's learning rate (its own
+            parameter group; the scheduler scales it alike). E.g. a :class:`projectors.CascadeResidual` that
+            corrects an ASR cascade gently while the image tower beside it learns at the full rate.
     """
 
-    def __init__(self, encoder: Encoder, field: str, projector: ProjectorFactory | None = None, normalize: bool = False) -> None:
+    def __init__(self, encoder: Encoder, field: str, projector: ProjectorFactory | None = None, normalize: bool = False,
+                 lr_scale: float = 1.0) -> None:
         super().__init__()
+        if not (isinstance(lr_scale, (int, float)) and lr_scale > 0 and lr_scale == lr_scale and lr_scale != float("inf")):
+            raise ValueError(f"tower on field {field!r}: lr_scale must be a positive finite number, got {lr_scale!r}")
         self.encoder = encoder
         self.field = field
         self.normalize = normalize
+        self.lr_scale = float(lr_scale)
         self._projector_factory = projector
         self.projector: Projector | None = None
         self.out_dim: int | None = None
