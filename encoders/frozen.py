@@ -46,9 +46,11 @@ class FrozenModule(nn.Module):
         return nn.Module.train(self, False if self._frozen else mode)
 
     def _frozen_names(self) -> set[str]:
-        """Names of the frozen parameters and of all buffers (both come from the pretrained source)."""
-        frozen = {n for n, p in self.named_parameters() if not p.requires_grad}
-        return frozen | {n for n, _ in self.named_buffers()}
+        """Names of the frozen parameters and of all buffers (both come from the pretrained source), under every
+        name they have: a tied weight (Whisper's ``proj_out`` is its decoder's token embedding) is one parameter
+        with two ``state_dict`` keys, and ``named_parameters()`` lists only the first."""
+        frozen = {n for n, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        return frozen | {n for n, _ in self.named_buffers(remove_duplicate=False)}
 
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> dict[str, Tensor]:  # type: ignore[override]
         if not self._frozen:

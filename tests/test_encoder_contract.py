@@ -152,6 +152,37 @@ def test_frozen_module_keeps_trainable_weights_only():
     assert missing == ["lm.lora_a.weight"]  # a missing trainable weight is still reported
 
 
+def test_frozen_module_with_tied_weights_loads_strictly():
+    """A tied weight (Whisper's proj_out is its decoder's token embedding) has two state_dict keys but one parameter:
+    neither key is saved, and neither is reported missing when a projector checkpoint is loaded strictly."""
+
+    class Tied(FrozenModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(5, 3)
+            self.out = nn.Linear(3, 5, bias=False)
+            self.out.weight = self.embed.weight
+
+    parent = nn.ModuleDict({"enc": Tied().freeze(), "head": nn.Linear(3, 2)})
+    assert list(parent.state_dict()) == ["head.weight", "head.bias"]
+    result = parent.load_state_dict(parent.state_dict())  # strict
+    assert result.missing_keys == [] and result.unexpected_keys == []
+
+
+def test_cascade_tower_checkpoint_roundtrip():
+    """The ASR cascade (a full Whisper with tied output weights) inside a module: its projector checkpoint loads."""
+    from encoders.cascade import WhisperCascadeEncoder
+    from projectors import CascadeResidual
+
+    enc = WhisperCascadeEncoder("tiny:whisper-asr", text_encoder="encoders.HFTextEncoder", output="decoder+transcript",
+                                text_encoder_args={"model_name_or_path": "tiny:bert-text"})
+    tied = [n for n, _ in enc.named_parameters(remove_duplicate=False)]
+    module = nn.ModuleDict({"encoder": enc, "projector": CascadeResidual(enc.output_dim, enc.text.output_dim)})
+    state = module.state_dict()
+    assert all(k.startswith("projector.") for k in state) and len(tied) > len(list(enc.named_parameters()))
+    assert module.load_state_dict(state).missing_keys == []
+
+
 # -- the contract, per family and tiny twin ----------------------------------------------------
 
 @pytest.mark.parametrize("family,tiny", CASES, ids=IDS)
