@@ -130,11 +130,49 @@ def _lines_before(path: Path, offset: int) -> int:
     return before
 
 
+def _has_temporal(schema: Any) -> bool:
+    """Whether a type inferred from text (timestamp, date, time) is anywhere in ``schema``, nested included."""
+    return any(_text_type(f.type) != f.type for f in schema)
+
+
+def _text_type(t: Any) -> Any:
+    """``t`` with every temporal type (inferred from a string that looked like a date or time) replaced by
+    ``string``, in lists and structs too."""
+    import pyarrow as pa
+
+    if pa.types.is_temporal(t):
+        return pa.string()
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return (pa.large_list if pa.types.is_large_list(t) else pa.list_)(t.value_field.with_type(_text_type(t.value_type)))
+    if pa.types.is_struct(t):
+        return pa.struct([t.field(i).with_type(_text_type(t.field(i).type)) for i in range(t.num_fields)])
+    return t
+
+
+def _as_text_schema(schema: Any) -> Any:
+    """``schema`` with its temporal types read as strings (:func:`_text_type`), field order kept."""
+    import pyarrow as pa
+
+    return pa.schema([f.with_type(_text_type(f.type)) for f in schema])
+
+
+def _line_not_utf8(data: bytes) -> int | None:
+    """The 1-based line of ``data`` holding the first bytes that are not UTF-8 (None: every line decodes). Only on an
+    error path."""
+    for k, line in enumerate(data.split(b"\n"), 1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            return k
+    return None
+
+
 def _json_piece(path: Path, offset: int, data: Any, known: Any, validate: bool) -> Any:
     """One line-aligned piece as a table: read with the columns and types seen so far (``known``; a new key inferred,
     as the streaming reader reads every block after its first), else, where a value does not fit them, with the
     piece's own inference (its schema is then unified with the others). A piece neither reads raises naming the
-    file line; with ``validate`` one whose strings are not UTF-8 (``pyarrow.json`` keeps such bytes) raises too."""
+    file line; with ``validate`` one whose strings are not UTF-8 (``pyarrow.json`` keeps such bytes) raises too,
+    naming the line. Strings Arrow would infer as timestamps (``"2024-01-02"``) are kept as the strings they are."""
     import pyarrow as pa
     import pyarrow.json as pajson
 
@@ -154,8 +192,17 @@ def _json_piece(path: Path, offset: int, data: Any, known: Any, validate: bool) 
             if line is None:
                 raise
             raise pa.ArrowInvalid(f"line {line}: {e}") from e
+    if _has_temporal(table.schema):  # "2024-01-02" inferred as a timestamp: re-read as the string it is
+        table = pajson.read_json(pa.BufferReader(data), read_options=options, parse_options=pajson.ParseOptions(
+            explicit_schema=_as_text_schema(table.schema), unexpected_field_behavior="infer"))
     if validate:
-        table.validate(full=True)
+        try:
+            table.validate(full=True)
+        except pa.ArrowInvalid as e:
+            line = _line_not_utf8(data.to_pybytes())
+            if line is None:
+                raise
+            raise pa.ArrowInvalid(f"line {_lines_before(path, offset) + line}: bytes that are not UTF-8 ({e})") from e
     return table
 
 
@@ -312,16 +359,48 @@ def _csv_types(path: Path, size: int) -> dict[str, Any] | None:
     return None if len(set(schema.names)) != len(schema.names) else {f.name: f.type for f in schema}
 
 
-def text_table_as_arrow(path: Path, fmt: str) -> Path:
+def _file_line_not_utf8(path: Path) -> int | None:
+    """The 1-based line of the file holding its first bytes that are not UTF-8 (a line end is never inside a UTF-8
+    character). Only on an error path."""
+    with open(path, "rb") as f:
+        for k, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return k
+    return None
+
+
+def _csv_column_types(inferred: Any, strings: Iterable[str]) -> dict[str, Any]:
+    """``{column: type}`` for the CSV reader: ``strings`` as strings, and as strings too every column Arrow inferred
+    as a date, time or timestamp (``"2024-01-02"``, ``"12:30"``: the cell is kept exactly) or as binary (bytes that
+    are not UTF-8: read as strings, they raise, and the line is named)."""
+    import pyarrow as pa
+
+    types = {c: pa.string() for c in strings}
+    for name, t in inferred.items():
+        if name not in types:
+            types[name] = pa.string() if pa.types.is_temporal(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t) else t
+    return types
+
+
+def text_table_as_arrow(path: Path, fmt: str, strings: Iterable[str] = ()) -> Path:
     """An Arrow IPC copy of a CSV or JSONL table, converted block by block (bounded memory), to be memory-mapped.
 
-    CSV column types come from the first 64 MB; a JSONL whose keys or types change after its first block is unified
-    without a second parse (:func:`json_as_arrow`).
+    CSV column types come from the first 64 MB, except that the columns ``strings`` (those the manifest fields read)
+    and columns that look like dates or times are read as the strings they are; a JSONL whose keys or types change
+    after its first block is unified without a second parse (:func:`json_as_arrow`), its date-like strings kept as
+    strings too. Bytes that are not UTF-8 raise naming the file and line (as a manifest's do).
+
+    Raises:
+        SourceError: The file cannot be read (the line named where it can be); no copy is left under a good name.
     """
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
-    out, tmp = derived_copy(path, fmt)
+    strings = sorted(set(strings)) if fmt == "csv" else []
+    # v2: no temporal types, the CSV field columns as strings (a copy made before is not reused)
+    out, tmp = derived_copy(path, "\0".join([f"{fmt}-text-v2", *strings]))
     if tmp is None:
         return out
 
@@ -332,15 +411,29 @@ def text_table_as_arrow(path: Path, fmt: str) -> Path:
 
     try:
         if fmt == "csv":
-            types = _csv_types(path, _SNIFF)
-            reader = pacsv.open_csv(str(path), read_options=pacsv.ReadOptions(block_size=_TEXT_BLOCK if types else _SNIFF),
-                                    convert_options=pacsv.ConvertOptions(strings_can_be_null=True, column_types=types))
+            inferred = _csv_types(path, _SNIFF)
+            read_options = pacsv.ReadOptions(block_size=_TEXT_BLOCK if inferred else _SNIFF)
+
+            def open_csv(types: dict[str, Any]) -> Any:
+                return pacsv.open_csv(str(path), read_options=read_options,
+                                      convert_options=pacsv.ConvertOptions(strings_can_be_null=True, column_types=types))
+
+            types = _csv_column_types(inferred or {}, strings)
+            reader = open_csv(types)
+            if inferred is None:  # inferred by the reader from its first block: the same rules applied to it
+                fixed = _csv_column_types({f.name: f.type for f in reader.schema}, strings)
+                if any(fixed[f.name] != f.type for f in reader.schema):
+                    reader = open_csv(fixed)
             write(reader, reader.schema)
         else:
-            json_as_arrow(path, write, tmp, _TEXT_BLOCK)
+            json_as_arrow(path, write, tmp, _TEXT_BLOCK, validate=True)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
         tmp.unlink(missing_ok=True)
-        raise SourceError(f"{path}: cannot be read as a {fmt} table ({e}); as a long-format manifest (a plain path "
+        detail = str(e)
+        if fmt == "csv" and "utf8" in detail.lower().replace("-", ""):
+            line = _file_line_not_utf8(path)
+            detail = detail if line is None else f"line {line}: bytes that are not UTF-8 ({detail})"
+        raise SourceError(f"{path}: cannot be read as a {fmt} table ({detail}); as a long-format manifest (a plain path "
                           "without fields/root/lang) every bad line is named instead") from e
     except BaseException:
         tmp.unlink(missing_ok=True)

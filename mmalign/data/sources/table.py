@@ -85,8 +85,9 @@ def _hf_cached_table(name: str, split: str | None, config: str | None):
     return ds.data.table if ds._indices is None else ds.flatten_indices().data.table
 
 
-def open_table(path: Path | None, fmt: str, split: str | None = None, name: str | None = None, config: str | None = None):
-    """The (memory-mapped where possible) Arrow table of a source."""
+def open_table(path: Path | None, fmt: str, split: str | None = None, name: str | None = None, config: str | None = None,
+               strings: Iterable[str] = ()):
+    """The (memory-mapped where possible) Arrow table of a source (``strings``: CSV columns read as strings)."""
     if fmt == "hf" and name:
         return _hf_cached_table(name, split, config)
     assert path is not None
@@ -97,7 +98,7 @@ def open_table(path: Path | None, fmt: str, split: str | None = None, name: str 
     if fmt == "hf":
         return _hf_folder_table(path, split)
     if fmt in ("csv", "jsonl"):
-        return _map_ipc(text_table_as_arrow(path, fmt))
+        return _map_ipc(text_table_as_arrow(path, fmt, strings))
     raise SourceError(f"{path}: not a table format: {fmt}")
 
 
@@ -113,6 +114,20 @@ class _Column:
     def value(self, i: int) -> Any:
         k = bisect.bisect_right(self.offsets, i) - 1
         return self.chunks[k][i - self.offsets[k]].as_py()
+
+
+def field_columns(fields: Mapping[str, Any] | None) -> list[str]:
+    """The columns the manifest fields (``id``, ``text``, ``image``...) read: a CSV reads them as strings, so an id
+    ``007``, a caption ``12`` or ``2024-01-02`` stays the exact cell (default: the columns named like the fields)."""
+    if fields is None:
+        return list(DEFAULT_FIELDS)
+    out: list[str] = []
+    for field, spec in fields.items():
+        if field not in DEFAULT_FIELDS:
+            continue
+        for v in spec.values() if isinstance(spec, Mapping) else [spec]:
+            out += [v] if isinstance(v, str) else [c for c in v if isinstance(c, str)] if isinstance(v, list) else []
+    return out
 
 
 def _bool(arr) -> np.ndarray:
@@ -165,6 +180,7 @@ class TableSource(RowSource):
         self.lang = lang
         self._stem = self.path.stem
         self.report = BadInputReport()
+        self._strings = field_columns(fields)
         self._open()
         columns = set(self.table.column_names)
         self.fields = self._mapping(fields, columns)
@@ -172,7 +188,7 @@ class TableSource(RowSource):
 
     # -- opening and pickling (workers reopen the mapped file instead of receiving a copy) ------------
     def _open(self) -> None:
-        self.table = open_table(*self._open_args)
+        self.table = open_table(*self._open_args, strings=self._strings)
         self._cols: dict[str, _Column] = {}
 
     def __getstate__(self) -> dict[str, Any]:
