@@ -76,7 +76,9 @@ class WhisperCascadeEncoder(Encoder):
         text_encoder: ``class_path`` of the frozen text encoder that embeds the transcripts (under ``encoders.``:
             see :func:`text_encoder_class`), or the class itself.
         text_encoder_args: Its ``init_args``.
-        language: Language hint (``"en"``, ``"de"``...: the language token is forced) or ``None`` (detected per clip).
+        language: Language hint (``"en"``, ``"de"``...: the language token is forced), ``None`` (detected per clip
+            among all of Whisper's languages) or a list of candidates (``[en, de, es]``: detected per clip among
+            those only, which keeps short clips from being decoded as a language the data never holds).
         task: ``"transcribe"`` or ``"translate"`` (Whisper's translation into English).
         max_new_tokens: Decoding budget per clip.
         num_beams: 1 is greedy decoding.
@@ -102,7 +104,7 @@ class WhisperCascadeEncoder(Encoder):
         model_name_or_path: str,
         text_encoder: str = "encoders.UniversalSentenceEncoderM",
         text_encoder_args: dict[str, Any] | None = None,
-        language: str | None = None,
+        language: str | list[str] | None = None,
         task: str = "transcribe",
         max_new_tokens: int = 96,
         num_beams: int = 1,
@@ -140,8 +142,14 @@ class WhisperCascadeEncoder(Encoder):
             self.asr = WhisperForConditionalGeneration.from_pretrained(path, dtype=torch_dtype(dtype), **kwargs).eval()
         self.sampling_rate = int(self.processor.feature_extractor.sampling_rate)
         gen = self.asr.generation_config
-        if language is not None and getattr(gen, "lang_to_id", None) and f"<|{language}|>" not in gen.lang_to_id:
-            raise ValueError(f"Whisper {model_name_or_path!r} has no language {language!r}")
+        if isinstance(language, (list, tuple)):
+            if not language or not all(isinstance(c, str) for c in language):
+                raise ValueError(f"language must be a code, None or a non-empty list of codes, got {language!r}")
+            language = list(language)
+            self._init_args["language"] = language
+        for code in language if isinstance(language, list) else [language]:
+            if code is not None and getattr(gen, "lang_to_id", None) and f"<|{code}|>" not in gen.lang_to_id:
+                raise ValueError(f"Whisper {model_name_or_path!r} has no language {code!r}")
         self.text = cls(**(text_encoder_args or {}))
         self.decoder_dim = int(self.asr.config.d_model) if output == "decoder+transcript" else 0
         self.output_dim = self.decoder_dim + int(self.text.output_dim)
@@ -201,8 +209,8 @@ class WhisperCascadeEncoder(Encoder):
         from transformers.modeling_outputs import BaseModelOutput
 
         a = self._init_args
-        options = dict(language=a["language"] if language == "default" else language, task=a["task"],
-                       max_new_tokens=a["max_new_tokens"], num_beams=a["num_beams"], do_sample=False,
+        language = a["language"] if language == "default" else language
+        options = dict(task=a["task"], max_new_tokens=a["max_new_tokens"], num_beams=a["num_beams"], do_sample=False,
                        return_timestamps=False)
         feats = inputs["input_features"].to(self.device, dtype=self.asr.dtype)
         texts: list[str] = []
@@ -214,12 +222,23 @@ class WhisperCascadeEncoder(Encoder):
             else:
                 encoded = [self.asr.model.encoder(feats).last_hidden_state]
             for enc in encoded:  # the whole sequence: prompt (start, language, task tokens), transcript, end
+                lang = self._pick_language(enc, language) if isinstance(language, list) else language
                 ids = self.asr.generate(encoder_outputs=BaseModelOutput(last_hidden_state=enc), return_dict_in_generate=True,
-                                        **options).sequences
+                                        language=lang, **options).sequences
                 texts += [t.strip() for t in self.processor.batch_decode(ids, skip_special_tokens=True)]
                 if states:
                     pooled.append(self._decoder_mean(ids, enc))
         return texts, torch.cat(pooled) if states else None
+
+    def _pick_language(self, encoder_states: Tensor, candidates: list[str]) -> str | list[str]:
+        """Whisper's language detection (the language token's logits after the start token) restricted to
+        ``candidates``: one code per clip (a list for a batch of several)."""
+        tokens = [self.asr.generation_config.lang_to_id[f"<|{c}|>"] for c in candidates]
+        start = torch.full((len(encoder_states), 1), self.asr.generation_config.decoder_start_token_id,
+                           dtype=torch.long, device=encoder_states.device)
+        logits = self.asr(encoder_outputs=(encoder_states,), decoder_input_ids=start).logits[:, -1, tokens]
+        picked = [candidates[int(i)] for i in logits.argmax(-1)]
+        return picked[0] if len(picked) == 1 else picked
 
     def _decoder_mean(self, ids: Tensor, encoder_states: Tensor) -> Tensor:
         """Decoder states of the generated ``ids`` (prompt included: every token is read in its context)."""

