@@ -133,13 +133,13 @@ def _frame_chunk(paths: list[str], cache: Path, threads: int, desc: str) -> dict
 
 
 def decoder_features(rows: list[dict], cache: Path, threads: int, desc: str, pad_seconds: float = 3.0,
-                     chunk: int = 400) -> dict[str, np.ndarray]:
+                     chunk: int = 400, hint: bool = True) -> dict[str, np.ndarray]:
     """ASR-side features of each clip (the cascade's own decoding: frozen Whisper base, greedy, language hint =
-    the row's language, ``pad_seconds`` of silence): ``means [N, 2, 512]`` = (mean of the decoder's last hidden
+    the row's language, or Whisper's own detection with ``hint=False``; ``pad_seconds`` of silence): ``means [N, 2, 512]`` = (mean of the decoder's last hidden
     state over the transcript's tokens, USE-m of the transcript, i.e. the cascade's embedding), in the same
     layout as :func:`frame_features` (``frames`` empty). Cached per chunk of ``chunk`` clips."""
     parts = [_decoder_chunk(rows[i:i + chunk], cache, threads, f"{desc} {i // chunk + 1}/{-(-len(rows) // chunk)}",
-                            pad_seconds) for i in range(0, len(rows), chunk)]
+                            pad_seconds, hint) for i in range(0, len(rows), chunk)]
     if not parts:
         return {"means": np.zeros((0, 2, 512), np.float32), "frames": np.zeros((0, 512), np.float16),
                 "offsets": np.zeros(1, np.int64)}
@@ -152,12 +152,12 @@ def decoder_features(rows: list[dict], cache: Path, threads: int, desc: str, pad
 _ASR = None
 
 
-def _decoder_chunk(rows: list[dict], cache: Path, threads: int, desc: str, pad_seconds: float) -> dict:
+def _decoder_chunk(rows: list[dict], cache: Path, threads: int, desc: str, pad_seconds: float, hint: bool = True) -> dict:
     global _ASR
     from benchmarks.studies.speech_robust import text_features as usem
 
     paths = [r["audio"] for r in rows]
-    key = _key("whisper-base-decoder-v2", pad_seconds, *paths, *[r["lang"] for r in rows],
+    key = _key("whisper-base-decoder-v2", pad_seconds, *([] if hint else ["detect"]), *paths, *[r["lang"] for r in rows],
                *[os.path.getsize(p) for p in paths])
     out = cache / f"decoder_{key}.npz"
     if out.exists():
@@ -175,7 +175,7 @@ def _decoder_chunk(rows: list[dict], cache: Path, threads: int, desc: str, pad_s
     states = np.zeros((len(rows), enc.decoder_dim), np.float32)
     texts = []
     for i in tqdm(range(len(rows)), desc=desc, unit="clip", mininterval=10):
-        t, st = enc.decode_features(enc.preprocess([paths[i]]), language=rows[i]["lang"])  # the cascade's hint
+        t, st = enc.decode_features(enc.preprocess([paths[i]]), language=rows[i]["lang"] if hint else None)
         states[i] = st[0].numpy()
         texts += t
     y = usem([t if t.strip() else "-" for t in texts], cache)  # = the tower's transcript half (EMPTY_TRANSCRIPT "-")
@@ -353,6 +353,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
     ap.add_argument("--encode-only", action="store_true", help="fill the feature cache and stop")
+    ap.add_argument("--asr-language", choices=["hint", "detect"], default="hint",
+                    help="decoder variants: hint Whisper with each clip's language (as the cascade baseline does) or "
+                         "let it detect the language (what a recipe without per-clip languages gets)")
     ap.add_argument("--robust-espeak-root", default="data/emoji_robust_espeak",
                     help="extra clips of the training rows by random espeak-ng variants (engines [espeak-ng])")
     ap.add_argument("--robust-engines-root", default="data/emoji_robust_engines",
@@ -431,13 +434,14 @@ def main() -> None:
     dec_variants = [n for n in args.variants if VARIANTS[n][1].get("features") == "decoder"]
     dec_data: dict = {}
     if dec_variants:  # the ASR decoder's features of every clip a decoder variant trains or is scored on
+        hint = args.asr_language == "hint"
         if {VARIANTS[n][0] for n in dec_variants} - {"emoji", "emoji+espeak"}:
             raise SystemExit("decoder variants train on 'emoji' or 'emoji+espeak' only")
-        d_eval = decoder_features(eval_rows, cache, args.threads, "decoder test", args.pad_seconds)
+        d_eval = decoder_features(eval_rows, cache, args.threads, "decoder test", args.pad_seconds, hint=hint)
         d_val = decoder_features(val_rows + val_styled + val_extra + val_engine_rows, cache, args.threads,
-                                 "decoder val", args.pad_seconds)
-        d_emoji = decoder_features(emoji_rows, cache, args.threads, "decoder emoji train", args.pad_seconds)
-        d_espeak = decoder_features(espeak_rows, cache, args.threads, "decoder robust espeak-ng", args.pad_seconds)
+                                 "decoder val", args.pad_seconds, hint=hint)
+        d_emoji = decoder_features(emoji_rows, cache, args.threads, "decoder emoji train", args.pad_seconds, hint=hint)
+        d_espeak = decoder_features(espeak_rows, cache, args.threads, "decoder robust espeak-ng", args.pad_seconds, hint=hint)
     if args.encode_only:
         return
     f_val = concat([f_val, f_val_extra, f_val_engines])

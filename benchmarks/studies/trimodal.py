@@ -34,6 +34,7 @@ HEARD = ("en", "de", "es")
 UNHEARD = ("fr", "it", "pt", "ru")
 TRAIN_LANGUAGES = ("en", "de", "es", "ja", "ko", "zh")
 DIRECTIONS = ("text->image", "speech->image", "speech->text")
+DEFAULT_DOC = "docs/results_trimodal.md"
 
 
 def subset_manifests(data: Path, out: Path, speech_concepts: int, val_concepts: int, test_concepts: int,
@@ -192,7 +193,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    + (f" --epochs {args.epochs}" if args.epochs else "") + " --seeds " + " ".join(map(str, args.seeds))
                    + (f" --speech_targets {','.join(args.speech_targets)}" if args.speech_targets else "")
                    + (f" --robust {args.robust}" if args.robust else "")
-                   + "".join(f" --overlay {o}" for o in args.overlay),
+                   + "".join(f" --overlay {o}" for o in args.overlay)
+                   + (f" --doc {args.doc}" if args.doc != DEFAULT_DOC else ""),
         "seeds": seeds, "robust": args.robust, "seconds": round(time.time() - start),
         "train_rows": seeds[0]["train_rows"], "train_speech_rows": seeds[0]["train_speech_rows"],
         "speech_targets": list(args.speech_targets), "overlay": list(args.overlay),
@@ -229,7 +231,9 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         "",
         f"    {result['command']}",
         "",
-        f"Recipe `configs/anchor_bind.yaml` + `configs/offline/anchor_bind.yaml`: frozen USE-m text anchor; EfficientNet-Lite0 "
+        "Recipe `configs/anchor_bind.yaml` + `configs/offline/anchor_bind.yaml`"
+        + "".join(f" + `{o}`" for o in result.get("overlay") or [])
+        + ": frozen USE-m text anchor; EfficientNet-Lite0 "
         f"image tower <-> anchor (InfoNCE, captions in {', '.join(TRAIN_LANGUAGES)}); Whisper base speech tower -> anchor "
         f"(InfoNCE against the frozen anchor, speech in {', '.join(HEARD)}"
         + (f"; each clip also paired with its concept's names in {', '.join(result['speech_targets'])}"
@@ -293,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/emoji")
     p.add_argument("--output", default="runs/trimodal")
-    p.add_argument("--doc", default="docs/results_trimodal.md")
+    p.add_argument("--doc", default=DEFAULT_DOC)
     p.add_argument("--train_concepts", type=int, default=600)
     p.add_argument("--speech_concepts", type=int, default=240)
     p.add_argument("--val_concepts", type=int, default=40)
