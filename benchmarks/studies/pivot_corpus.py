@@ -441,6 +441,25 @@ def run(args) -> None:
     print(f"wrote {path}")
 
 
+def default_sources():
+    """The study's default data, corpus and feature-cache paths (what ``run`` reads without options)."""
+    import argparse
+
+    return argparse.Namespace(data=ROOT / "data" / "emoji", corpus=ROOT / "data" / "corpus", cache=DEFAULT_CACHE,
+                              max_corpus=None)
+
+
+def write_result(path: Path, out: dict, t0: float) -> None:
+    """Write a side study's JSON (``seconds`` since ``t0`` added) and say where."""
+    import json
+    import time
+
+    out["seconds"] = round(time.time() - t0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
+    print(f"wrote {path}")
+
+
 # -- report ------------------------------------------------------------------------------------------
 def _cell(values: list[float], digits: int = 2) -> str:
     import statistics

@@ -15,7 +15,6 @@ Usage (repo root, after ``python -m benchmarks.studies.pivot_corpus encode``):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -47,8 +46,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output", type=Path, default=pc.ROOT / "docs" / "results" / "pivot_hubness.json")
     a = ap.parse_args(argv)
-    args = argparse.Namespace(data=pc.ROOT / "data" / "emoji", corpus=pc.ROOT / "data" / "corpus",
-                              cache=pc.DEFAULT_CACHE, max_corpus=None)
+    args = pc.default_sources()
     torch.set_num_threads(1)
     sets, train, _ = pc.load_features(args, pc.encoders())
     t0 = time.time()
@@ -86,10 +84,7 @@ def main(argv=None) -> None:
         out["sets"][name] = {"per_language": rows, "mean": mean, "fraction_of_ceiling": frac}
         print(f"{name}: " + " ".join(f"{k} {v:.3f}" for k, v in mean.items())
               + " | fraction " + " ".join(f"{k} {v:.2f}" for k, v in frac.items()), flush=True)
-    out["seconds"] = round(time.time() - t0)
-    a.output.parent.mkdir(parents=True, exist_ok=True)
-    a.output.write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
-    print(f"wrote {a.output}")
+    pc.write_result(a.output, out, t0)
 
 
 if __name__ == "__main__":

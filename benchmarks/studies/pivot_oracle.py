@@ -16,7 +16,6 @@ Usage (repo root, after ``python -m benchmarks.studies.pivot_corpus encode``):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -34,8 +33,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output", type=Path, default=pc.ROOT / "docs" / "results" / "pivot_oracle.json")
     a = ap.parse_args(argv)
-    args = argparse.Namespace(data=pc.ROOT / "data" / "emoji", corpus=pc.ROOT / "data" / "corpus",
-                              cache=pc.DEFAULT_CACHE, max_corpus=None)
+    args = pc.default_sources()
     torch.set_num_threads(1)
     t0 = time.time()
     sets, train, _ = pc.load_features(args, pc.encoders())
@@ -78,10 +76,7 @@ def main(argv=None) -> None:
         for label, m in summary.items():
             print(f"{name} | {label}: mean R@1 {m['mean']:.3f}, en {m['en']:.3f}, fraction of the ceiling "
                   f"{m['fraction_of_ceiling']:.2f} (lowest language {m['min_fraction']:.2f})", flush=True)
-    out["seconds"] = round(time.time() - t0)
-    a.output.parent.mkdir(parents=True, exist_ok=True)
-    a.output.write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n")
-    print(f"wrote {a.output}")
+    pc.write_result(a.output, out, t0)
 
 
 if __name__ == "__main__":
