@@ -14,7 +14,7 @@ import torch
 
 import projectors
 from encoders.base import EncoderOutput
-from projectors import AttentionPool, FramePoolMLP, Identity, Linear, MLP, Projector, Resampler, TokenMLP, count_parameters
+from projectors import AttentionPool, CascadeResidual, FramePoolMLP, Identity, Linear, MLP, Projector, Resampler, TokenMLP, count_parameters
 
 B, T, IN, OUT = 3, 7, 12, 10
 
@@ -63,6 +63,9 @@ CASES = [
                                       "dropout": 0.0},
      2 * 4 * IN + (4 * IN * 8 + 8) + (8 * OUT + OUT) + 2 * IN + (IN * 4 + 4) + (4 * 1 + 1), (B, OUT)),
     ("frame-pool-mean-only", FramePoolMLP, {"segments": 0, "hidden_dim": 8, "dropout": 0.0},
+     2 * IN + (IN * 8 + 8) + (8 * OUT + OUT), (B, OUT)),
+    # the last OUT input features + a BatchNorm MLP correction: input BatchNorm, IN -> 8 -> OUT
+    ("cascade-residual", CascadeResidual, {"hidden_dim": 8, "dropout": 0.0},
      2 * IN + (IN * 8 + 8) + (8 * OUT + OUT), (B, OUT)),
 ]
 IDS = [c[0] for c in CASES]
