@@ -44,3 +44,34 @@ def test_rebuilds_from_its_config():
     x = EncoderOutput(pooled=torch.randn(3, 12))
     head.eval(), again.eval()
     torch.testing.assert_close(again(x), head(x))
+
+
+def test_fused_cascade_tower_exports_and_embeds_alike(tmp_path):
+    """A speech tower = ASR cascade (decoder+transcript, candidate languages) + CascadeResidual: exported, loaded back
+    through the untrusted-export loader, it embeds a clip as the trained module does."""
+    import numpy as np
+
+    from mmalign.export import AlignedModel, export_module
+    from mmalign.recipe import build, load_config
+
+    cfg = load_config("sonar_speech", variant="tiny")
+    speech = cfg["model"]["init_args"]["towers"]["speech"]["init_args"]
+    speech["encoder"] = {"class_path": "encoders.cascade.WhisperCascadeEncoder", "init_args": {
+        "model_name_or_path": "tiny:whisper-asr", "text_encoder": "encoders.HFTextEncoder",
+        "text_encoder_args": {"model_name_or_path": "tiny:bert-text"}, "language": ["en", "de"], "max_new_tokens": 4,
+        "pad_seconds": 0.5, "output": "decoder+transcript"}}
+    speech["projector"] = {"class_path": "projectors.CascadeResidual", "init_args": {"hidden_dim": 16}}
+    speech["lr_scale"] = 0.1
+    model, _ = build(cfg, seed=0)
+    tower = model.towers["speech"]
+    with torch.no_grad():  # a trained-looking correction, so the export must carry real weights
+        tower.projector.fc_out.weight.normal_()
+    model.eval()
+    export_module(model, tmp_path / "export")
+    loaded = AlignedModel.from_pretrained(tmp_path / "export")
+    sr = 16_000
+    wave = (0.3 * np.sin(2 * np.pi * 440 * np.arange(sr) / sr)).astype(np.float32)
+    with torch.no_grad():
+        want = tower(tower.encoder.preprocess([wave], sampling_rate=sr))
+    got = torch.as_tensor(loaded.embed_speech([wave], sampling_rate=sr)).float()
+    torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=1e-4)
