@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from mmalign.training.losses import ClipLoss, SigLipLoss
+from tests.ddp_utils import finish_worker
 
 WORLD, B, D_IN, D = 2, 6, 12, 8
 LOSSES = {
@@ -63,6 +64,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             dist.all_reduce(mean_loss)
             result[name] = {"loss": mean_loss / WORLD, "grads": _grads(model.module), "input_grad": xa_l.grad}
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        finish_worker()  # exits here: gloo teardown at exit can abort a finished worker
     finally:
         dist.destroy_process_group()
 

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from mmalign.training.losses import ClipLoss, SigLipLoss
+from tests.ddp_utils import finish_worker
 
 WORLD, B, D_IN, D = 2, 6, 12, 8
 LOSSES = {"clip": ClipLoss, "siglip": SigLipLoss, "clip_mask": lambda: ClipLoss(false_negatives="mask")}
@@ -55,6 +56,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             loss.backward()
             result[name] = {"loss": loss.detach(), "grads": _grads(model.module)}
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        finish_worker()  # exits here: gloo teardown at exit can abort a finished worker
     finally:
         dist.destroy_process_group()
 

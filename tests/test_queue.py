@@ -14,6 +14,7 @@ from torch import nn
 
 from mmalign import Objective
 from mmalign.training.losses import ClipLoss, contrastive_memory_bytes
+from tests.ddp_utils import finish_worker
 
 D = 8
 
@@ -258,6 +259,7 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
             values.append(value / WORLD)
         queue, queue_groups = loss.queued()
         torch.save({"losses": torch.stack(values), "queue": queue, "groups": queue_groups}, Path(out_dir) / f"rank{rank}.pt")
+        finish_worker()  # exits here: gloo teardown at exit can abort a finished worker
     finally:
         dist.destroy_process_group()
 
