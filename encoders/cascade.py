@@ -88,9 +88,10 @@ class WhisperCascadeEncoder(Encoder):
         revision: Hub revision, recorded in :meth:`spec`.
         output: ``"transcript"``: the text encoder's embedding of the transcript (``output_dim`` = the text
             encoder's). ``"decoder+transcript"``: ``[decoder state, transcript embedding]``, the mean of Whisper's
-            last decoder hidden state over the transcript's own tokens (the state at the last decoded position when
-            the transcript is empty; the prompt's tokens are read but not averaged) concatenated with the same embedding (``output_dim`` = Whisper's ``d_model`` +
-            the text encoder's): what a trained :class:`projectors.CascadeResidual` corrects the cascade from.
+            last decoder hidden state over the transcript's own tokens (the prompt's tokens are read, not
+            averaged; an empty transcript takes the state at its end token), concatenated with the same embedding
+            (``output_dim`` = Whisper's ``d_model`` + the text encoder's): what a trained
+            :class:`projectors.CascadeResidual` corrects the cascade from.
     """
 
     modality = Modality.SPEECH
@@ -201,11 +202,12 @@ class WhisperCascadeEncoder(Encoder):
         """
         return self.decode_features(inputs, language, states=False)[0]
 
-    def decode_features(self, inputs: dict[str, Tensor], language: str | None = "default",
+    def decode_features(self, inputs: dict[str, Tensor], language: str | list[str] | None = "default",
                         states: bool = True) -> tuple[list[str], Tensor | None]:
         """Transcripts of a :meth:`preprocess` batch and, with ``states``, ``[B, d_model]`` float32: the mean of the
-        decoder's last hidden state over each transcript's own (non-special) tokens, or the state at the last
-        decoded position when there are none. ``language`` as in :meth:`transcribe_features`."""
+        decoder's last hidden state over each transcript's own (non-special) tokens, or the state at its end token
+        when there are none. ``language`` as in :meth:`transcribe_features` (a list: candidates, as in the
+        constructor)."""
         from transformers.modeling_outputs import BaseModelOutput
 
         a = self._init_args
