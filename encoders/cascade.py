@@ -15,7 +15,10 @@ on the clip plus ``s`` seconds of silence only (positional embeddings sliced, ea
 never depends on the batch), 3-4x cheaper for short clips on a CPU. The silence matters: windows cropped to the
 clip itself make the decoder loop (an espeak-ng "the red apple is on the table" came back eight times over); with
 3 s of silence it transcribed that clip as the 30 s window does. Decoding is greedy by default; ``language`` is a
-hint (the language token is forced) or ``None`` to let Whisper detect the language of each clip.
+hint (the language token is forced), ``None`` to let Whisper detect the language of each clip, a list of candidate
+languages, or ``"row"``: each clip's own language, the ``lang`` of its manifest row (or the ``lang=`` of an export's
+``embed_speech``), forced as a hint. That is what SONAR's per-language speech encoders assume (the language of the
+speech is known); rows whose language Whisper does not know (``und``) are detected.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ from encoders.utils import quiet_transformers, torch_dtype
 
 #: What the cascade tower outputs: the transcript's embedding, or the decoder's state beside it.
 OUTPUTS = ("transcript", "decoder+transcript")
+
+#: ``language=`` value that takes each clip's language from its row.
+ROW_LANGUAGE = "row"
 
 #: What an empty transcript is embedded as (the text encoders refuse blank strings).
 EMPTY_TRANSCRIPT = "-"
@@ -78,7 +84,9 @@ class WhisperCascadeEncoder(Encoder):
         text_encoder_args: Its ``init_args``.
         language: Language hint (``"en"``, ``"de"``...: the language token is forced), ``None`` (detected per clip
             among all of Whisper's languages) or a list of candidates (``[en, de, es]``: detected per clip among
-            those only, which keeps short clips from being decoded as a language the data never holds).
+            those only, which keeps short clips from being decoded as a language the data never holds) or ``"row"``
+            (each clip's own language: :attr:`reads_language`, so the collator, the feature cache and exports hand
+            :meth:`preprocess` the rows' ``lang``; a code Whisper lacks, or none, is detected).
         task: ``"transcribe"`` or ``"translate"`` (Whisper's translation into English).
         max_new_tokens: Decoding budget per clip.
         num_beams: 1 is greedy decoding.
@@ -99,6 +107,8 @@ class WhisperCascadeEncoder(Encoder):
     token_dim = None
     sampling_rate = 16_000
     min_audio_samples = 400  # one 25 ms STFT window, as WhisperSpeechEncoder
+    #: True with ``language="row"``: :meth:`preprocess` takes ``languages`` (one code per item).
+    reads_language = False
 
     def __init__(
         self,
@@ -148,7 +158,8 @@ class WhisperCascadeEncoder(Encoder):
                 raise ValueError(f"language must be a code, None or a non-empty list of codes, got {language!r}")
             language = list(language)
             self._init_args["language"] = language
-        for code in language if isinstance(language, list) else [language]:
+        self.reads_language = language == ROW_LANGUAGE
+        for code in language if isinstance(language, list) else [] if self.reads_language else [language]:
             if code is not None and getattr(gen, "lang_to_id", None) and f"<|{code}|>" not in gen.lang_to_id:
                 raise ValueError(f"Whisper {model_name_or_path!r} has no language {code!r}")
         self.text = cls(**(text_encoder_args or {}))
@@ -161,12 +172,26 @@ class WhisperCascadeEncoder(Encoder):
         return {**super().spec(), **self._init_args, "text_encoder_key": self.text.cache_key}
 
     # -- data -----------------------------------------------------------------------------
-    def preprocess(self, items: Sequence[Any], sampling_rate: int | None = None) -> dict[str, Tensor]:
+    def preprocess(self, items: Sequence[Any], sampling_rate: int | None = None,
+                   languages: Sequence[str] | None = None) -> dict[str, Tensor]:
         """Decode/resample ``items`` (paths or 1-D waveforms) into log-mel ``input_features [B, n_mels, F]``.
 
         30 s windows (``F = 3000``) by default; with ``pad_seconds`` each clip gets its silence margin, the batch is
         padded to its longest clip and ``feature_lengths [B]`` says how many frames are each clip's own.
+        With ``language="row"``, ``languages`` (one code per item; ``None``: none known) become ``language_ids [B]``:
+        Whisper's language token of each clip, ``-1`` where Whisper has no such language (detected). Without
+        ``language="row"`` they are not read (the constructor's ``language`` decides).
         """
+        if languages is not None and len(languages) != len(items):
+            raise ValueError(f"languages: {len(languages)} codes for {len(items)} items")
+        out = self._features(items, sampling_rate)
+        if self.reads_language:
+            known = getattr(self.asr.generation_config, "lang_to_id", None) or {}
+            ids = [known.get(f"<|{c}|>", -1) if isinstance(c, str) else -1 for c in (languages or [None] * len(items))]
+            out["language_ids"] = torch.tensor(ids, dtype=torch.long)
+        return out
+
+    def _features(self, items: Sequence[Any], sampling_rate: int | None) -> dict[str, Tensor]:
         waves = load_batch(items, self.sampling_rate, sampling_rate=sampling_rate, min_samples=self.min_audio_samples)
         max_samples = int(round(self._init_args["max_seconds"] * self.sampling_rate))
         waves = [w[:max_samples] for w in waves]
@@ -207,7 +232,7 @@ class WhisperCascadeEncoder(Encoder):
         """Transcripts of a :meth:`preprocess` batch and, with ``states``, ``[B, d_model]`` float32: the mean of the
         decoder's last hidden state over each transcript's own (non-special) tokens, or the state at its end token
         when there are none. ``language`` as in :meth:`transcribe_features` (a list: candidates, as in the
-        constructor)."""
+        constructor; ``"row"``: the batch's ``language_ids``)."""
         from transformers.modeling_outputs import BaseModelOutput
 
         a = self._init_args
@@ -223,8 +248,13 @@ class WhisperCascadeEncoder(Encoder):
                 encoded = [self._encoder_states(w) for w in windows]
             else:
                 encoded = [self.asr.model.encoder(feats).last_hidden_state]
+            at = 0
             for enc in encoded:  # the whole sequence: prompt (start, language, task tokens), transcript, end
-                lang = self._pick_language(enc, language) if isinstance(language, list) else language
+                if language == ROW_LANGUAGE:
+                    lang = self._row_languages(enc, inputs.get("language_ids"), at)
+                else:
+                    lang = self._pick_language(enc, language) if isinstance(language, list) else language
+                at += len(enc)
                 ids = self.asr.generate(encoder_outputs=BaseModelOutput(last_hidden_state=enc), return_dict_in_generate=True,
                                         language=lang, **options).sequences
                 texts += [t.strip() for t in self.processor.batch_decode(ids, skip_special_tokens=True)]
@@ -242,6 +272,22 @@ class WhisperCascadeEncoder(Encoder):
         picked = [candidates[int(i)] for i in logits.argmax(-1)]
         return picked[0] if len(picked) == 1 else picked
 
+    def _row_languages(self, encoder_states: Tensor, language_ids: Tensor | None, at: int) -> str | list[str]:
+        """Each clip's own language (``language_ids[at:at + B]``); clips without one are detected."""
+        gen = self.asr.generation_config
+        by_id = {v: k[2:-2] for k, v in (getattr(gen, "lang_to_id", None) or {}).items()}
+        n = len(encoder_states)
+        ids = [-1] * n if language_ids is None else language_ids[at:at + n].tolist()
+        codes: list[str | None] = [by_id.get(int(i)) for i in ids]
+        missing = [j for j, c in enumerate(codes) if c is None]
+        if missing and by_id:
+            picked = self._pick_language(encoder_states[missing], sorted(by_id.values()))
+            for j, c in zip(missing, [picked] if isinstance(picked, str) else picked):
+                codes[j] = c
+        if any(c is None for c in codes):  # a checkpoint without language tokens: nothing to force
+            return None  # type: ignore[return-value]
+        return codes[0] if n == 1 else codes  # type: ignore[return-value]
+
     def _decoder_mean(self, ids: Tensor, encoder_states: Tensor) -> Tensor:
         """Decoder states of the generated ``ids`` (prompt included: every token is read in its context)."""
         hidden = self.asr.model.decoder(input_ids=ids, encoder_hidden_states=encoder_states).last_hidden_state.float()
@@ -257,9 +303,12 @@ class WhisperCascadeEncoder(Encoder):
                 out.append(hidden[b, int(eos[0]) if len(eos) else ids.shape[1] - 1])
         return torch.stack(out)
 
-    def transcribe(self, items: Sequence[Any], sampling_rate: int | None = None, language: str | None = "default") -> list[str]:
-        """Whisper's transcripts of ``items`` (paths or waveforms); ``language`` as in :meth:`transcribe_features`."""
-        return self.transcribe_features(self.preprocess(items, sampling_rate=sampling_rate), language=language)
+    def transcribe(self, items: Sequence[Any], sampling_rate: int | None = None, language: str | None = "default",
+                   languages: Sequence[str] | None = None) -> list[str]:
+        """Whisper's transcripts of ``items`` (paths or waveforms); ``language`` as in :meth:`transcribe_features`,
+        ``languages`` (one code per item) as in :meth:`preprocess`."""
+        inputs = self.preprocess(items, sampling_rate=sampling_rate, languages=languages)
+        return self.transcribe_features(inputs, language=language)
 
     def embed_transcripts(self, texts: Sequence[str]) -> Tensor:
         """``[B, D]`` text-encoder embeddings of transcripts (an empty one is embedded as :data:`EMPTY_TRANSCRIPT`)."""
@@ -274,4 +323,4 @@ class WhisperCascadeEncoder(Encoder):
         return EncoderOutput(pooled=pooled)
 
 
-__all__ = ["EMPTY_TRANSCRIPT", "OUTPUTS", "WhisperCascadeEncoder"]
+__all__ = ["EMPTY_TRANSCRIPT", "OUTPUTS", "ROW_LANGUAGE", "WhisperCascadeEncoder"]

@@ -59,7 +59,8 @@ class ItemCollate:
         self.collator = TowerCollator({plan.towers[0]: (plan.field, self.preprocess)}, on_error, silent_audio,
                                       max_image_pixels=max_image_pixels)
         #: Items the collator would hand to ``preprocess`` unchanged (text: no file, no decoding, no pixel budget).
-        self.direct = plan.field not in PATH_FIELDS and str(getattr(plan.encoder, "modality", "")) == "text"
+        self.direct = (plan.field not in PATH_FIELDS and str(getattr(plan.encoder, "modality", "")) == "text"
+                       and plan.by is None)
 
     def direct_batch(self, labels: Sequence[str], values: list[Any]) -> tuple[dict[str, torch.Tensor] | None, list[int], list[Bad]]:
         """What ``self(list(zip(labels, values)))`` returns for direct items, with nothing built per item: one
@@ -72,11 +73,14 @@ class ItemCollate:
                 pass
         return self(list(zip(labels, values)))
 
-    def __call__(self, pairs: list[tuple[str, Any]]) -> tuple[dict[str, torch.Tensor] | None, list[int], list[Bad]]:
-        rows = [{"id": item_id, "concept": item_id, "lang": "und", self.field: value} for item_id, value in pairs]
+    def __call__(self, pairs: list[tuple[str, Any]] | list[tuple[str, Any, str | None]]
+                 ) -> tuple[dict[str, torch.Tensor] | None, list[int], list[Bad]]:
+        """``pairs``: ``(item id, value)`` or, for an entry whose items carry a language, ``(item id, value, lang)``."""
+        rows = [{"id": p[0], "concept": p[0], "lang": (p[2] if len(p) > 2 else None) or "und", self.field: p[1]}
+                for p in pairs]
         record = _Record()
         batch = self.collator.collate(rows, record)
-        position = {item_id: i for i, (item_id, _) in enumerate(pairs)}
+        position = {p[0]: i for i, p in enumerate(pairs)}
         kept = [position[i] for i in batch["meta"]["id"]]
         bad = [(position[item_id], item_id, fld, reason, detail, policy) for item_id, fld, reason, detail, policy in record.found]
         inputs = next(iter(batch["inputs"].values())) if batch["inputs"] else None
@@ -117,7 +121,8 @@ def encode_shard(
         loader: Any = (collate.direct_batch(labels[a:a + batch_size], values[a:a + batch_size])
                        for a in range(0, count, batch_size))
     else:
-        loader = DataLoader(list(zip(labels, values)), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        items = list(zip(labels, values)) if plan.by is None else list(zip(labels, values, plan.item_langs[start:start + count]))
+        loader = DataLoader(items, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                             collate_fn=collate)
     np_dtype = np.dtype(dtype)
     dim = int(plan.encoder.output_dim)

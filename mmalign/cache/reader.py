@@ -20,7 +20,7 @@ import torch
 from mmalign.cache.format import (
     FORMAT_VERSION, MANIFEST, NON_FINITE, CacheError, digest, entry_name, ids_difference, spec_diff,
 )
-from mmalign.cache.rowtable import RowTable, StringColumn, items_digests
+from mmalign.cache.rowtable import RowTable, StringColumn, item_by, items_digests
 from mmalign.cache.validate import confined, open_npy, validate_split
 from mmalign.data.manifest import META_FIELDS
 from mmalign.data.policy import ON_ERROR, BadInputReport, check_choice
@@ -249,7 +249,8 @@ class CachedSplit(torch.utils.data.Dataset):
             name = tower_entry[tower_name] = entry_name(tower.field, entry["cache_key"])
             if name not in entries:
                 entries[name] = entry
-                full_index[name] = self._verify(self.split_dir / name, entry, tower.field, manifest["fingerprint_mode"], verify)
+                full_index[name] = self._verify(self.split_dir / name, entry, tower.field, manifest["fingerprint_mode"], verify,
+                                                item_by(tower.encoder))
                 has = np.nonzero(full_index[name] >= 0)[0]  # -1: the row lacks the field (partial-modality row)
                 first = has[np.unique(full_index[name][has], return_index=True)[1]]  # [M] first row of each item
                 check_shards(self.split_dir / name, entry, scan=verify, item_ids=_Ids(self.table, first))
@@ -313,7 +314,8 @@ class CachedSplit(torch.utils.data.Dataset):
             return _ObjectColumn([None] * len(t))
         return StringColumn(t.columns[name], dictionary=name == "lang")
 
-    def _verify(self, entry_dir: Path, entry: dict[str, Any], field: str, mode: str, verify: bool) -> np.ndarray:
+    def _verify(self, entry_dir: Path, entry: dict[str, Any], field: str, mode: str, verify: bool,
+                by: str | None = None) -> np.ndarray:
         where = f"{self.split_dir / MANIFEST}: entries[{entry_dir.name!r}]"
         n, m = len(self.table), entry["num_items"]
         # Mapped, checked against the manifest's sizes, then copied: a forged header allocates nothing.
@@ -324,8 +326,8 @@ class CachedSplit(torch.utils.data.Dataset):
                              f"the cache was modified after it was written: delete it and re-run `mmalign cache`")
         if not verify:
             return row_index
-        item_rows, current_index = self.table.unique_index(field)
-        current = items_digests(self.table, field, item_rows, mode)
+        item_rows, current_index = self.table.unique_index(field, by=by)
+        current = items_digests(self.table, field, item_rows, mode, by=by)
         if digest(current, current_index) == entry["items_fingerprint"]:
             if len(item_rows) != m:
                 raise CacheError(f"{where}.num_items: {m}, but the rows hold {len(item_rows)} distinct {field!r} values")

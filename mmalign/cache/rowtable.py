@@ -26,6 +26,8 @@ CHUNK = 1 << 16
 #: Columns of up to this many rows are held as Python strings by the cache reader (~12 us a batch of
 #: 128, ~60-100 B a row); longer ones as raw UTF-8 buffers (~9 B a row, ~1.5 us a row of a batch).
 OBJECT_ROWS = 1_000_000
+#: Joins a value and its ``by`` column (:meth:`RowTable.unique_index`): a unit separator, never in a path or a code.
+PAIR_SEP = "\x1f"
 
 
 def _value_key(value: Any) -> str:
@@ -149,13 +151,17 @@ class RowTable:
         """:func:`mmalign.cache.format.rows_fingerprint` of the ids, from the column's buffers chunk by chunk."""
         return ids_fingerprint(self.columns["id"])
 
-    def unique_index(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+    def unique_index(self, name: str, by: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(first_row [M], row_index [N])``: the first row of each unique value of ``name`` in first-appearance
         order, and each row's item (``-1``: the row lacks the field).
 
         Values are grouped by a 64-bit hash, then every row of a group of equal hashes is compared exactly with
         the group's first row (vectorised, only where hashes repeat): two values that collide stay two items.
+        ``by``: a second column that is part of an item's identity (``"lang"`` for an encoder that reads each row's
+        language: one clip in two languages is two items); a row without ``name`` still has no item.
         """
+        if by is not None:
+            return self._paired(name, by).unique_index(name)
         if name in self.objects:
             values = self.objects[name]
             h = np.array([0 if v is None else int.from_bytes(hashlib.sha1(_value_key(v).encode("utf-8", "surrogatepass")).digest()[:8], "little")
@@ -194,6 +200,25 @@ class RowTable:
         row_index = np.full(self.n, -1, dtype=np.int64)
         row_index[rows] = rank[inverse.reshape(-1)]
         return rows[first[order]].astype(np.int64), row_index
+
+
+    def _paired(self, name: str, by: str) -> "RowTable":
+        """A table whose column ``name`` holds ``(value, by)`` keys (``name`` absent -> absent; ``by`` absent -> ``und``)."""
+        others = self.take(by, np.arange(self.n))
+        others = ["und" if o is None else str(o) for o in others]
+        if name in self.objects:
+            keys = [None if v is None else f"{_value_key(v)}{PAIR_SEP}{o}" for v, o in zip(self.objects[name], others)]
+            return RowTable({"id": self.columns["id"]}, {name: keys})
+        if name not in self.columns:
+            return RowTable({"id": self.columns["id"]})
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        col = self.columns[name]
+        col = (col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col).cast(pa.large_string())
+        paired = pc.binary_join_element_wise(col, pa.array(others, pa.large_string()),  # null where no value
+                                             pa.scalar(PAIR_SEP, pa.large_string()))
+        return RowTable({"id": self.columns["id"], name: paired})
 
 
 def exact_groups(h: np.ndarray, rows: np.ndarray, same: Any, exact: Any, chunk: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
@@ -270,14 +295,27 @@ def ids_fingerprint(column: Any) -> str:
     return hashlib.sha256(f"{lengths.hexdigest()}\0{data.hexdigest()}".encode()).hexdigest()[:32]
 
 
-def items_digests(table: RowTable, field: str, item_rows: np.ndarray, mode: str) -> np.ndarray:
-    """:func:`item_digests` of the items first used by ``item_rows``, read 64k at a time (bounded memory)."""
+def item_by(encoder: Any) -> str | None:
+    """``"lang"`` for an encoder whose features depend on each row's language (``reads_language``), else ``None``:
+    the column that is part of an item's identity in the feature cache."""
+    return "lang" if getattr(encoder, "reads_language", False) else None
+
+
+def items_digests(table: RowTable, field: str, item_rows: np.ndarray, mode: str, by: str | None = None) -> np.ndarray:
+    """:func:`item_digests` of the items first used by ``item_rows``, read 64k at a time (bounded memory); with ``by``
+    (see :meth:`RowTable.unique_index`) each digest also covers the item's ``by`` value."""
     from mmalign.cache.format import item_digests
 
     out = np.empty(len(item_rows), dtype=np.uint64)
     for a in range(0, len(item_rows), CHUNK):
-        out[a:a + CHUNK] = item_digests(table.take(field, item_rows[a:a + CHUNK]), field, mode)
+        rows = item_rows[a:a + CHUNK]
+        d = item_digests(table.take(field, rows), field, mode)
+        if by is not None:
+            others = ["und" if o is None else str(o) for o in table.take(by, rows)]
+            d = np.frombuffer(b"".join(hashlib.sha1(x.tobytes() + PAIR_SEP.encode() + o.encode("utf-8", "surrogatepass"))
+                                       .digest()[:8] for x, o in zip(d, others)), dtype="<u8").astype(np.uint64)
+        out[a:a + CHUNK] = d
     return out
 
 
-__all__ = ["RowTable", "StringColumn", "exact_groups", "id_buffers", "ids_fingerprint", "items_digests"]
+__all__ = ["PAIR_SEP", "RowTable", "StringColumn", "exact_groups", "id_buffers", "ids_fingerprint", "item_by", "items_digests"]

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from encoders.base import Encoder
 from mmalign.cache.claim import SplitClaim
 from mmalign.cache.encode import encode_shard
-from mmalign.cache.rowtable import RowTable, id_buffers, items_digests
+from mmalign.cache.rowtable import RowTable, id_buffers, item_by, items_digests
 from mmalign.cache.format import (
     DTYPES, FORMAT_VERSION, MANIFEST, NON_FINITE, ROW_IDS_DATA, ROW_IDS_OFFSETS, CacheError, atomic_save_npy,
     atomic_write_json, digest, entry_name, read_json, remove_dead_tmp_tree, shard_name,
@@ -64,6 +64,8 @@ class EntryPlan:
         row_index: ``[N]`` row -> item.
         digests: ``[M]`` uint64 item digests (see :func:`~mmalign.cache.format.item_digests`).
         shards: ``(start, count)`` item ranges.
+        by: ``"lang"`` when the encoder reads each row's language (``reads_language``): an item is a
+            (value, language) pair, and its rows' ``lang`` is handed to ``preprocess``; else ``None``.
     """
 
     name: str
@@ -76,6 +78,7 @@ class EntryPlan:
     row_index: np.ndarray
     digests: np.ndarray
     shards: list[tuple[int, int]]
+    by: str | None = None
 
     @property
     def items(self) -> Sequence[Any]:
@@ -86,6 +89,11 @@ class EntryPlan:
     def item_ids(self) -> Sequence[str]:
         """``[M]`` id of the first row using each item (named in errors), read on access."""
         return _Lazy(self.table, "id", self.item_rows)
+
+    @property
+    def item_langs(self) -> Sequence[str | None]:
+        """``[M]`` language of each item's first row (what a language-reading encoder is told), read on access."""
+        return _Lazy(self.table, "lang", self.item_rows)
 
     def shard_fingerprint(self, k: int, dtype: str) -> str:
         start, count = self.shards[k]
@@ -116,11 +124,12 @@ def plan_entries(
             plans[name].tokens |= uses_tokens
             plans[name].towers.append(tower_name)
             continue
-        item_rows, row_index = table.unique_index(tower.field)
-        digests = items_digests(table, tower.field, item_rows, fingerprint)
+        by = item_by(tower.encoder)
+        item_rows, row_index = table.unique_index(tower.field, by=by)
+        digests = items_digests(table, tower.field, item_rows, fingerprint, by=by)
         shards = [(s, min(shard_size, len(item_rows) - s)) for s in range(0, len(item_rows), shard_size)]
         plans[name] = EntryPlan(name, tower.field, tower.encoder, uses_tokens, [tower_name], table, item_rows, row_index,
-                                digests, shards)
+                                digests, shards, by)
     return list(plans.values())
 
 
@@ -352,6 +361,7 @@ def merge_split(
             "tokens": plan.tokens,
             "dtype": dtype,
             "num_items": len(plan.item_rows),
+            "item_by": plan.by,
             "items_fingerprint": digest(plan.digests, plan.row_index),
             "towers": plan.towers,
             "skipped_rows": skipped,

@@ -38,6 +38,11 @@ def _is_speech(preprocess: Preprocess) -> bool:
     return str(getattr(enc, "modality", "")) == "speech" and isinstance(getattr(enc, "sampling_rate", None), int)
 
 
+def reads_language(preprocess: Preprocess) -> bool:
+    """Whether ``preprocess`` (an encoder's) takes ``languages=``, one row ``lang`` per item (``reads_language``)."""
+    return bool(getattr(_encoder_of(preprocess), "reads_language", False))
+
+
 def _accepts_sampling_rate(preprocess: Preprocess) -> bool:
     try:
         return "sampling_rate" in inspect.signature(preprocess).parameters
@@ -158,9 +163,10 @@ class TowerCollator:
     # -- the batch -------------------------------------------------------------------------------
     def _find_bad(self, name: str, field: str, preprocess: Preprocess, items: list, ids: list, kwargs: dict) -> list[BadInputError]:
         bad = []
-        for item, item_id in zip(items, ids):
+        for j, (item, item_id) in enumerate(zip(items, ids)):
+            one = {k: [v[j]] if k == "languages" else v for k, v in kwargs.items()}
             try:
-                preprocess([item], **kwargs)
+                preprocess([item], **one)
             except Exception as e:  # noqa: BLE001
                 err = BadInputError(item_id, field, _reason(field, preprocess, e), f"tower {name!r}: {e}")
                 err.__cause__ = e
@@ -206,6 +212,8 @@ class TowerCollator:
                 has = [v is not None for v in values]
                 items = [v for v in values if v is not None]
                 item_ids = [i for i, h in zip(ids, has) if h]
+                if reads_language(preprocess):  # the encoder conditions on each row's own language
+                    kwargs = {**kwargs, "languages": [str(r.get("lang") or "und") for r, h in zip(rows, has) if h]}
                 if not all(has):
                     present[name] = has
                 if not items:

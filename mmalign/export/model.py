@@ -331,7 +331,8 @@ class AlignedModel(_ModalityShortcuts, nn.Module):
                 ``ValueError`` with "did you mean 'en'?"; a language the tower's encoder does not cover (an
                 encoder with ``check_languages``, e.g. USE-m's 16) is a ``ValueError`` from the encoder; one it
                 covers but training did not see is a warning (zero-shot transfer). The projectors of this
-                format do not condition on it.
+                format do not condition on it; an encoder that reads each item's language (``reads_language``:
+                a cascade with ``language="row"``) is told it (``None``: it detects).
             batch_size: Items per encoder call.
             progress: Show a tqdm bar (default: when there are more than 10 batches).
             sampling_rate: Sampling rate of waveform items (speech towers).
@@ -357,6 +358,9 @@ class AlignedModel(_ModalityShortcuts, nn.Module):
             if "sampling_rate" not in inspect.signature(t.encoder.preprocess).parameters:
                 raise TypeError(f"tower {name!r} ({type(t.encoder).__name__}) takes no sampling_rate")
             kwargs["sampling_rate"] = sampling_rate
+        langs = None
+        if getattr(t.encoder, "reads_language", False):  # e.g. a cascade with language="row": told each item's language
+            langs = [None] * len(items) if lang is None else [lang] * len(items) if isinstance(lang, str) else list(lang)
         if not items:
             return torch.zeros(0, t.out_dim)
         from tqdm.auto import tqdm
@@ -367,6 +371,8 @@ class AlignedModel(_ModalityShortcuts, nn.Module):
         with tqdm(total=len(items), desc=f"embed {name}", unit="item", disable=not show) as bar:
             for start in starts:
                 batch = items[start : start + batch_size]
+                if langs is not None:
+                    kwargs["languages"] = langs[start : start + batch_size]
                 inputs = self._preprocess(t.encoder, batch, start, name, kwargs)
                 with torch.inference_mode():
                     out.append(project(t.encoder(inputs), name))
@@ -389,8 +395,9 @@ class AlignedModel(_ModalityShortcuts, nn.Module):
             return encoder.preprocess(batch, **kwargs)
         except Exception:  # noqa: BLE001 - find and name the offending item
             for i, item in enumerate(batch):
+                one = {k: [v[i]] if k == "languages" else v for k, v in kwargs.items()}
                 try:
-                    encoder.preprocess([item], **kwargs)
+                    encoder.preprocess([item], **one)
                 except Exception as item_err:  # noqa: BLE001
                     msg = f"tower {name!r}: item {start + i} ({item!r:.60}) could not be preprocessed: {item_err}"
                     try:

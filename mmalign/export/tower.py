@@ -157,7 +157,7 @@ class ExportEncoder(RecordsInitArgs, FrozenModule):
         self.output_dim = int(self.tower.out_dim)
         self.field = self.tower.field
         # what the collator and the cache read off an encoder (speech decoding, forward batch sizes)
-        for name in ("sampling_rate", "min_audio_samples", "cache_batch_size", "cache_item_bytes"):
+        for name in ("sampling_rate", "min_audio_samples", "cache_batch_size", "cache_item_bytes", "reads_language"):
             if getattr(inner, name, None) is not None:
                 setattr(self, name, getattr(inner, name))
         self.freeze()
@@ -179,9 +179,13 @@ class ExportEncoder(RecordsInitArgs, FrozenModule):
             "embed_dim": self.output_dim,
         }
 
-    def preprocess(self, items: Sequence[Any], sampling_rate: int | None = None) -> dict[str, Tensor]:
-        """The exported encoder's preprocessing (``sampling_rate`` is passed on for speech only)."""
-        kwargs = {} if sampling_rate is None else {"sampling_rate": sampling_rate}
+    def preprocess(self, items: Sequence[Any], sampling_rate: int | None = None,
+                   languages: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """The exported encoder's preprocessing (``sampling_rate`` is passed on for speech only, ``languages``, one code
+        per item, to an encoder that reads them: ``reads_language``)."""
+        kwargs: dict[str, Any] = {} if sampling_rate is None else {"sampling_rate": sampling_rate}
+        if languages is not None and getattr(self.tower.encoder, "reads_language", False):
+            kwargs["languages"] = languages
         return self.tower.encoder.preprocess(items, **kwargs)
 
     def encode(self, inputs: dict[str, Tensor]) -> EncoderOutput:
