@@ -134,3 +134,25 @@ def test_items_by_language_for_waveform_values():
     assert first.tolist() == [0, 1] and index.tolist() == [0, 1, 0, -1]
     digests = items_digests(table, "audio", first, "rows", by="lang")
     assert len(set(digests.tolist())) == 2 and not np.isin(digests, items_digests(table, "audio", first, "rows")).any()
+
+
+class _LangText:
+    """A text 'encoder' that reads languages and refuses one of them (to reach the collator's item-by-item search)."""
+
+    modality = "text"
+    reads_language = True
+
+    def preprocess(self, items, languages=None):
+        assert languages is not None and len(languages) == len(items)
+        if "xx" in languages:
+            raise ValueError("no such language")
+        return {"codes": list(languages)}
+
+
+def test_collator_finds_a_bad_item_with_its_own_language():
+    """The item-by-item retry hands each item its own language: only the row the encoder refuses is bad."""
+    rows = [{"id": "a", "concept": "a", "lang": "de", "text": "eins"}, {"id": "b", "concept": "b", "lang": "xx", "text": "zwei"},
+            {"id": "c", "concept": "c", "lang": "en", "text": "three"}]
+    batch = TowerCollator({"t": ("text", _LangText().preprocess)}, on_error="skip")(rows)
+    assert batch["meta"]["id"] == ["a", "c"] and batch["inputs"]["t"]["codes"] == ["de", "en"]
+    assert batch["skipped_ids"] == {"bad text": ["b"]}

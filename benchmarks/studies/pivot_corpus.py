@@ -217,7 +217,7 @@ def variant_model(v: dict, seed: int):
 
     model = copy.deepcopy(base_model())
     tower = model.towers["student"]
-    in_dim = tower.encoder.output_dim
+    in_dim = int(v.get("in_dim") or tower.encoder.output_dim)  # in_dim: features of another student encoder
     torch.manual_seed(seed)
     if v.get("linear"):
         tower.projector = projectors.Linear(in_dim, model.embed_dim)
