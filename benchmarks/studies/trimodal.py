@@ -151,6 +151,12 @@ def ridge_to_anchor(train, val, tower: str) -> tuple[Any, float]:
     return pick_ridge(feats[tower][has], feats["text"][has], score)
 
 
+def _cascade_residual() -> type:
+    from projectors import CascadeResidual
+
+    return CascadeResidual
+
+
 def run_seed(args: argparse.Namespace, manifests: dict[str, str], out: Path, seed: int) -> dict[str, Any]:
     """One fit of the recipe (seed ``seed``, checkpoints under ``out/seed<seed>``, the feature cache shared) and its
     tables: the recipe's, the composed least squares' (ridge maps fitted on this fit's cached training features)."""
@@ -174,7 +180,13 @@ def run_seed(args: argparse.Namespace, manifests: dict[str, str], out: Path, see
     maps = {t: ridge_to_anchor(train, val, t) for t in ("image", "speech")}
     composed = {"text": test_feats["text"], "image": maps["image"][0](test_feats["image"]),
                 "speech": maps["speech"][0](test_feats["speech"])}
-    return {"seed": seed, "recipe": recipe, "least_squares": table(test_rows, composed, test_present, langs),
+    extra = {}
+    if isinstance(cli.model.towers["speech"].projector, _cascade_residual()):  # the same fit's image/text towers, with the
+        # speech tower's correction left out: the untrained cascade (USE-m of Whisper's transcript, the features' tail)
+        dim = collected["embeds"]["text"].shape[1]
+        cascade = dict(collected["embeds"], speech=test_feats["speech"][:, -dim:])
+        extra["cascade"] = table(test_rows, cascade, {k: collected["present"][k] for k in collected["embeds"]}, langs)
+    return {"seed": seed, "recipe": recipe, "least_squares": table(test_rows, composed, test_present, langs), **extra,
             "ridge_lambda": {t: m[1] for t, m in maps.items()}, "checkpoint": ckpt,
             "train_rows": len(train[0]), "train_speech_rows": int(train[2]["speech"].sum())}
 
@@ -254,6 +266,7 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         "emergent / direct |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    cascade = all("cascade" in s for s in seeds)  # a CascadeResidual speech tower: its untrained cascade as well
     for lang in langs:
         g = rec0["speech->image"][lang]["gallery"] or float("nan")
         emergent, direct = per_seed("recipe", "speech->image", lang), per_seed("recipe", "text->image", lang)
@@ -267,6 +280,14 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
             f"{cell(per_seed('least_squares', 'text->image', lang), std=False)} | "
             + (f"{rm:.2f} ± {rs:.2f} |" if many else f"{rm:.2f} |")
         )
+    if cascade:
+        lines += ["", "The same fits' speech tower without its trained correction (the untrained cascade: USE-m of "
+                  "Whisper's transcript, the tail of the cached speech features), against the same image and text towers:",
+                  "", "| lang | speech->text: trained tower / untrained cascade | speech->image: trained tower / untrained cascade |",
+                  "|---|---|---|"]
+        for lang in langs:
+            lines.append(f"| {lang} | {cell(per_seed('recipe', 'speech->text', lang))} / {cell(per_seed('cascade', 'speech->text', lang))} | "
+                         f"{cell(per_seed('recipe', 'speech->image', lang))} / {cell(per_seed('cascade', 'speech->image', lang))} |")
     sizes = ", ".join(f"{lang} {rec0['speech->image'][lang]['gallery']}" for lang in langs)
     lines += ["", f"Gallery sizes (speech->image): {sizes} concepts. "
               f"Ridge lambdas (val): {[s['ridge_lambda'] for s in seeds]}. Run time {result['seconds']} s on 2 shared "
