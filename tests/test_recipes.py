@@ -66,6 +66,7 @@ def test_every_shipped_yaml_is_a_recipe_an_overlay_or_a_snippet():
     # speech overlays composed after offline/sonar_speech.yaml (robustness data, the ASR-cascade tower; issue 17.3)
     known |= {f"offline/sonar_speech_{k}.yaml" for k in ("robust", "cascade", "fused")}
     known.add("offline/anchor_bind_fused.yaml")  # the ASR-fused speech tower in the trimodal recipe (issue 15)
+    known.add("offline/anchor_bind_fused_teacher.yaml")  # its teacher-student speech objective (issue 15)
     assert shipped == known
     assert all("tiny" in list_variants(n) for n in RECIPES), "every recipe has a tiny overlay (the tests run it)"
     assert {"lit_contrastive", "sonar_speech", "uclip_pivot"} <= {n for n, v in OVERLAYS if v == "offline"}
@@ -199,6 +200,22 @@ def test_train_split_can_list_several_manifests(synthetic_data, tmp_path):
     assert cli.trainer.state.finished
     train = cli.datamodule.datasets["train"]
     assert [r["id"] for r in train.rows] == [r["id"] for r in rows if r["lang"] in (cli.datamodule.hparams.train_languages or [r["lang"]])]
+
+
+def test_teacher_overlay_replaces_the_speech_objective_and_keeps_the_towers():
+    """offline/anchor_bind_fused_teacher after the fused overlay: speech -> anchor by cosine distance (weight 1) +
+    InfoNCE at 0.3; image <-> anchor unchanged; the fused speech tower (CascadeResidual, language: row) kept."""
+    cfg = load_config([CONFIGS / "anchor_bind.yaml", CONFIGS / "offline/anchor_bind.yaml",
+                       CONFIGS / "offline/anchor_bind_fused.yaml", CONFIGS / "offline/anchor_bind_fused_teacher.yaml"])
+    init = cfg["model"]["init_args"]
+    objectives = [(o["init_args"]["towers"], o["init_args"]["loss"]["class_path"].rsplit(".", 1)[1],
+                   o["init_args"].get("weight", 1.0)) for o in init["objectives"]]
+    assert objectives == [(["image", "text"], "ClipLoss", 1.0), (["speech", "text"], "CosineLoss", 1.0),
+                          (["speech", "text"], "ClipLoss", 0.3)]
+    speech = init["towers"]["speech"]["init_args"]
+    assert speech["projector"]["class_path"].endswith("CascadeResidual") and speech["lr_scale"] == 0.1
+    assert speech["encoder"]["init_args"]["language"] == "row"
+    assert set(init["towers"]) == {"text", "image", "speech"}
 
 
 @pytest.mark.slow

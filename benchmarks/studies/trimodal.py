@@ -167,7 +167,7 @@ def run_seed(args: argparse.Namespace, manifests: dict[str, str], out: Path, see
     from mmalign.cli.quickstart import RECIPE
 
     files = [RECIPE, *args.overlay]  # e.g. configs/offline/anchor_bind_fused.yaml: the ASR-fused speech tower
-    cli, ckpt = train_trimodal(manifests, out, recipe=files, max_epochs=args.epochs, extra_args=[
+    cli, ckpt = train_trimodal(manifests, out, recipe=files, max_epochs=args.epochs, cache_dir=args.cache_dir, extra_args=[
         f"--data.init_args.train_languages={lst(TRAIN_LANGUAGES)}", f"--data.init_args.eval_languages={lst(langs)}",
         f"--seed_everything={seed}", f"--trainer.default_root_dir={out / f'seed{seed}'}"])
     data = cli.datamodule
@@ -205,6 +205,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    + (f" --epochs {args.epochs}" if args.epochs else "") + " --seeds " + " ".join(map(str, args.seeds))
                    + (f" --speech_targets {','.join(args.speech_targets)}" if args.speech_targets else "")
                    + (f" --robust {args.robust}" if args.robust else "")
+                   + (f" --cache_dir {args.cache_dir}" if args.cache_dir else "")
                    + "".join(f" --overlay {o}" for o in args.overlay)
                    + (f" --doc {args.doc}" if args.doc != DEFAULT_DOC else ""),
         "seeds": seeds, "robust": args.robust, "seconds": round(time.time() - start),
@@ -319,6 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", default="data/emoji")
     p.add_argument("--output", default="runs/trimodal")
     p.add_argument("--doc", default=DEFAULT_DOC)
+    p.add_argument("--cache_dir", default=None,
+                   help="feature cache (default <output>/cache): variants over the same encoders and data share one")
     p.add_argument("--train_concepts", type=int, default=600)
     p.add_argument("--speech_concepts", type=int, default=240)
     p.add_argument("--val_concepts", type=int, default=40)

@@ -103,8 +103,12 @@ def trimodal_tables(results: dict[str, Any], kinds: dict[str, str], collected: d
 def train_trimodal(
     manifests: dict[str, str], output: str | Path, recipe: str | list[str] | None = None, max_epochs: int | None = None,
     extra_args: list[str] | None = None, cache_batch_size: int = 8, progress: bool = True,
+    cache_dir: str | Path | None = None,
 ) -> tuple[Any, str | None]:
     """Cache, fit and test the anchor-bind recipe on ``manifests``; returns ``(cli, best checkpoint)``.
+
+    The feature cache goes to ``cache_dir`` (default ``<output>/cache``): fits of other heads or objectives over the
+    same encoders and manifests can share one.
 
     The test results are in ``cli.model.last_eval`` (``results``, ``kinds``, ``collected``).
     """
@@ -119,7 +123,7 @@ def train_trimodal(
     args += [f"--data.init_args.{split}={manifests[split]}" for split in ("train", "val", "test")]
     if max_epochs is not None:
         args.append(f"--trainer.max_epochs={max_epochs}")
-    cache_dir = out / "cache"
+    cache_dir = Path(cache_dir) if cache_dir is not None else out / "cache"
     args.append(f"--data.init_args.cache_dir={cache_dir}")
     args += list(extra_args or [])
     cli = load_recipe(args, save_config_callback=SaveConfigCallback, save_config_kwargs={"overwrite": True})
