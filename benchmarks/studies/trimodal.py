@@ -186,7 +186,9 @@ def run_seed(args: argparse.Namespace, manifests: dict[str, str], out: Path, see
         dim = collected["embeds"]["text"].shape[1]
         cascade = dict(collected["embeds"], speech=test_feats["speech"][:, -dim:])
         extra["cascade"] = table(test_rows, cascade, {k: collected["present"][k] for k in collected["embeds"]}, langs)
-    return {"seed": seed, "recipe": recipe, "least_squares": table(test_rows, composed, test_present, langs), **extra,
+    objectives = [{"towers": list(o.towers), "loss": type(o.loss).__name__, "weight": float(o.weight)}
+                  for o in cli.model.objectives]
+    return {"seed": seed, "recipe": recipe, "objectives": objectives, "least_squares": table(test_rows, composed, test_present, langs), **extra,
             "ridge_lambda": {t: m[1] for t, m in maps.items()}, "checkpoint": ckpt,
             "train_rows": len(train[0]), "train_speech_rows": int(train[2]["speech"].sum())}
 
@@ -211,6 +213,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seeds": seeds, "robust": args.robust, "seconds": round(time.time() - start),
         "train_rows": seeds[0]["train_rows"], "train_speech_rows": seeds[0]["train_speech_rows"],
         "speech_targets": list(args.speech_targets), "overlay": list(args.overlay),
+        "objectives": seeds[0]["objectives"],
     }
     (out / "trimodal.json").write_text(json.dumps(result, indent=2))
     write_markdown(result, Path(args.doc))
@@ -220,6 +223,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     t = torch.tensor([float(v) for v in values], dtype=torch.float64)
     return float(t.mean()), float(t.std()) if len(t) > 1 else 0.0
+
+
+LOSS_NAMES = {"ClipLoss": "InfoNCE", "SigLipLoss": "SigLIP", "CosineLoss": "cosine distance", "MSELoss": "MSE"}
+
+
+def speech_objectives(objectives: Sequence[dict] | None) -> str:
+    """``"cosine distance + 0.3 x InfoNCE"``: the speech<->text objectives of a fit (``"InfoNCE"`` when unrecorded)."""
+    speech = [o for o in objectives or () if set(o["towers"]) == {"speech", "text"}]
+    if not speech:
+        return "InfoNCE"
+    name = lambda o: LOSS_NAMES.get(o["loss"], o["loss"])  # noqa: E731
+    return " + ".join(name(o) if o["weight"] == 1 else f"{o['weight']:g} x {name(o)}" for o in speech)
 
 
 def write_markdown(result: dict[str, Any], path: Path) -> None:
@@ -248,7 +263,7 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         + "".join(f" + `{o}`" for o in result.get("overlay") or [])
         + ": frozen USE-m text anchor; EfficientNet-Lite0 "
         f"image tower <-> anchor (InfoNCE, captions in {', '.join(TRAIN_LANGUAGES)}); Whisper base speech tower -> anchor "
-        f"(InfoNCE against the frozen anchor, speech in {', '.join(HEARD)}"
+        f"({speech_objectives(result.get('objectives'))} against the frozen anchor, speech in {', '.join(HEARD)}"
         + (f"; each clip also paired with its concept's names in {', '.join(result['speech_targets'])}"
            if result.get("speech_targets") else "")
         + (f"; plus the styled, augmented clips of `{result['robust']}` (`mmalign data robust`) as speech-text rows"
