@@ -14,3 +14,34 @@ def test_speech_objectives_are_named_with_their_weights():
 def test_a_report_without_recorded_objectives_says_infonce():  # results written before the field existed
     assert speech_objectives(None) == "InfoNCE"
     assert speech_objectives([{"towers": ["image", "text"], "loss": "ClipLoss", "weight": 1.0}]) == "InfoNCE"
+
+
+def test_select_variants_change_only_the_weights_they_name():
+    from benchmarks.studies.trimodal_select import teacher_overlay
+
+    def summary(overlay):
+        return [(o["init_args"]["towers"], o["init_args"]["loss"]["class_path"].rsplit(".", 1)[1],
+                 o["init_args"].get("weight", 1.0)) for o in overlay["model"]["init_args"]["objectives"]]
+
+    shipped = summary(teacher_overlay())
+    assert shipped[-1] == (["speech", "text"], "ClipLoss", 0.3)
+    assert summary(teacher_overlay(infonce_weight=1.0)) == shipped[:-1] + [(["speech", "text"], "ClipLoss", 1.0)]
+    assert summary(teacher_overlay(infonce_weight=0)) == shipped[:-1]
+    assert summary(teacher_overlay(image_cosine=0.3)) == [shipped[0], (["image", "text"], "CosineLoss", 0.3), *shipped[1:]]
+
+
+def test_val_at_best_reads_the_scalars_at_the_monitor_maximum(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from benchmarks.studies.trimodal_select import val_at_best
+
+    for version, offset in ((0, 0.5), (1, 0.0)):  # the last version is read
+        writer = SummaryWriter(str(tmp_path / "lightning_logs" / f"version_{version}"))
+        for step, (monitor, emergent) in enumerate([(0.1, 0.05), (0.3, 0.07), (0.2, 0.09)]):
+            writer.add_scalar("val/R@1", monitor + offset, step)
+            writer.add_scalar("val/emergent/R@1", emergent, step)
+            writer.add_scalar("train/loss", 1.0, step)
+        writer.close()
+    got = val_at_best(tmp_path)
+    assert got["step"] == 1 and abs(got["val/R@1"] - 0.3) < 1e-6 and abs(got["val/emergent/R@1"] - 0.07) < 1e-6
+    assert "train/loss" not in got
