@@ -67,6 +67,7 @@ def test_every_shipped_yaml_is_a_recipe_an_overlay_or_a_snippet():
     known |= {f"offline/sonar_speech_{k}.yaml" for k in ("robust", "cascade", "fused")}
     known.add("offline/anchor_bind_fused.yaml")  # the ASR-fused speech tower in the trimodal recipe (issue 15)
     known.add("offline/anchor_bind_fused_teacher.yaml")  # its teacher-student speech objective (issue 15)
+    known.add("offline/anchor_bind_monitor_emergent.yaml")  # checkpoint on val emergent retrieval (issue 15)
     assert shipped == known
     assert all("tiny" in list_variants(n) for n in RECIPES), "every recipe has a tiny overlay (the tests run it)"
     assert {"lit_contrastive", "sonar_speech", "uclip_pivot"} <= {n for n, v in OVERLAYS if v == "offline"}
@@ -216,6 +217,16 @@ def test_teacher_overlay_replaces_the_speech_objective_and_keeps_the_towers():
     assert speech["projector"]["class_path"].endswith("CascadeResidual") and speech["lr_scale"] == 0.1
     assert speech["encoder"]["init_args"]["language"] == "row"
     assert set(init["towers"]) == {"text", "image", "speech"}
+
+
+def test_emergent_monitor_overlay_only_changes_the_checkpoint_monitor():
+    files = [CONFIGS / "anchor_bind.yaml", CONFIGS / "offline/anchor_bind.yaml", CONFIGS / "offline/anchor_bind_fused.yaml",
+             CONFIGS / "offline/anchor_bind_fused_teacher.yaml"]
+    before, after = load_config(files), load_config([*files, CONFIGS / "offline/anchor_bind_monitor_emergent.yaml"])
+    [ckpt] = after["trainer"]["callbacks"]
+    assert ckpt["class_path"].endswith("ModelCheckpoint") and ckpt["init_args"]["monitor"] == "val/emergent/R@1"
+    assert [c["init_args"]["monitor"] for c in before["trainer"]["callbacks"]] == ["val/R@1"]
+    assert after["model"] == before["model"] and after["data"] == before["data"]
 
 
 @pytest.mark.slow
