@@ -320,14 +320,9 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         f"**{'reached' if chance_ok else 'not reached'}**.",
         "",
     ]
-    if path.exists():  # a hand-written reading below the generated part survives regeneration
-        old = path.read_text(encoding="utf-8")
-        marker = "\n## Reading\n"
-        if marker in old:
-            lines += [marker.strip("\n"), old.split(marker, 1)[1].rstrip("\n"), ""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines), encoding="utf-8")
-    print("\n".join(lines))
+    from benchmarks.studies import write_report
+
+    write_report(lines, path)  # a hand-written "## Reading" below the generated part survives regeneration
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -157,14 +157,9 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         cut = lambda t: t if len(t) <= 60 else t[:57] + "..."  # noqa: E731  (loops run to the token limit)
         lines += [f"- {lang}: " + "; ".join(f"{a} \\| {cut(b)} \\| {cut(c)}" for a, b, c in triples)]
     lines += ["", f"Run time {result['seconds']} s on 2 shared CPU cores ({result['model']}).", ""]
-    if path.exists():
-        old = path.read_text(encoding="utf-8")
-        marker = "\n## Reading\n"
-        if marker in old:
-            lines += [marker.strip("\n"), old.split(marker, 1)[1].rstrip("\n"), ""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines), encoding="utf-8")
-    print("\n".join(lines))
+    from benchmarks.studies import write_report
+
+    write_report(lines, path)  # a hand-written "## Reading" below the generated part survives regeneration
 
 
 def main(argv: list[str] | None = None) -> None:
