@@ -45,3 +45,27 @@ def test_val_at_best_reads_the_scalars_at_the_monitor_maximum(tmp_path):
     got = val_at_best(tmp_path)
     assert got["step"] == 1 and abs(got["val/R@1"] - 0.3) < 1e-6 and abs(got["val/emergent/R@1"] - 0.07) < 1e-6
     assert "train/loss" not in got
+
+
+def test_speech_target_rows_keep_the_clip_language(tmp_path):
+    """Extra speech-text rows pair a clip with the concept's name in another language; their ``lang`` stays the
+    clip's (a ``language: row`` cascade decodes the clip in it), ``text_lang`` names the target's language."""
+    import json
+
+    from benchmarks.studies.trimodal import subset_manifests
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = {"train": [{"id": f"c-{lang}", "concept": "c", "lang": lang, "text": f"name-{lang}", "image": "i.png",
+                       **({"audio": f"c_{lang}.wav"} if lang in ("en", "de") else {})} for lang in ("en", "de", "ja")],
+            "val": [], "test": []}
+    for split, items in rows.items():
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items), encoding="utf-8")
+    manifests = subset_manifests(data, tmp_path / "out", speech_concepts=1, val_concepts=1, test_concepts=1,
+                                 speech_targets=("ja", "en"))
+    train = [json.loads(line) for line in open(manifests["train"], encoding="utf-8")]
+    extra = {r["id"]: r for r in train if "-to-" in r["id"]}
+    assert set(extra) == {"c-en-to-ja", "c-de-to-ja", "c-de-to-en"}
+    assert extra["c-de-to-ja"]["lang"] == "de" and extra["c-de-to-ja"]["text_lang"] == "ja"
+    assert extra["c-de-to-ja"]["text"] == "name-ja" and extra["c-de-to-ja"]["audio"].endswith("c_de.wav")
+    assert "image" not in extra["c-de-to-ja"]

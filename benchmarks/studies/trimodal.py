@@ -44,7 +44,8 @@ def subset_manifests(data: Path, out: Path, speech_concepts: int, val_concepts: 
     ``speech_concepts``), the first val/test concepts. Paths stay absolute, so the subset reads the original media.
 
     ``speech_targets``: several positives for the speech tower. Each spoken TRAINING row also gets a speech-text row
-    (no image) per language of ``speech_targets`` pairing its clip with the concept's name in that language, so the
+    (no image; its ``lang`` is the clip's, ``text_lang`` the name's) per language of ``speech_targets`` pairing its
+    clip with the concept's name in that language, so the
     speech tower learns the concept's place among the names in every caption language, as the image tower does
     (an image is captioned in all of them); the feature cache encodes each clip once.
 
@@ -72,8 +73,10 @@ def subset_manifests(data: Path, out: Path, speech_concepts: int, val_concepts: 
             if split == "train" and r.get("audio") and r["lang"] in HEARD:
                 for lang in speech_targets:
                     if lang != r["lang"] and (r["concept"], lang) in names:
-                        extra = {"id": f"{r['id']}-to-{lang}", "concept": r["concept"], "lang": lang,
-                                 "text": names[(r["concept"], lang)], "audio": r["audio"]}
+                        # ``lang`` stays the CLIP's language (an encoder with ``language: row`` decodes the clip
+                        # in it); ``text_lang`` says which language the target name is in
+                        extra = {"id": f"{r['id']}-to-{lang}", "concept": r["concept"], "lang": r["lang"],
+                                 "text_lang": lang, "text": names[(r["concept"], lang)], "audio": r["audio"]}
                         lines.append(json.dumps(extra, ensure_ascii=False) + "\n")
         if split == "train" and robust is not None:
             for line in (robust / "train.jsonl").read_text(encoding="utf-8").splitlines():
