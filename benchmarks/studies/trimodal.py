@@ -45,9 +45,9 @@ def subset_manifests(data: Path, out: Path, speech_concepts: int, val_concepts: 
 
     ``speech_targets``: several positives for the speech tower. Each spoken TRAINING row also gets a speech-text row
     (no image; its ``lang`` is the clip's, ``text_lang`` the name's) per language of ``speech_targets`` pairing its
-    clip with the concept's name in that language, so the
-    speech tower learns the concept's place among the names in every caption language, as the image tower does
-    (an image is captioned in all of them); the feature cache encodes each clip once.
+    clip with the concept's name in that language, so the speech tower learns the concept's place among the names in
+    every caption language, as the image tower does (an image is captioned in all of them); the feature cache encodes
+    each clip once.
 
     ``robust``: a ``mmalign data robust`` folder built from ``data``'s training split: its clips of spoken training
     concepts in the heard languages become extra speech-text training rows (no image; the text is what the clip
@@ -216,7 +216,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seeds": seeds, "robust": args.robust, "seconds": round(time.time() - start),
         "train_rows": seeds[0]["train_rows"], "train_speech_rows": seeds[0]["train_speech_rows"],
         "speech_targets": list(args.speech_targets), "overlay": list(args.overlay),
-        "objectives": seeds[0]["objectives"],
     }
     (out / "trimodal.json").write_text(json.dumps(result, indent=2))
     write_markdown(result, Path(args.doc))
@@ -266,7 +265,7 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         + "".join(f" + `{o}`" for o in result.get("overlay") or [])
         + ": frozen USE-m text anchor; EfficientNet-Lite0 "
         f"image tower <-> anchor (InfoNCE, captions in {', '.join(TRAIN_LANGUAGES)}); Whisper base speech tower -> anchor "
-        f"({speech_objectives(result.get('objectives'))} against the frozen anchor, speech in {', '.join(HEARD)}"
+        f"({speech_objectives(seeds[0].get('objectives'))} against the frozen anchor, speech in {', '.join(HEARD)}"
         + (f"; each clip also paired with its concept's names in {', '.join(result['speech_targets'])}"
            if result.get("speech_targets") else "")
         + (f"; plus the styled, augmented clips of `{result['robust']}` (`mmalign data robust`) as speech-text rows"

@@ -23,21 +23,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
-import unicodedata
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from mmalign.captioning.metrics import normalize_transcript as normalise  # what WER/CER compare
+
 VARIANTS = ("greedy", "beams=4", "lead=0.3s", "lead=0.6s", "collapse")
 DEFAULT_DOC = "docs/results_whisper_decoding.md"
-
-
-def normalise(text: str) -> str:
-    return re.sub(r"\s+", " ", re.sub(r"[^\w ]", "", unicodedata.normalize("NFKC", text).lower())).strip()
 
 
 def collapse_repeats(text: str, min_repeats: int = 3, max_n: int = 12) -> str:

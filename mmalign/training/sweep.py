@@ -1,5 +1,9 @@
 """Many runs at once: N seeds / hyperparameter settings of one recipe trained as one batched model (issue 21.4).
 
+One module of ~630 lines on purpose: the stacked member state (parameters, BatchNorm buffers, AdamW moments), the
+vectorised update, the Lightning wrapper that checkpoints that state and the :class:`Ensemble` that reads it back
+are one format; split, its keys would be defined in one file and parsed in another.
+
 Projector training on cached features is small dense math; N runs of it one after another leave a
 GPU mostly idle and read the cache N times. :class:`Sweep` holds N *members* (the same module class,
 each built under its own seed) as one set of stacked parameters (``torch.func.stack_module_state``:
