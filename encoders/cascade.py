@@ -90,6 +90,12 @@ class WhisperCascadeEncoder(Encoder):
         task: ``"transcribe"`` or ``"translate"`` (Whisper's translation into English).
         max_new_tokens: Decoding budget per clip.
         num_beams: 1 is greedy decoding.
+        num_hypotheses: The transcript embedding is the mean of this many beam-search hypotheses' embeddings,
+            weighted by the softmax of their length-normalised log-probabilities (an N-best "soft" cascade: a name
+            Whisper is unsure of still lands near its likely readings; needs ``num_beams >= num_hypotheses``,
+            rescaled to the hypotheses' mean norm; the search stops once ``num_beams`` hypotheses have ended).
+            1 (the default) embeds the single best transcript.
+            :meth:`transcribe` and the decoder states always read the best hypothesis.
         max_seconds: Clips are cut to this length (at most 30 s, one Whisper window).
         pad_seconds: ``None`` for the 30 s window; else the window is the clip plus this much silence.
         dtype: Whisper's weights and compute dtype.
@@ -119,6 +125,7 @@ class WhisperCascadeEncoder(Encoder):
         task: str = "transcribe",
         max_new_tokens: int = 96,
         num_beams: int = 1,
+        num_hypotheses: int = 1,
         max_seconds: float = 30.0,
         pad_seconds: float | None = None,
         dtype: str = "float32",
@@ -139,6 +146,9 @@ class WhisperCascadeEncoder(Encoder):
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         if max_new_tokens < 1 or num_beams < 1:
             raise ValueError(f"max_new_tokens and num_beams must be positive, got {max_new_tokens}, {num_beams}")
+        if not 1 <= num_hypotheses <= num_beams:
+            raise ValueError(f"num_hypotheses must be in [1, num_beams={num_beams}] (the beam search returns at most "
+                             f"num_beams hypotheses), got {num_hypotheses}")
         path = resolve_model_path(model_name_or_path)
         kwargs: dict[str, Any] = {"revision": revision} if revision else {}
         try:
@@ -169,7 +179,10 @@ class WhisperCascadeEncoder(Encoder):
 
     def spec(self) -> dict[str, Any]:
         # The text encoder's own cache key carries its weights' identity (package version, pooling...).
-        return {**super().spec(), **self._init_args, "text_encoder_key": self.text.cache_key}
+        spec = {**super().spec(), **self._init_args, "text_encoder_key": self.text.cache_key}
+        if spec.get("num_hypotheses") == 1:  # the default leaves the keys of caches filled before it existed as they were
+            del spec["num_hypotheses"]
+        return spec
 
     # -- data -----------------------------------------------------------------------------
     def preprocess(self, items: Sequence[Any], sampling_rate: int | None = None,
@@ -232,16 +245,32 @@ class WhisperCascadeEncoder(Encoder):
         """Transcripts of a :meth:`preprocess` batch and, with ``states``, ``[B, d_model]`` float32: the mean of the
         decoder's last hidden state over each transcript's own (non-special) tokens, or the state at its end token
         when there are none. ``language`` as in :meth:`transcribe_features` (a list: candidates, as in the
-        constructor; ``"row"``: the batch's ``language_ids``)."""
+        constructor; ``"row"``: the batch's ``language_ids``). With ``num_hypotheses > 1`` these are the best
+        hypothesis's (:meth:`decode_hypotheses` has them all)."""
+        texts, pooled, _, _ = self._decode(inputs, language, states)
+        return texts, pooled
+
+    def decode_hypotheses(self, inputs: dict[str, Tensor], language: str | list[str] | None = "default"
+                          ) -> tuple[list[list[str]], Tensor]:
+        """The ``num_hypotheses`` beam-search transcripts of each clip, best first, and their weights ``[B, K]``
+        (softmax of the length-normalised log-probabilities; ``[[t]]`` and ones when ``num_hypotheses`` is 1)."""
+        texts, _, hyps, weights = self._decode(inputs, language, states=False)
+        return (hyps, weights) if hyps else ([[t] for t in texts], torch.ones(len(texts), 1))
+
+    def _decode(self, inputs: dict[str, Tensor], language: str | list[str] | None, states: bool
+                ) -> tuple[list[str], Tensor | None, list[list[str]], Tensor | None]:
         from transformers.modeling_outputs import BaseModelOutput
 
         a = self._init_args
+        k = int(a.get("num_hypotheses", 1))
         language = a["language"] if language == "default" else language
         options = dict(task=a["task"], max_new_tokens=a["max_new_tokens"], num_beams=a["num_beams"], do_sample=False,
                        return_timestamps=False)
         feats = inputs["input_features"].to(self.device, dtype=self.asr.dtype)
         texts: list[str] = []
         pooled: list[Tensor] = []
+        hyps: list[list[str]] = []
+        weights: list[Tensor] = []
         with torch.inference_mode(), quiet_transformers():
             if "feature_lengths" in inputs:  # one clip at a time: no padding frames
                 windows = [feats[i:i + 1, :, :n] for i, n in enumerate(inputs["feature_lengths"].tolist())]
@@ -255,12 +284,49 @@ class WhisperCascadeEncoder(Encoder):
                 else:
                     lang = self._pick_language(enc, language) if isinstance(language, list) else language
                 at += len(enc)
-                ids = self.asr.generate(encoder_outputs=BaseModelOutput(last_hidden_state=enc), return_dict_in_generate=True,
-                                        language=lang, **options).sequences
+                if k > 1:
+                    ids, w = self._n_best(enc, lang, k)
+                    n_best = [t.strip() for t in self.processor.batch_decode(ids, skip_special_tokens=True)]
+                    hyps += [n_best[i:i + k] for i in range(0, len(n_best), k)]
+                    weights.append(w)
+                    ids = ids[::k]  # the best hypothesis of each clip
+                else:
+                    ids = self.asr.generate(encoder_outputs=BaseModelOutput(last_hidden_state=enc), return_dict_in_generate=True,
+                                            language=lang, **options).sequences
                 texts += [t.strip() for t in self.processor.batch_decode(ids, skip_special_tokens=True)]
                 if states:
                     pooled.append(self._decoder_mean(ids, enc))
-        return texts, torch.cat(pooled) if states else None
+        return texts, torch.cat(pooled) if states else None, hyps, torch.cat(weights) if weights else None
+
+    def _n_best(self, encoder_states: Tensor, lang: str | list[str] | None, k: int) -> tuple[Tensor, Tensor]:
+        """Beam search returning ``k`` hypotheses per clip: ids ``[B * k, L]`` (clip-major, best first) and weights
+        ``[B, k]``. Whisper's own ``generate`` returns one sequence per beam search, so this runs the generic
+        beam search on the prompt Whisper builds (start, language, task, no-timestamps; the checkpoint's
+        generation config supplies the suppressed tokens): Whisper's ``generate(num_beams=..., early_stopping=True)``
+        gives the same best hypothesis. ``early_stopping``: the search ends once ``num_beams`` hypotheses have
+        ended, instead of running hallucinated loops to the token limit: on espeak-ng names that is 2-2.5x faster
+        for the same speech->text R@1 (docs/results_whisper_decoding.md)."""
+        from transformers import GenerationMixin
+        from transformers.modeling_outputs import BaseModelOutput
+
+        a, gen, tok = self._init_args, self.asr.generation_config, self.processor.tokenizer
+        n, known = len(encoder_states), getattr(gen, "lang_to_id", None) or {}
+        if lang is None and known:  # detected, as Whisper's generate does when no language is given
+            lang = self._pick_language(encoder_states, sorted(c[2:-2] for c in known))
+        codes = [lang] * n if isinstance(lang, str) or lang is None else list(lang)
+        task = tok.convert_tokens_to_ids(f"<|{a['task']}|>")
+        no_ts = getattr(gen, "no_timestamps_token_id", None)
+        prompts = [[gen.decoder_start_token_id] + ([known[f"<|{c}|>"]] if c and f"<|{c}|>" in known else [])
+                   + [task] + ([no_ts] if no_ts is not None else []) for c in codes]
+        if len({len(p) for p in prompts}) > 1:  # some clips without a language token: one search each
+            out = [self._n_best(encoder_states[i:i + 1], codes[i], k) for i in range(n)]
+            return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+        out = GenerationMixin.generate(
+            self.asr, encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states),
+            decoder_input_ids=torch.tensor(prompts, device=encoder_states.device), max_new_tokens=a["max_new_tokens"],
+            num_beams=a["num_beams"], num_return_sequences=k, early_stopping=True, do_sample=False,
+            return_dict_in_generate=True, output_scores=True)
+        return out.sequences, torch.softmax(out.sequences_scores.float().view(n, k), dim=-1)
 
     def _pick_language(self, encoder_states: Tensor, candidates: list[str]) -> str | list[str]:
         """Whisper's language detection (the language token's logits after the start token) restricted to
@@ -315,9 +381,17 @@ class WhisperCascadeEncoder(Encoder):
         texts = [t if t.strip() else EMPTY_TRANSCRIPT for t in texts]
         return self.text.encode(self.text.preprocess(texts)).pooled.float()
 
+    def embed_hypotheses(self, hypotheses: Sequence[Sequence[str]], weights: Tensor) -> Tensor:
+        """``[B, D]``: each clip's N-best "soft" transcript, the ``weights``-weighted mean of its hypotheses'
+        embeddings (:meth:`decode_hypotheses`), rescaled to their mean norm so it stays on the text encoder's scale."""
+        k = len(hypotheses[0])
+        emb = self.embed_transcripts([t for h in hypotheses for t in h]).view(len(hypotheses), k, -1)
+        mean = (weights.to(emb).unsqueeze(-1) * emb).sum(1)
+        return torch.nn.functional.normalize(mean, dim=-1) * emb.norm(dim=-1).mean(1, keepdim=True)
+
     def encode(self, inputs: dict[str, Tensor]) -> EncoderOutput:
-        texts, states = self.decode_features(inputs, states=self.decoder_dim > 0)
-        pooled = self.embed_transcripts(texts).to(self.device)
+        texts, states, hyps, weights = self._decode(inputs, "default", states=self.decoder_dim > 0)
+        pooled = (self.embed_hypotheses(hyps, weights) if hyps else self.embed_transcripts(texts)).to(self.device)
         if states is not None:
             pooled = torch.cat([states.to(pooled), pooled], dim=-1)
         return EncoderOutput(pooled=pooled)

@@ -246,3 +246,39 @@ def test_packaged_whisper_base_cascade_transcribes_espeak_english(tmp_path):
                                 text_encoder="encoders.HFTextEncoder",
                                 text_encoder_args={"model_name_or_path": "tiny:bert-text"})
     assert enc.transcribe([wav])[0].lower().strip(" .!?") == "computer"
+
+
+@pytest.mark.parametrize("pad_seconds,language", [(None, "de"), (0.5, "row"), (0.5, None)])
+def test_cascade_n_best_reads_the_beam_searchs_hypotheses(pad_seconds, language):
+    """num_hypotheses=K: the best of K hypotheses is Whisper's own beam-search transcript (early stopping); the
+    embedding is the softmax(score)-weighted mean of the K hypotheses' embeddings, at their mean norm."""
+    kw = dict(language=language, max_new_tokens=6, pad_seconds=pad_seconds, num_beams=3, **TINY_TEXT)
+    beam = WhisperCascadeEncoder("tiny:whisper-asr", **kw)
+    beam.asr.generation_config.early_stopping = True  # what the n-best search does
+    n_best = WhisperCascadeEncoder("tiny:whisper-asr", num_hypotheses=3, **kw)
+    clips = _clips()
+    langs = ["de", "en"] if language == "row" else None
+    inputs = n_best.preprocess(clips, sampling_rate=SR, languages=langs)
+    best = beam.transcribe_features(beam.preprocess(clips, sampling_rate=SR, languages=langs))
+    assert n_best.transcribe_features(inputs) == best
+    hyps, weights = n_best.decode_hypotheses(inputs)
+    assert [h[0] for h in hyps] == best and all(len(h) == 3 for h in hyps)
+    assert weights.shape == (2, 3) and torch.allclose(weights.sum(1), torch.ones(2)) and (weights[:, :-1] >= weights[:, 1:]).all()
+    emb = n_best.embed_transcripts([t for h in hyps for t in h]).view(2, 3, -1)
+    mean = (weights.unsqueeze(-1) * emb).sum(1)
+    want = torch.nn.functional.normalize(mean, dim=-1) * emb.norm(dim=-1).mean(1, keepdim=True)
+    torch.testing.assert_close(n_best(inputs).pooled, want)
+    torch.testing.assert_close(n_best.embed_hypotheses(hyps, weights), want)
+    assert n_best.cache_key != beam.cache_key and "num_hypotheses" not in beam.spec()  # default: keys as before
+
+
+def test_cascade_n_best_decoder_states_are_the_best_hypothesis_and_bad_counts_are_refused():
+    kw = dict(language="de", max_new_tokens=5, num_beams=2, output="decoder+transcript", **TINY_TEXT)
+    beam = WhisperCascadeEncoder("tiny:whisper-asr", **kw)
+    n_best = WhisperCascadeEncoder("tiny:whisper-asr", num_hypotheses=2, **kw)
+    d, clips = beam.decoder_dim, _clips()
+    torch.testing.assert_close(n_best(n_best.preprocess(clips, sampling_rate=SR)).pooled[:, :d],
+                               beam(beam.preprocess(clips, sampling_rate=SR)).pooled[:, :d])
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match="num_hypotheses must be in"):
+            WhisperCascadeEncoder("tiny:whisper-asr", num_beams=2, num_hypotheses=bad, **TINY_TEXT)

@@ -68,6 +68,7 @@ def test_every_shipped_yaml_is_a_recipe_an_overlay_or_a_snippet():
     known.add("offline/anchor_bind_fused.yaml")  # the ASR-fused speech tower in the trimodal recipe (issue 15)
     known.add("offline/anchor_bind_fused_teacher.yaml")  # its teacher-student speech objective (issue 15)
     known.add("offline/anchor_bind_monitor_emergent.yaml")  # checkpoint on val emergent retrieval (issue 15)
+    known.add("offline/anchor_bind_fused_nbest.yaml")  # N-best decoding for the fused speech tower (issue 15)
     assert shipped == known
     assert all("tiny" in list_variants(n) for n in RECIPES), "every recipe has a tiny overlay (the tests run it)"
     assert {"lit_contrastive", "sonar_speech", "uclip_pivot"} <= {n for n, v in OVERLAYS if v == "offline"}
@@ -217,6 +218,18 @@ def test_teacher_overlay_replaces_the_speech_objective_and_keeps_the_towers():
     assert speech["projector"]["class_path"].endswith("CascadeResidual") and speech["lr_scale"] == 0.1
     assert speech["encoder"]["init_args"]["language"] == "row"
     assert set(init["towers"]) == {"text", "image", "speech"}
+
+
+def test_n_best_overlay_only_changes_the_speech_tower_decoding():
+    """offline/anchor_bind_fused_nbest after the fused overlay: 4 beams, 4 hypotheses averaged; nothing else."""
+    files = [CONFIGS / "anchor_bind.yaml", CONFIGS / "offline/anchor_bind.yaml", CONFIGS / "offline/anchor_bind_fused.yaml"]
+    tail = [CONFIGS / "offline/anchor_bind_fused_teacher.yaml"]
+    before, after = load_config(files + tail), load_config([*files, CONFIGS / "offline/anchor_bind_fused_nbest.yaml", *tail])
+    enc_before = before["model"]["init_args"]["towers"]["speech"]["init_args"]["encoder"]
+    enc_after = after["model"]["init_args"]["towers"]["speech"]["init_args"]["encoder"]
+    assert enc_after["init_args"] == {**enc_before["init_args"], "num_beams": 4, "num_hypotheses": 4}
+    enc_after["init_args"] = enc_before["init_args"]
+    assert after == before
 
 
 def test_emergent_monitor_overlay_only_changes_the_checkpoint_monitor():

@@ -10,6 +10,8 @@ silence margin, 48 new tokens, each clip in its row's language) and varies one t
 
 - ``greedy``: the shipped setting;
 - ``beams=4``: beam search;
+- ``n-best=4``: the same beam search's 4 hypotheses, their USE-m embeddings averaged by the softmax of their
+  scores (``WhisperCascadeEncoder(num_hypotheses=4)``; same decode as ``beams=4``, whose transcript is its best);
 - ``lead=0.3s`` / ``lead=0.6s``: that much silence before the clip (espeak-ng clips start at once; Whisper often
   drops the first phoneme: "Ruposan" for "grupo sanguíneo");
 - ``collapse``: the greedy transcript with hallucinated loops (an n-gram repeated 3+ times in a row) cut to one.
@@ -32,7 +34,7 @@ import torch
 
 from mmalign.captioning.metrics import normalize_transcript as normalise  # what WER/CER compare
 
-VARIANTS = ("greedy", "beams=4", "lead=0.3s", "lead=0.6s", "collapse")
+VARIANTS = ("greedy", "beams=4", "n-best=4", "lead=0.3s", "lead=0.6s", "collapse")
 DEFAULT_DOC = "docs/results_whisper_decoding.md"
 
 
@@ -73,10 +75,25 @@ def decode(encoder: Any, waves: Sequence[np.ndarray], lang: str, sampling_rate: 
     return out
 
 
-def r1(encoder: Any, transcripts: Sequence[str], names: torch.Tensor) -> float:
-    """R@1 of each clip's transcript embedding against the names of all clips (clip i's name is the positive)."""
-    e = torch.nn.functional.normalize(encoder.embed_transcripts(list(transcripts)), dim=-1)
-    hits = (e @ names.T).argmax(1) == torch.arange(len(transcripts))
+def n_best(encoder: Any, waves: Sequence[np.ndarray], lang: str, sampling_rate: int, batch_size: int = 8
+           ) -> tuple[list[str], torch.Tensor]:
+    """Best transcripts and the N-best embeddings (``encoder.num_hypotheses`` > 1) of ``waves``."""
+    texts: list[str] = []
+    embs: list[torch.Tensor] = []
+    for i in range(0, len(waves), batch_size):
+        inputs = encoder.preprocess(list(waves[i:i + batch_size]), sampling_rate=sampling_rate,
+                                    languages=[lang] * len(waves[i:i + batch_size]))
+        hyps, weights = encoder.decode_hypotheses(inputs)
+        texts += [h[0] for h in hyps]
+        embs.append(encoder.embed_hypotheses(hyps, weights))  # what the tower outputs, from the same decode
+    return texts, torch.cat(embs)
+
+
+def r1(encoder: Any, transcripts: Sequence[str], names: torch.Tensor, embeddings: torch.Tensor | None = None) -> float:
+    """R@1 of each clip's transcript embedding (or the given ``embeddings``) against the names of all clips (clip
+    i's name is the positive)."""
+    e = encoder.embed_transcripts(list(transcripts)) if embeddings is None else embeddings
+    hits = (torch.nn.functional.normalize(e, dim=-1) @ names.T).argmax(1) == torch.arange(len(transcripts))
     return float(hits.float().mean())
 
 
@@ -92,7 +109,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows = [json.loads(line) for line in (data / f"{args.split}.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
     common = dict(pad_seconds=3.0, max_new_tokens=48, language="row")
     encoders = {1: WhisperCascadeEncoder(args.model, num_beams=1, **common),
-                4: WhisperCascadeEncoder(args.model, num_beams=4, **common)}
+                4: WhisperCascadeEncoder(args.model, num_beams=4, num_hypotheses=4, **common)}
     sr = encoders[1].sampling_rate
     results: dict[str, dict[str, dict[str, float]]] = {}
     examples: dict[str, list[tuple[str, str, str]]] = {}
@@ -102,19 +119,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"no {lang!r} clips in {data / (args.split + '.jsonl')}")
         waves = load_batch([str(data / r["audio"]) for r in chosen], sr)
         names = torch.nn.functional.normalize(encoders[1].embed_transcripts([r["text"] for r in chosen]), dim=-1)
-        texts, seconds = {}, {}
+        texts, seconds, embedded = {}, {}, {}
         for variant in VARIANTS:
             if variant == "collapse":
                 texts[variant], seconds[variant] = [collapse_repeats(t) for t in texts["greedy"]], seconds["greedy"]
                 continue
-            enc = encoders[4 if variant == "beams=4" else 1]
-            lead = float(variant.split("=")[1].rstrip("s")) if variant.startswith("lead") else 0.0
+            if variant == "beams=4":  # the n-best decode's best hypotheses (the same beam search)
+                continue
             t0 = time.perf_counter()
-            texts[variant] = decode(enc, waves, lang, sr, lead=lead)
+            if variant == "n-best=4":
+                texts[variant], embedded[variant] = n_best(encoders[4], waves, lang, sr)
+                texts["beams=4"] = texts[variant]
+            else:
+                lead = float(variant.split("=")[1].rstrip("s")) if variant.startswith("lead") else 0.0
+                texts[variant] = decode(encoders[1], waves, lang, sr, lead=lead)
             seconds[variant] = time.perf_counter() - t0
+        seconds["beams=4"] = seconds["n-best=4"]
         for variant in VARIANTS:
             results.setdefault(variant, {})[lang] = {
-                "R@1": r1(encoders[1], texts[variant], names),
+                "R@1": r1(encoders[1], texts[variant], names, embedded.get(variant)),
                 "exact": float(np.mean([normalise(t) == normalise(r["text"]) for t, r in zip(texts[variant], chosen)])),
                 "time_ratio": seconds[variant] / seconds["greedy"], "clips": len(chosen),
                 "changed_by_collapse": sum(a != b for a, b in zip(texts["greedy"], texts["collapse"])),
