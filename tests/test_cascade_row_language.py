@@ -156,3 +156,20 @@ def test_collator_finds_a_bad_item_with_its_own_language():
     batch = TowerCollator({"t": ("text", _LangText().preprocess)}, on_error="skip")(rows)
     assert batch["meta"]["id"] == ["a", "c"] and batch["inputs"]["t"]["codes"] == ["de", "en"]
     assert batch["skipped_ids"] == {"bad text": ["b"]}
+
+
+def test_an_n_best_cascade_tower_exports_and_embeds_the_same(tmp_path):
+    """num_hypotheses travels in the export's encoder arguments: the loaded tower averages the same hypotheses."""
+    from mmalign.export import AlignedModel, export_module
+
+    enc = _enc("row", pad_seconds=0.5, num_beams=2, num_hypotheses=2)
+    towers = {"speech": Tower(enc, "audio", lambda i, o: projectors.Linear(i, o)),
+              "text": Tower(enc.text, "text", lambda i, o: projectors.Linear(i, o))}
+    module = AlignmentModule(towers, [Objective(ClipLoss(), ["speech", "text"])], embed_dim=8).eval()
+    export_module(module, tmp_path / "export")
+    loaded = AlignedModel.from_pretrained(tmp_path / "export")
+    assert loaded.towers["speech"].encoder.init_args()["num_hypotheses"] == 2
+    clips = _clips()
+    with torch.no_grad():
+        want = module.towers["speech"](enc.preprocess(clips, sampling_rate=SR, languages=["de", "en"]))
+    torch.testing.assert_close(loaded.embed_speech(clips, sampling_rate=SR, lang=["de", "en"]), want.float(), atol=1e-4, rtol=1e-4)
