@@ -18,7 +18,9 @@ clip itself make the decoder loop (an espeak-ng "the red apple is on the table" 
 hint (the language token is forced), ``None`` to let Whisper detect the language of each clip, a list of candidate
 languages, or ``"row"``: each clip's own language, the ``lang`` of its manifest row (or the ``lang=`` of an export's
 ``embed_speech``), forced as a hint. That is what SONAR's per-language speech encoders assume (the language of the
-speech is known); rows whose language Whisper does not know (``und``) are detected.
+speech is known); rows whose language Whisper does not know (``und``) are detected. ``num_hypotheses=K`` (with
+``num_beams >= K``) embeds the K best beam-search hypotheses and averages them by their scores: a "soft" transcript
+that keeps a misheard name near its likely readings (docs/results_whisper_decoding.md).
 """
 
 from __future__ import annotations
