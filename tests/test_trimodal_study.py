@@ -69,3 +69,15 @@ def test_speech_target_rows_keep_the_clip_language(tmp_path):
     assert extra["c-de-to-ja"]["lang"] == "de" and extra["c-de-to-ja"]["text_lang"] == "ja"
     assert extra["c-de-to-ja"]["text"] == "name-ja" and extra["c-de-to-ja"]["audio"].endswith("c_de.wav")
     assert "image" not in extra["c-de-to-ja"]
+
+
+def test_select_variants_compose_extra_overlays_right_after_the_fused_one(tmp_path):
+    import argparse
+
+    from benchmarks.studies.trimodal_select import FUSED, variants
+
+    args = argparse.Namespace(output=str(tmp_path), weights=[0.3], image_cosine=[],
+                              after_fused=["configs/offline/anchor_bind_fused_nbest.yaml"])
+    got = variants(args)
+    assert got["infonce"] == [FUSED, "configs/offline/anchor_bind_fused_nbest.yaml"]
+    assert got["teacher-w0.3"][:2] == got["infonce"] and got["teacher-w0.3"][2].endswith("teacher-w0.3.yaml")

@@ -10,6 +10,9 @@ Variants, each one overlay composed after ``configs/offline/anchor_bind_fused.ya
 - ``image-cos<W>``: the shipped teacher overlay plus a cosine-distance term image -> anchor at weight ``W``
   (``--image_cosine``): the image tower pulled onto the anchor's absolute positions as well.
 
+``--after_fused`` overlays go between the fused overlay and the variant's in every variant (e.g.
+``configs/offline/anchor_bind_fused_nbest.yaml``, with ``--cache_dir`` pointing at that decoding's cache).
+
 Each variant is one fit of :mod:`benchmarks.studies.trimodal` (seed ``--seed``, the study's full data, the feature
 cache shared through ``--cache_dir``). The table reads the VALIDATION scalars logged at each fit's chosen checkpoint
 (maximum ``val/R@1``, the trained pairs' mean): that monitor, ``val/emergent/R@1`` (speech<->image, both directions,
@@ -67,12 +70,13 @@ def val_at_best(run_dir: Path) -> dict[str, float]:
 def variants(args: argparse.Namespace) -> dict[str, list[str]]:
     out_dir = Path(args.output) / "overlays"
     out_dir.mkdir(parents=True, exist_ok=True)
-    chosen: dict[str, list[str]] = {"infonce": [FUSED]}
+    fused = [FUSED, *args.after_fused]  # e.g. the n-best decoding overlay
+    chosen: dict[str, list[str]] = {"infonce": fused}
     for name, overlay in [(f"teacher-w{w:g}", teacher_overlay(infonce_weight=w)) for w in args.weights] + \
                          [(f"image-cos{w:g}", teacher_overlay(image_cosine=w)) for w in args.image_cosine]:
         path = out_dir / f"{name}.yaml"
         path.write_text(yaml.safe_dump(overlay, sort_keys=False), encoding="utf-8")
-        chosen[name] = [FUSED, str(path)]
+        chosen[name] = [*fused, str(path)]
     return chosen
 
 
@@ -88,7 +92,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         trimodal.main(study)
         results[name] = {"overlays": overlays, **val_at_best(out / f"seed{args.seed}")}
     command = (f"python -m benchmarks.studies.trimodal_select --output {args.output} --cache_dir {args.cache_dir} --seed {args.seed}"
-               f" --weights {' '.join(f'{w:g}' for w in args.weights)} --image_cosine {' '.join(f'{w:g}' for w in args.image_cosine)}")
+               f" --weights {' '.join(f'{w:g}' for w in args.weights)} --image_cosine {' '.join(f'{w:g}' for w in args.image_cosine)}"
+               + (f" --after_fused {' '.join(args.after_fused)}" if args.after_fused else ""))
     record = {"command": command, "seed": args.seed, "variants": results}
     Path(args.output, "select.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
     print(markdown(record))
@@ -115,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="speech InfoNCE weights beside the cosine teacher term")
     p.add_argument("--image_cosine", type=float, nargs="*", default=[0.3, 1.0],
                    help="image -> anchor cosine weights added to the shipped teacher overlay")
+    p.add_argument("--after_fused", nargs="*", default=[],
+                   help="overlays composed right after the fused one in every variant (configs/offline/anchor_bind_fused_nbest.yaml)")
     run(p.parse_args(argv))
 
 
