@@ -81,3 +81,88 @@ def test_select_variants_compose_extra_overlays_right_after_the_fused_one(tmp_pa
     got = variants(args)
     assert got["infonce"] == [FUSED, "configs/offline/anchor_bind_fused_nbest.yaml"]
     assert got["teacher-w0.3"][:2] == got["infonce"] and got["teacher-w0.3"][2].endswith("teacher-w0.3.yaml")
+
+
+def _scaled_model():
+    """Towers with identity image/text projectors and a CascadeResidual speech tower whose correction is known."""
+    import torch
+    from torch import nn
+
+    from projectors import CascadeResidual
+
+    class Tower(nn.Module):
+        def __init__(self, projector, normalize=True):
+            super().__init__()
+            self.projector, self.normalize = projector, normalize
+
+    class Identity(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+
+        def forward(self, features):
+            return features.pooled + 0 * self.w
+
+    torch.manual_seed(0)
+    speech = CascadeResidual(6, 4, hidden_dim=8, norm="none", dropout=0.0)
+    torch.nn.init.normal_(speech.fc_out.weight)  # a trained correction: not zero any more
+    model = nn.Module()
+    model.towers = nn.ModuleDict({"speech": Tower(speech), "image": Tower(Identity()), "text": Tower(Identity())})
+    return model
+
+
+def test_project_split_interpolates_between_the_cascade_and_the_trained_tower():
+    import torch
+    import torch.nn.functional as F
+
+    from benchmarks.studies.trimodal import project_split
+    from encoders.base import EncoderOutput
+
+    model = _scaled_model()
+    feats = {"speech": torch.randn(5, 6), "image": torch.randn(5, 4), "text": torch.randn(5, 4)}
+    present = {"speech": torch.tensor([True, True, False, True, True]), "image": torch.ones(5, dtype=torch.bool),
+               "text": torch.ones(5, dtype=torch.bool)}
+    tail = feats["speech"][:, -4:]
+    with torch.no_grad():
+        trained = model.towers["speech"].projector(EncoderOutput(pooled=feats["speech"]))
+    full = project_split(model, feats, present, 1.0)
+    zero = project_split(model, feats, present, 0.0)
+    half = project_split(model, feats, present, 0.5)
+    rows = present["speech"]
+    assert torch.allclose(full["speech"][rows], F.normalize(trained, dim=-1)[rows], atol=1e-6)
+    assert torch.allclose(zero["speech"][rows], F.normalize(tail, dim=-1)[rows], atol=1e-6)  # the untrained cascade
+    assert torch.allclose(half["speech"][rows], F.normalize(tail + 0.5 * (trained - tail), dim=-1)[rows], atol=1e-6)
+    assert not zero["speech"][~rows].any()  # absent rows stay zero
+    assert torch.allclose(half["image"], F.normalize(feats["image"], dim=-1))  # only the speech tower is scaled
+
+
+def test_choose_scale_picks_the_best_val_emergent_scale_and_prefers_the_trained_tower_on_ties():
+    import torch
+
+    from benchmarks.studies.trimodal import choose_scale
+
+    model = _scaled_model()
+    n = 6
+    image = torch.eye(4)[[0, 1, 2, 3, 0, 1]] + 0.01 * torch.randn(n, 4)
+    # the speech features' tail (the cascade) is the image embedding: scale 0 retrieves every concept
+    speech = torch.cat([torch.randn(n, 2), image], dim=1)
+    rows = [{"lang": "en", "concept": c} for c in (0, 1, 2, 3, 0, 1)]
+    ones = torch.ones(n, dtype=torch.bool)
+    val = (rows, {"speech": speech, "image": image, "text": image}, {"speech": ones, "image": ones, "text": ones})
+    with torch.no_grad():
+        model.towers["speech"].projector.fc_out.weight.mul_(100)  # a correction that destroys the ranking
+    chosen, scores = choose_scale(model, val, ["en"])
+    assert scores["0"] == 1.0 and chosen == 0.0 and scores["1"] < 1.0
+    with torch.no_grad():
+        model.towers["speech"].projector.fc_out.weight.zero_()  # no correction: every scale ties, 1.0 is kept
+    chosen, scores = choose_scale(model, val, ["en"])
+    assert chosen == 1.0 and set(scores.values()) == {1.0}
+
+
+def test_repeated_overlay_flags_keep_every_overlay_in_order():
+    """The reports print one ``--overlay`` flag per overlay: run as written, the command must compose all of them."""
+    from benchmarks.studies.trimodal import parser
+
+    args = parser().parse_args(["--overlay", "a.yaml", "--overlay", "b.yaml", "c.yaml", "--overlay", "d.yaml"])
+    assert args.overlay == ["a.yaml", "b.yaml", "c.yaml", "d.yaml"]
+    assert parser().parse_args([]).overlay == []

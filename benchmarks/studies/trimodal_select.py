@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="speech InfoNCE weights beside the cosine teacher term")
     p.add_argument("--image_cosine", type=float, nargs="*", default=[0.3, 1.0],
                    help="image -> anchor cosine weights added to the shipped teacher overlay")
-    p.add_argument("--after_fused", nargs="*", default=[],
+    p.add_argument("--after_fused", nargs="+", action="extend", default=[],
                    help="overlays composed right after the fused one in every variant (configs/offline/anchor_bind_fused_nbest.yaml)")
     run(p.parse_args(argv))
 
