@@ -75,3 +75,28 @@ def test_fused_cascade_tower_exports_and_embeds_alike(tmp_path):
         want = tower(tower.encoder.preprocess([wave], sampling_rate=sr))
     got = torch.as_tensor(loaded.embed_speech([wave], sampling_rate=sr)).float()
     torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_correction_scale_interpolates_outside_training_only():
+    """``correction_scale`` weighs the learned correction at eval time (WiSE-FT between cascade and tower); training
+    always sees the full correction, and the scale travels in the projector's config (so in checkpoints and exports)."""
+    torch.manual_seed(0)
+    full = CascadeResidual(12, 4, hidden_dim=16, dropout=0.0)
+    with torch.no_grad():
+        full.fc_out.weight.normal_()
+    half = CascadeResidual(**{**full.config()["init_args"], "correction_scale": 0.5})
+    half.load_state_dict(full.state_dict())
+    x = EncoderOutput(pooled=torch.randn(5, 12))
+    tail = x.pooled[:, -4:]
+    full.eval(), half.eval()
+    torch.testing.assert_close(half(x), tail + 0.5 * (full(x) - tail))
+    assert half.config()["init_args"]["correction_scale"] == 0.5
+    zero = CascadeResidual(12, 4, hidden_dim=16, dropout=0.0, correction_scale=0.0)
+    zero.load_state_dict(full.state_dict())
+    zero.eval()
+    torch.testing.assert_close(zero(x), tail)  # the untrained cascade
+    half.train(), full.train()
+    torch.testing.assert_close(half(x), full(x))  # training learns the whole correction
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="correction_scale"):
+            CascadeResidual(12, 4, correction_scale=bad)

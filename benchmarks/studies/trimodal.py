@@ -166,7 +166,7 @@ SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
 def project_split(model: Any, feats: dict[str, Tensor], present: dict[str, Tensor],
                   correction_scale: float = 1.0) -> dict[str, Tensor]:
     """The fit's tower outputs on cached pooled features (zeros where absent), the speech tower's CascadeResidual
-    correction multiplied by ``correction_scale`` (0: the untrained cascade, 1: the trained tower).
+    ``correction_scale`` set to ``correction_scale`` (0: the untrained cascade, 1: the trained tower).
 
     A scale between 0 and 1 is WiSE-FT's interpolation (Wortsman et al., CVPR 2022) between the zero-shot cascade and
     the fine-tuned tower: the correction's output layer starts at zero, so scaling its weights by ``a`` interpolates
@@ -184,10 +184,14 @@ def project_split(model: Any, feats: dict[str, Tensor], present: dict[str, Tenso
             tower.eval()
             rows = present[name]
             x = f[rows].to(next(tower.projector.parameters()).dtype)
-            emb = tower.projector(EncoderOutput(pooled=x)).float()
-            if name == "speech" and correction_scale != 1.0:
-                tail = x[:, -emb.shape[1]:].float()
-                emb = tail + correction_scale * (emb - tail)
+            scaled = name == "speech" and hasattr(tower.projector, "correction_scale")
+            if scaled:  # the product's own knob (projectors.CascadeResidual), set for this call only
+                shipped, tower.projector.correction_scale = tower.projector.correction_scale, float(correction_scale)
+            try:
+                emb = tower.projector(EncoderOutput(pooled=x)).float()
+            finally:
+                if scaled:
+                    tower.projector.correction_scale = shipped
             if tower.normalize:
                 emb = F.normalize(emb, dim=-1)
             full = torch.zeros(f.shape[0], emb.shape[1])
