@@ -213,6 +213,9 @@ def train_head(train: dict, y: torch.Tensor, concepts: list[str], head_spec: dic
     spec.pop("features", None)  # which feature family (frames or ASR decoder): chosen by the caller
     epochs = int(spec.pop("epochs", epochs))
     lr, objective = float(spec.pop("lr", 1e-3)), spec.pop("loss", "clip")  # "cos": 1 - cosine to the target
+    scale = spec.pop("correction_scale", None)  # fused heads: the correction's weight at eval (WiSE-FT)
+    if scale is not None and kind != "fused":
+        raise ValueError(f"correction_scale is a fused (CascadeResidual) head's setting, not a {kind!r} head's")
     if kind == "mlp":
         layer = LAYERS.index(spec.pop("layer", "final"))
         head = MLP(512, y.shape[1], hidden_dim=1024, num_blocks=0, dropout=0.5, norm="batch")
@@ -256,6 +259,8 @@ def train_head(train: dict, y: torch.Tensor, concepts: list[str], head_spec: dic
             loss.backward()
             opt.step()
     head.eval()
+    if scale is not None:
+        head.correction_scale = float(scale)
 
     def predict(f: dict) -> np.ndarray:
         m = len(f["offsets"]) - 1
@@ -327,6 +332,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {  # name -> (training data, head)
     "emoji_fused_lr3e-5": ("emoji", {"kind": "fused", "features": "decoder", "lr": 3e-5}),
     "emoji_fused_lr3e-4": ("emoji", {"kind": "fused", "features": "decoder", "lr": 3e-4}),
     "emoji_fused_lr1e-4_e60": ("emoji", {"kind": "fused", "features": "decoder", "lr": 1e-4, "epochs": 60}),
+    # session 15: the recipe's head with its correction weighted at eval (WiSE-FT between the cascade, 0, and it, 1)
+    **{f"emoji_fused_lr1e-4_a{a:g}": ("emoji", {"kind": "fused", "features": "decoder", "lr": 1e-4, "correction_scale": a})
+       for a in (0.25, 0.5, 0.75, 1.5)},
     "emoji+espeak_fused_lr1e-4": ("emoji+espeak", {"kind": "fused", "features": "decoder", "lr": 1e-4}),
     "emoji+espeak_fused": ("emoji+espeak", {"kind": "fused", "features": "decoder"}),
     "emoji+engines_mlp": ("emoji+engines", {"kind": "mlp"}),
