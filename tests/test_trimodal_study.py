@@ -166,3 +166,41 @@ def test_repeated_overlay_flags_keep_every_overlay_in_order():
     args = parser().parse_args(["--overlay", "a.yaml", "--overlay", "b.yaml", "c.yaml", "--overlay", "d.yaml"])
     assert args.overlay == ["a.yaml", "b.yaml", "c.yaml", "d.yaml"]
     assert parser().parse_args([]).overlay == []
+
+
+def _fake_result(reverse=True, scaled=True):
+    from benchmarks.studies.trimodal import DIRECTIONS, HEARD, UNHEARD
+
+    dirs = DIRECTIONS if reverse else DIRECTIONS[:3]
+    value = {"text->image": 0.2, "image->text": 0.3, "speech->image": 0.08, "image->speech": 0.17, "speech->text": 0.5}
+
+    def tab(scale=1.0):
+        return {d: {lang: {"R@1": value[d] * (scale if "speech" in d else 1.0), "queries": 275, "gallery": 275}
+                    for lang in HEARD + UNHEARD} for d in dirs}
+
+    seed = {"seed": 0, "recipe": tab(), "least_squares": tab(0.5), "cascade": tab(0.9), "ridge_lambda": {},
+            "objectives": [{"towers": ["speech", "text"], "loss": "CosineLoss", "weight": 1.0}]}
+    if scaled:
+        seed |= {"scaled": tab(1.1), "correction_scale": {"chosen": 0.5, "val_speech->image": {"0.5": 0.1, "1": 0.09}}}
+    return {"command": "python -m benchmarks.studies.trimodal", "seeds": [seed], "seconds": 1, "train_rows": 10,
+            "train_speech_rows": 5, "overlay": [], "speech_targets": []}
+
+
+def test_report_reads_both_directions_and_the_val_chosen_correction_scale(tmp_path):
+    from benchmarks.studies.trimodal import write_markdown
+
+    write_markdown(_fake_result(), tmp_path / "r.md")
+    text = (tmp_path / "r.md").read_text()
+    # one direction: 8 / 20 = 0.40 (goal not reached); both: (8 + 17) / (20 + 30) = 0.50 (reached)
+    assert "| en | heard | 0.4 | 20.0 | 50.0 | 8.0 |" in text
+    assert "| en | 30.0 | 17.0 | 0.50 |" in text
+    assert "text->image in en/de/es: **not reached** (both directions, speech<->image >= 0.5 x image<->text: **reached**)" in text
+    assert "chosen: 0.5" in text and "| en | 55.0 | 8.8 | 0.44 |" in text  # scaled speech->text / speech->image / ratio
+
+
+def test_report_of_an_older_run_without_reverse_directions_or_scales(tmp_path):
+    from benchmarks.studies.trimodal import write_markdown
+
+    write_markdown(_fake_result(reverse=False, scaled=False), tmp_path / "r.md")
+    text = (tmp_path / "r.md").read_text()
+    assert "Both directions" not in text and "chosen:" not in text and "both directions" not in text

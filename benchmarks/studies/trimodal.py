@@ -33,7 +33,7 @@ from torch import Tensor
 HEARD = ("en", "de", "es")
 UNHEARD = ("fr", "it", "pt", "ru")
 TRAIN_LANGUAGES = ("en", "de", "es", "ja", "ko", "zh")
-DIRECTIONS = ("text->image", "speech->image", "speech->text")
+DIRECTIONS = ("text->image", "speech->image", "speech->text", "image->text", "image->speech")
 DEFAULT_DOC = "docs/results_trimodal.md"
 
 
@@ -370,6 +370,23 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         for lang in langs:
             lines.append(f"| {lang} | {cell(per_seed('recipe', 'speech->text', lang))} / {cell(per_seed('cascade', 'speech->text', lang))} | "
                          f"{cell(per_seed('recipe', 'speech->image', lang))} / {cell(per_seed('cascade', 'speech->image', lang))} |")
+    if all("image->speech" in s["recipe"] for s in seeds):  # the reverse directions (reports since session 15)
+        bi = lambda kind, a, b, lang: [(x + y) / 2 for x, y in zip(per_seed(kind, a, lang), per_seed(kind, b, lang))]  # noqa: E731
+        lines += ["", "Both directions (the issue's goal reads speech<->image against image<->text): image queries "
+                  "retrieving the concept's name or clip in that language, and the bidirectional emergent / direct ratio "
+                  "(mean of speech->image and image->speech over the mean of text->image and image->text, per seed):",
+                  "", "| lang | image->text (trained) | image->speech (emergent) | speech<->image / image<->text |"
+                  + (" scaled: image->speech | scaled: speech<->image / image<->text |" if all("scaled" in s for s in seeds) else ""),
+                  "|---|---|---|---|" + ("---|---|" if all("scaled" in s for s in seeds) else "")]
+        for lang in langs:
+            direct = bi("recipe", "text->image", "image->text", lang)
+            rm, rs = _mean_std([e / d if d else float("nan") for e, d in zip(bi("recipe", "speech->image", "image->speech", lang), direct)])
+            row = (f"| {lang} | {cell(per_seed('recipe', 'image->text', lang))} | {cell(per_seed('recipe', 'image->speech', lang))} | "
+                   + (f"{rm:.2f} ± {rs:.2f} |" if many else f"{rm:.2f} |"))
+            if all("scaled" in s for s in seeds):
+                sm, ss = _mean_std([e / d if d else float("nan") for e, d in zip(bi("scaled", "speech->image", "image->speech", lang), direct)])
+                row += f" {cell(per_seed('scaled', 'image->speech', lang))} | " + (f"{sm:.2f} ± {ss:.2f} |" if many else f"{sm:.2f} |")
+            lines.append(row)
     if all("scaled" in s for s in seeds):
         chosen = [s["correction_scale"]["chosen"] for s in seeds]
         lines += ["", "The same fits with the speech tower's correction scaled by a factor chosen per fit on VAL emergent "
@@ -390,9 +407,14 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
     heard_ok = all(mean("recipe", "speech->image", l) >= 0.5 * mean("recipe", "text->image", l) for l in HEARD)
     ls_ok = all(mean("recipe", "speech->image", l) > mean("least_squares", "speech->image", l) for l in langs)
     chance_ok = all(mean("recipe", "speech->image", l) > 10 / max(rec0["speech->image"][l]["gallery"], 1) for l in UNHEARD)
+    bi_text = ""
+    if all("image->speech" in s["recipe"] for s in seeds):
+        both = lambda a, b, l: mean("recipe", a, l) + mean("recipe", b, l)  # noqa: E731
+        bi_ok = all(both("speech->image", "image->speech", l) >= 0.5 * both("text->image", "image->text", l) for l in HEARD)
+        bi_text = f" (both directions, speech<->image >= 0.5 x image<->text: **{'reached' if bi_ok else 'not reached'}**)"
     lines += [
         "Goals (issue 15, on the seed means): emergent speech->image >= 0.5 x direct text->image in en/de/es: "
-        f"**{'reached' if heard_ok else 'not reached'}**; above the composed least-squares baseline in every language: "
+        f"**{'reached' if heard_ok else 'not reached'}**{bi_text}; above the composed least-squares baseline in every language: "
         f"**{'reached' if ls_ok else 'not reached'}**; > 10x chance in never-heard languages: "
         f"**{'reached' if chance_ok else 'not reached'}**.",
         "",
