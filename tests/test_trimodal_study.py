@@ -95,13 +95,9 @@ def _scaled_model():
             super().__init__()
             self.projector, self.normalize = projector, normalize
 
-    class Identity(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.zeros(()))
-
+    class Identity(nn.Module):  # no parameters, like a frozen anchor's identity head
         def forward(self, features):
-            return features.pooled + 0 * self.w
+            return features.pooled
 
     torch.manual_seed(0)
     speech = CascadeResidual(6, 4, hidden_dim=8, norm="none", dropout=0.0)

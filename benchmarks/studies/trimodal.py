@@ -183,7 +183,7 @@ def project_split(model: Any, feats: dict[str, Tensor], present: dict[str, Tenso
             was = tower.training
             tower.eval()
             rows = present[name]
-            x = f[rows].to(next(tower.projector.parameters()).dtype)
+            x = f[rows].to(next(tower.projector.parameters(), f).dtype)  # a frozen anchor may have no parameters
             scaled = name == "speech" and hasattr(tower.projector, "correction_scale")
             if scaled:  # the product's own knob (projectors.CascadeResidual), set for this call only
                 shipped, tower.projector.correction_scale = tower.projector.correction_scale, float(correction_scale)
