@@ -177,7 +177,8 @@ def _fake_result(reverse=True, scaled=True):
     seed = {"seed": 0, "recipe": tab(), "least_squares": tab(0.5), "cascade": tab(0.9), "ridge_lambda": {},
             "objectives": [{"towers": ["speech", "text"], "loss": "CosineLoss", "weight": 1.0}]}
     if scaled:
-        seed |= {"scaled": tab(1.1), "correction_scale": {"chosen": 0.5, "val_speech->image": {"0.5": 0.1, "1": 0.09}}}
+        seed |= {"scaled": tab(1.1), "correction_scale": {"chosen": 0.5, "val_speech->image": {"0.5": 0.1, "1": 0.09}},
+                 "centred": tab(1.25), "centring_val_speech->image": {"plain": 0.075, "centred": 0.088}}
     return {"command": "python -m benchmarks.studies.trimodal", "seeds": [seed], "seconds": 1, "train_rows": 10,
             "train_speech_rows": 5, "overlay": [], "speech_targets": []}
 
@@ -192,6 +193,9 @@ def test_report_reads_both_directions_and_the_val_chosen_correction_scale(tmp_pa
     assert "| en | 30.0 | 17.0 | 0.50 |" in text
     assert "text->image in en/de/es: **not reached** (both directions, speech<->image >= 0.5 x image<->text: **reached**)" in text
     assert "chosen: 0.5" in text and "| en | 55.0 | 8.8 | 0.44 |" in text  # scaled speech->text / speech->image / ratio
+    # centred: speech directions x 1.25 in the fake; ratio 10 / 20
+    assert "plain / centred, per seed: 7.5 / 8.8." in text
+    assert "| en | 20.0 / 20.0 | 50.0 / 62.5 | 8.0 / 10.0 | 17.0 / 21.3 | 0.50 |" in text
 
 
 def test_report_of_an_older_run_without_reverse_directions_or_scales(tmp_path):
@@ -200,3 +204,22 @@ def test_report_of_an_older_run_without_reverse_directions_or_scales(tmp_path):
     write_markdown(_fake_result(reverse=False, scaled=False), tmp_path / "r.md")
     text = (tmp_path / "r.md").read_text()
     assert "Both directions" not in text and "chosen:" not in text and "both directions" not in text
+    assert "centred" not in text
+
+
+def test_centre_removes_each_towers_reference_mean_and_keeps_absent_rows_zero():
+    import torch
+    import torch.nn.functional as F
+
+    from benchmarks.studies.trimodal import centre
+
+    torch.manual_seed(0)
+    ref = {"speech": torch.randn(6, 3) + 5, "image": torch.randn(6, 3) - 2}
+    ref_present = {"speech": torch.tensor([True] * 4 + [False] * 2), "image": torch.ones(6, dtype=torch.bool)}
+    x = {"speech": torch.randn(4, 3), "image": torch.randn(4, 3)}
+    present = {"speech": torch.tensor([True, False, True, True]), "image": torch.ones(4, dtype=torch.bool)}
+    out = centre(x, present, ref, ref_present)
+    want = F.normalize(x["speech"] - ref["speech"][:4].mean(0), dim=-1)  # only the present reference rows count
+    assert torch.allclose(out["speech"][present["speech"]], want[present["speech"]], atol=1e-6)
+    assert not out["speech"][1].any()
+    assert torch.allclose(out["image"], F.normalize(x["image"] - ref["image"].mean(0), dim=-1), atol=1e-6)
