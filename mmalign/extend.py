@@ -63,7 +63,7 @@ def extended_export(
         ExportError: Two towers with one name, two ExportTowers of one exported tower, source exports of
             another shared size than the module's, or a source export whose weights changed since loading.
     """
-    from mmalign.export.format import FORMAT, FORMAT_VERSION
+    from mmalign.export.format import FORMAT, MEAN_KEY, format_version
     from mmalign.export.writer import objective_config, provenance, tower_config
 
     sources = export_towers(module)
@@ -96,6 +96,8 @@ def extended_export(
             towers[new] = copy.deepcopy(cfg["towers"][old])
             prefix = f"towers.{old}.projector."
             state.update({f"towers.{new}.projector.{k[len(prefix):]}": v for k, v in tensors.items() if k.startswith(prefix)})
+            if f"towers.{old}.{MEAN_KEY}" in tensors:  # a centred tower's mean, copied like its weights
+                state[f"towers.{new}.{MEAN_KEY}"] = tensors[f"towers.{old}.{MEAN_KEY}"]
         for i, obj in enumerate(cfg.get("objectives") or []):
             j = len(objectives)
             objectives.append({**copy.deepcopy(obj), "towers": [names.get(t, t) for t in obj["towers"]]})
@@ -115,6 +117,8 @@ def extended_export(
         towers[name] = tower_config(name, tower)
         for key, value in tower.projector.state_dict().items():
             state[f"towers.{name}.projector.{key}"] = value
+        if tower.center:
+            state[f"towers.{name}.{MEAN_KEY}"] = tower.embedding_mean.float()
     offset = len(objectives)
     for i, obj in enumerate(module.objectives):
         objectives.append(objective_config(obj))
@@ -128,7 +132,7 @@ def extended_export(
     prov["extends"] = extends
     config = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version(towers),
         "embed_dim": embed_dim,
         "towers": towers,
         "objectives": objectives,

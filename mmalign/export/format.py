@@ -32,7 +32,12 @@ CAPTIONER_FORMAT = "mmalign.prefix_captioner"
 #: Captioner exports of format version 1 (no checksum, module hyper-parameters fed back as written).
 LEGACY_CAPTIONER_FORMAT = "mmalign-prefix-captioner"
 FORMAT_VERSION = 2
-READABLE_VERSIONS = {FORMAT: (1, 2), CAPTIONER_FORMAT: (2,)}
+#: Embedding exports with a centred tower (``Tower(center=True)``: ``"center": true`` and its
+#: ``towers.<name>.embedding_mean`` tensor) are version 3, so mmalign releases that cannot apply the mean refuse them.
+CENTERED_FORMAT_VERSION = 3
+READABLE_VERSIONS = {FORMAT: (1, 2, 3), CAPTIONER_FORMAT: (2,)}
+#: A centred tower's running output mean, stored as ``towers.<name>.embedding_mean`` (``[output_dim]``).
+MEAN_KEY = "embedding_mean"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 ONNX_DIR = "onnx"
@@ -160,6 +165,11 @@ def read_config(root: str | os.PathLike) -> dict[str, Any]:
         raise ExportError(f"{path} has format_version {version!r}; this mmalign reads {fmt} versions "
                           f"{list(READABLE_VERSIONS[fmt])}")
     return config
+
+
+def format_version(towers: Mapping[str, Mapping[str, Any]]) -> int:
+    """The ``format_version`` an embedding export with these tower entries is written as (3 iff a tower centres)."""
+    return CENTERED_FORMAT_VERSION if any(t.get("center") for t in towers.values()) else FORMAT_VERSION
 
 
 def field(mapping: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:

@@ -244,7 +244,7 @@ def save_aligned(model: Any, output: str | os.PathLike, *, card: bool = True, re
 
     import torch
 
-    from mmalign.export.format import atomic_directory, write_json
+    from mmalign.export.format import MEAN_KEY, atomic_directory, write_json
     from mmalign.export.weights import write_weights
 
     recorded = model.config.get("towers") or {}
@@ -255,6 +255,7 @@ def save_aligned(model: Any, output: str | os.PathLike, *, card: bool = True, re
     listed = (config.pop("weights", None) or {}).get("tensors") or {}
     config.pop("onnx", None)  # graphs of the exported projectors, not rewritten here
     state = {f"towers.{n}.projector.{k}": v for n, t in model.towers.items() for k, v in t.projector.state_dict().items()}
+    state.update({f"towers.{n}.{MEAN_KEY}": t.embedding_mean for n, t in model.towers.items() if t.center})
     state.update(model._extra_tensors)
     dtypes = {k: getattr(torch, str(v.get("dtype"))) for k, v in listed.items()
               if isinstance(v, dict) and isinstance(getattr(torch, str(v.get("dtype")), None), torch.dtype)}

@@ -24,9 +24,11 @@ from torch import Tensor, nn
 
 from encoders.base import Encoder, EncoderOutput
 from encoders.utils import torch_dtype as _as_dtype  # the one dtype parser
-from mmalign.export.format import CAPTIONER_FORMAT, ClassList, ExportError, confine, field, read_config
+from mmalign.export.format import (
+    CAPTIONER_FORMAT, CENTERED_FORMAT_VERSION, MEAN_KEY, ClassList, ExportError, confine, field, read_config,
+)
 from mmalign.export.rebuild import build_encoder, check_projector, instantiate
-from mmalign.export.weights import check_listed, load_tensors, open_weights, verify_checksum
+from mmalign.export.weights import check_listed, check_tensors, load_tensors, open_weights, verify_checksum
 from mmalign.training.towers import Tower
 
 #: Modality a manifest field holds, for picking a tower by field name when no tower reads it directly.
@@ -175,6 +177,7 @@ class AlignedModel(_ModalityShortcuts, nn.Module):
                                                      f"tower {name!r}", trusted=trusted_classes)
             projectors[name] = (cls_, init_args)
             problems += found
+            problems += _mean_problems(cfg, weights, name, config.get("format_version"))
         problems += _other_tensor_problems(weights, names)
         if problems:
             raise ExportError(f"{weights.path} does not match the model described by config.json:\n  "
@@ -190,8 +193,12 @@ class AlignedModel(_ModalityShortcuts, nn.Module):
             if projector.in_dim != encoder.output_dim:
                 raise ExportError(f"tower {name!r}: projector in_dim {projector.in_dim} != encoder output_dim "
                                   f"{encoder.output_dim}")
+            center = _centers(cfg, name)
+            if center and projector.out_dim != cfg["output_dim"]:
+                raise ExportError(f"tower {name!r}: projector out_dim {projector.out_dim} != recorded output_dim "
+                                  f"{cfg['output_dim']} (the size of its {MEAN_KEY})")
             tower = Tower(encoder, field(cfg, "field", str, f"towers.{name}"), projector=lambda i, o, p=projector: p,
-                          normalize=field(cfg, "normalize", bool, f"towers.{name}"))
+                          normalize=field(cfg, "normalize", bool, f"towers.{name}"), center=center)
             tower.build(projector.out_dim)
             built[name] = tower
         tensors = load_tensors(weights)
@@ -199,6 +206,8 @@ class AlignedModel(_ModalityShortcuts, nn.Module):
         for name, tower in built.items():
             prefix = f"towers.{name}.projector."
             tower.projector.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            if tower.center:
+                tower.embedding_mean.copy_(tensors[f"towers.{name}.{MEAN_KEY}"].float())
         model._extra_tensors = {k: v for k, v in tensors.items() if not k.startswith("towers.")}  # objectives
         return model.eval()
 
@@ -458,16 +467,40 @@ def _check_paths(root: Path, config: Mapping[str, Any]) -> None:
         confine(root, field(entry, "file", str, f"onnx.{name}"), f"onnx.{name}.file")
 
 
+def _centers(cfg: Mapping[str, Any], name: str) -> bool:
+    """A tower entry's ``center`` flag (absent: False; anything but a bool is refused)."""
+    center = cfg.get("center", False)
+    if not isinstance(center, bool):
+        raise ExportError(f"config.json: towers.{name}.center must be true or false, got {center!r}")
+    return center
+
+
+def _mean_problems(cfg: Mapping[str, Any], weights: Any, name: str, version: Any) -> list[str]:
+    """A centred tower's ``embedding_mean``: present, ``[output_dim]`` (the recorded size, nothing larger is
+    read), floating point, in a format_version 3 export; an uncentred tower has none."""
+    key = f"towers.{name}.{MEAN_KEY}"
+    if not _centers(cfg, name):
+        return [f"tower {name!r} does not centre (no center: true) but the weights hold {key}"] if key in weights.header else []
+    if version != CENTERED_FORMAT_VERSION:
+        return [f"tower {name!r} centres its outputs, which needs format_version {CENTERED_FORMAT_VERSION}, not {version!r}"]
+    dim = field(cfg, "output_dim", int, f"towers.{name}")
+    return check_tensors(weights, {key: torch.empty(dim, device="meta")}, key, f"tower {name!r}")
+
+
 def _other_tensor_problems(weights: Any, loaded: Sequence[str]) -> list[str]:
-    """Tensors outside the loaded projectors: objective tensors listed in config.json, nothing unlisted."""
+    """Tensors outside the loaded towers: objective tensors listed in config.json, nothing unlisted; under a loaded
+    tower only its projector's tensors and its mean (checked by :func:`_mean_problems`), listed or not."""
     listed = weights.info.get("tensors") or {}
     if not isinstance(listed, dict):
         return ["config.json: weights.tensors must be an object"]
     prefixes = tuple(f"towers.{n}.projector." for n in loaded)
+    owned = tuple(f"towers.{n}." for n in loaded)
+    means = {f"towers.{n}.{MEAN_KEY}" for n in loaded}
     problems = check_listed(weights, [k for k in listed if not k.startswith("towers.")])
     problems += [f"unexpected tensor {k}" for k in weights.header if not k.startswith("towers.") and k not in listed]
     problems += [f"unexpected tensor {k}" for k in weights.header
-                 if k.startswith("towers.") and k not in listed and not k.startswith(prefixes)]
+                 if k.startswith("towers.") and not k.startswith(prefixes) and k not in means
+                 and (k not in listed or k.startswith(owned))]
     return problems
 
 

@@ -176,6 +176,7 @@ class ExportEncoder(RecordsInitArgs, FrozenModule):
             "encoder_cache_key": self.entry["encoder"].get("cache_key"),
             "projector": self.entry["projector"].get("class_path"),
             "normalize": bool(self.entry.get("normalize", False)),
+            **({"center": True} if self.entry.get("center") else {}),  # absent when not centred: old keys unchanged
             "embed_dim": self.output_dim,
         }
 

@@ -14,10 +14,12 @@ Visual-prefix captioners (:class:`~mmalign.captioning.PrefixCaptioningModule`) a
 :func:`export_module` in their own layout (:mod:`mmalign.export.captioner`); both share the ``weights`` and
 ``provenance`` entries and the reading rules of :mod:`mmalign.export.format`.
 
-Layout of an embedding export's ``config.json`` (``format_version`` 2; version 1 had the same keys)::
+Layout of an embedding export's ``config.json`` (``format_version`` 2; version 1 had the same keys; version 3, written
+only when a tower centres its outputs, adds ``"center": true`` to those towers and their ``towers.<name>.embedding_mean``
+tensor, so a reader that predates centring refuses the export instead of embedding without it)::
 
     {"format": "mmalign.aligned_model", "format_version": 2, "embed_dim": 32,
-     "towers": {name: {"field", "modality", "normalize", "output_dim",
+     "towers": {name: {"field", "modality", "normalize", ["center",] "output_dim",
                        "encoder": {"class_path", "init_args", "spec", "cache_key", "output_dim"},
                        "projector": {"class_path", "init_args", "num_parameters"}}},
      "objectives": [{"towers", "weight", "loss": {"class_path", "logit_scale", "logit_bias"}}],
@@ -39,8 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from mmalign.export.format import (
-    CONFIG_NAME, FORMAT, FORMAT_VERSION, ONNX_DIR, ExportError, atomic_directory, check_output_dir, class_path,
-    json_loose, json_strict, write_json,
+    CONFIG_NAME, FORMAT, MEAN_KEY, ONNX_DIR, ExportError, atomic_directory, check_output_dir, class_path,
+    format_version, json_loose, json_strict, write_json,
 )
 from mmalign.export.weights import write_weights
 
@@ -73,6 +75,7 @@ def tower_config(name: str, tower: nn.Module) -> dict[str, Any]:
         "field": tower.field,
         "modality": str(tower.encoder.modality),
         "normalize": bool(tower.normalize),
+        **({"center": True} if getattr(tower, "center", False) else {}),  # absent: not centred (format_version 2)
         "output_dim": int(tower.out_dim),
         "encoder": encoder_config(tower.encoder, name),
         "projector": {
@@ -114,6 +117,8 @@ def export_state(module: nn.Module) -> dict[str, Tensor]:
     for name, tower in module.towers.items():
         for key, value in tower.projector.state_dict().items():
             state[f"towers.{name}.projector.{key}"] = value
+        if getattr(tower, "center", False):
+            state[f"towers.{name}.{MEAN_KEY}"] = tower.embedding_mean.float()
     for i, objective in enumerate(module.objectives):
         skip = {f"loss.{k}" for k in getattr(objective.loss, "training_buffers", ())}  # a ClipLoss queue: training state
         for key, value in objective.state_dict().items():
@@ -138,11 +143,12 @@ def build_export_config(
     if missing:
         raise ExportError(f"{class_path(module)} has no {missing}: exports cover AlignmentModule-style recipes")
 
+    towers = {name: tower_config(name, tower) for name, tower in module.towers.items()}
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version(towers),
         "embed_dim": int(module.embed_dim),
-        "towers": {name: tower_config(name, tower) for name, tower in module.towers.items()},
+        "towers": towers,
         "objectives": [objective_config(o) for o in module.objectives],
         "languages": sorted(languages) if languages is not None else None,
         "provenance": provenance(recipe=recipe, metrics=metrics, checkpoint=checkpoint, epoch=epoch,
@@ -256,12 +262,20 @@ class _ProjectorGraph(nn.Module):
         self.projector = tower.projector
         self.normalize = tower.normalize
         self.uses_tokens = bool(getattr(tower.projector, "uses_tokens", False))
+        self.center = bool(getattr(tower, "center", False))
+        if self.center:  # a constant of the graph
+            self.register_buffer("embedding_mean", tower.embedding_mean.detach().float().clone())
 
     def forward(self, pooled: Tensor, tokens: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         from encoders.base import EncoderOutput
 
         out = self.projector(EncoderOutput(pooled=pooled, tokens=tokens, mask=mask))  # [B, D]
-        return nn.functional.normalize(out, dim=-1) if self.normalize else out
+        if not self.normalize:
+            return out
+        out = nn.functional.normalize(out, dim=-1)
+        if self.center:
+            out = nn.functional.normalize(out - self.embedding_mean.to(out.dtype), dim=-1)
+        return out
 
 
 def export_onnx(module: nn.Module, directory: str | os.PathLike) -> dict[str, Any]:

@@ -215,7 +215,37 @@ class AlignmentModule(FrozenBackboneModule):
                 continue
             x = tower.project(feats)
             embeds[name] = scatter_rows(x, mask) if mask is not None else x
+        if self.training:
+            self.track_means(embeds, batch.get("present"))
         return embeds
+
+    def track_means(self, embeds: dict[str, Tensor], present: dict[str, Tensor] | None = None) -> None:
+        """Fold a training batch into the running output mean of every ``center=True`` tower
+        (:meth:`~mmalign.training.towers.Tower.track_mean`), on the rows that hold the tower's field.
+
+        Under DDP the sums and row counts of every rank are all-reduced first (one collective per step, the same
+        on every rank: a tower this rank's batch lacks adds zeros), so every rank keeps the same mean.
+        """
+        names = [n for n, t in self.towers.items() if t.center]
+        if not names:
+            return
+        like = next(iter(embeds.values()), None)
+        device = like.device if like is not None else self.device
+        stats = torch.zeros(len(names), self.embed_dim + 1, device=device)  # [T, D + 1]: sum of outputs, rows
+        for i, name in enumerate(names):
+            x = embeds.get(name)
+            if x is None:
+                continue
+            x = x.detach().float()
+            rows = present.get(name) if present else None
+            if rows is not None:
+                x = x[rows.to(x.device)]
+            stats[i, :-1] = x.sum(0)
+            stats[i, -1] = len(x)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(stats)
+        for i, name in enumerate(names):
+            self.towers[name].track_mean(stats[i, :-1], rows=int(stats[i, -1].round()))
 
     def compute_losses(
         self, embeds: dict[str, Tensor], groups: Tensor | None = None, present: dict[str, Tensor] | None = None
@@ -317,6 +347,8 @@ class AlignmentModule(FrozenBackboneModule):
         out = grad_cache_backward(
             project, len(ranges), lambda embeds: self.compute_losses(embeds, groups, present), backward=backward, sync=sync
         )
+        if self.training:  # once per row (the chunks were projected twice: without and with a graph)
+            self.track_means(out.embeds, present)
         return out.loss, out.losses, out.embeds
 
     # -- Lightning hooks ---------------------------------------------------------------------

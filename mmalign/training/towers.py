@@ -29,17 +29,31 @@ class Tower(nn.Module):
         lr_scale: This tower's projector trains at ``lr_scale`` times the optimizer's learning rate (its own
             parameter group; the scheduler scales it alike). E.g. a :class:`projectors.CascadeResidual` that
             corrects an ASR cascade gently while the image tower beside it learns at the full rate.
+        center: Close the modality gap (Liang et al., NeurIPS 2022: each tower's outputs sit in a cone of their
+            own, and the offset between two towers' cones is noise for retrieval between them). The tower keeps
+            the running mean of its normalised outputs over the training rows (buffer ``embedding_mean``, tracked
+            in training steps by :meth:`track_mean`, like BatchNorm's statistics) and, outside training (``eval()``:
+            validation, test, export, ``embed_*``), returns ``normalize(output - mean)``. The objectives train on
+            the plain outputs. Needs ``normalize=True``. The mean travels in checkpoints and exports.
+        center_momentum: Weight of each training batch in the running mean once the mean has seen
+            ``batch rows / center_momentum`` rows; before that the mean is the plain average of every row seen.
     """
 
     def __init__(self, encoder: Encoder, field: str, projector: ProjectorFactory | None = None, normalize: bool = False,
-                 lr_scale: float = 1.0) -> None:
+                 lr_scale: float = 1.0, center: bool = False, center_momentum: float = 0.01) -> None:
         super().__init__()
         if not (isinstance(lr_scale, (int, float)) and lr_scale > 0 and lr_scale == lr_scale and lr_scale != float("inf")):
             raise ValueError(f"tower on field {field!r}: lr_scale must be a positive finite number, got {lr_scale!r}")
+        if center and not normalize:
+            raise ValueError(f"tower on field {field!r}: center=True centres the L2-normalised outputs; set normalize=True")
+        if not (isinstance(center_momentum, (int, float)) and 0 < center_momentum <= 1):
+            raise ValueError(f"tower on field {field!r}: center_momentum must be in (0, 1], got {center_momentum!r}")
         self.encoder = encoder
         self.field = field
         self.normalize = normalize
         self.lr_scale = float(lr_scale)
+        self.center = bool(center)
+        self.center_momentum = float(center_momentum)
         self._projector_factory = projector
         self.projector: Projector | None = None
         self.out_dim: int | None = None
@@ -53,6 +67,9 @@ class Tower(nn.Module):
                 raise ValueError(f"tower on field {self.field!r} has a projector: set the module's embed_dim")
             self.projector = self._projector_factory(self.encoder.output_dim, embed_dim)
         self.out_dim = self.projector.out_dim
+        if self.center:
+            self.register_buffer("embedding_mean", torch.zeros(self.out_dim))  # [D], of the normalised outputs
+            self.register_buffer("embedding_count", torch.zeros((), dtype=torch.long))  # training rows averaged
         return self.out_dim
 
     @property
@@ -61,7 +78,33 @@ class Tower(nn.Module):
 
     def project(self, features: EncoderOutput) -> Tensor:
         embeds = self.projector(features)
-        return F.normalize(embeds, dim=-1) if self.normalize else embeds
+        if not self.normalize:
+            return embeds
+        embeds = F.normalize(embeds, dim=-1)
+        if self.center and not self.training:
+            embeds = F.normalize(embeds - self.embedding_mean.to(device=embeds.device, dtype=embeds.dtype), dim=-1)
+        return embeds
+
+    @torch.no_grad()
+    def track_mean(self, embeds: Tensor, rows: Tensor | None = None) -> None:
+        """Fold a training batch's outputs into the running mean (``center=True`` towers; a no-op otherwise).
+
+        Args:
+            embeds: ``[N, D]`` this tower's (plain, normalised) outputs of the batch's rows that hold its field, or
+                ``[D]`` their SUM when ``rows`` is given (what a DDP all-reduce yields).
+            rows: Number of rows summed in ``embeds`` (``[]`` tensor or int); None: ``embeds`` is ``[N, D]``.
+        """
+        if not self.center:
+            return
+        total = embeds.float().sum(0) if rows is None else embeds.float()
+        n = int(len(embeds) if rows is None else rows)
+        if n == 0:
+            return
+        seen = int(self.embedding_count)
+        weight = max(self.center_momentum, n / (seen + n))  # the plain average until the window is full
+        mean = self.embedding_mean.float()
+        self.embedding_mean.copy_(mean + weight * (total / n - mean))
+        self.embedding_count.add_(n)
 
     def forward(self, inputs: dict[str, Tensor]) -> Tensor:
         return self.project(self.encoder(inputs))
