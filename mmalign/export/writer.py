@@ -270,11 +270,11 @@ class _ProjectorGraph(nn.Module):
         from encoders.base import EncoderOutput
 
         out = self.projector(EncoderOutput(pooled=pooled, tokens=tokens, mask=mask))  # [B, D]
-        if not self.normalize:
-            return out
-        out = nn.functional.normalize(out, dim=-1)
+        if self.normalize:
+            out = nn.functional.normalize(out, dim=-1)
         if self.center:
-            out = nn.functional.normalize(out - self.embedding_mean.to(out.dtype), dim=-1)
+            out = out - self.embedding_mean.to(out.dtype)
+            out = nn.functional.normalize(out, dim=-1) if self.normalize else out
         return out
 
 

@@ -31,10 +31,10 @@ class Tower(nn.Module):
             corrects an ASR cascade gently while the image tower beside it learns at the full rate.
         center: Close the modality gap (Liang et al., NeurIPS 2022: each tower's outputs sit in a cone of their
             own, and the offset between two towers' cones is noise for retrieval between them). The tower keeps
-            the running mean of its normalised outputs over the training rows (buffer ``embedding_mean``, tracked
-            in training steps by :meth:`track_mean`, like BatchNorm's statistics) and, outside training (``eval()``:
-            validation, test, export, ``embed_*``), returns ``normalize(output - mean)``. The objectives train on
-            the plain outputs. Needs ``normalize=True``. The mean travels in checkpoints and exports.
+            the running mean of its outputs over the training rows (buffer ``embedding_mean``, tracked in training
+            steps by :meth:`track_mean`, like BatchNorm's statistics) and, outside training (``eval()``: validation,
+            test, export, ``embed_*``), returns ``output - mean`` (re-normalised when ``normalize``). The
+            objectives train on the plain outputs. The mean travels in checkpoints and exports.
         center_momentum: Weight of each training batch in the running mean once the mean has seen
             ``batch rows / center_momentum`` rows; before that the mean is the plain average of every row seen.
     """
@@ -44,8 +44,6 @@ class Tower(nn.Module):
         super().__init__()
         if not (isinstance(lr_scale, (int, float)) and lr_scale > 0 and lr_scale == lr_scale and lr_scale != float("inf")):
             raise ValueError(f"tower on field {field!r}: lr_scale must be a positive finite number, got {lr_scale!r}")
-        if center and not normalize:
-            raise ValueError(f"tower on field {field!r}: center=True centres the L2-normalised outputs; set normalize=True")
         if not (isinstance(center_momentum, (int, float)) and 0 < center_momentum <= 1):
             raise ValueError(f"tower on field {field!r}: center_momentum must be in (0, 1], got {center_momentum!r}")
         self.encoder = encoder
@@ -68,7 +66,7 @@ class Tower(nn.Module):
             self.projector = self._projector_factory(self.encoder.output_dim, embed_dim)
         self.out_dim = self.projector.out_dim
         if self.center:
-            self.register_buffer("embedding_mean", torch.zeros(self.out_dim))  # [D], of the normalised outputs
+            self.register_buffer("embedding_mean", torch.zeros(self.out_dim))  # [D], of the plain outputs
             self.register_buffer("embedding_count", torch.zeros((), dtype=torch.long))  # training rows averaged
         return self.out_dim
 
@@ -78,11 +76,11 @@ class Tower(nn.Module):
 
     def project(self, features: EncoderOutput) -> Tensor:
         embeds = self.projector(features)
-        if not self.normalize:
-            return embeds
-        embeds = F.normalize(embeds, dim=-1)
+        if self.normalize:
+            embeds = F.normalize(embeds, dim=-1)
         if self.center and not self.training:
-            embeds = F.normalize(embeds - self.embedding_mean.to(device=embeds.device, dtype=embeds.dtype), dim=-1)
+            embeds = embeds - self.embedding_mean.to(device=embeds.device, dtype=embeds.dtype)
+            embeds = F.normalize(embeds, dim=-1) if self.normalize else embeds
         return embeds
 
     @torch.no_grad()
@@ -90,7 +88,7 @@ class Tower(nn.Module):
         """Fold a training batch's outputs into the running mean (``center=True`` towers; a no-op otherwise).
 
         Args:
-            embeds: ``[N, D]`` this tower's (plain, normalised) outputs of the batch's rows that hold its field, or
+            embeds: ``[N, D]`` this tower's plain (uncentred) outputs of the batch's rows that hold its field, or
                 ``[D]`` their SUM when ``rows`` is given (what a DDP all-reduce yields).
             rows: Number of rows summed in ``embeds`` (``[]`` tensor or int); None: ``embeds`` is ``[N, D]``.
         """
