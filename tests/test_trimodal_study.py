@@ -90,7 +90,12 @@ def _scaled_model():
 
     from projectors import CascadeResidual
 
-    class Tower(nn.Module):
+    from mmalign.training.towers import Tower as ProductTower
+
+    class Tower(nn.Module):  # the product's projection without an encoder
+        center = False
+        project = ProductTower.project
+
         def __init__(self, projector, normalize=True):
             super().__init__()
             self.projector, self.normalize = projector, normalize

@@ -172,8 +172,6 @@ def project_split(model: Any, feats: dict[str, Tensor], present: dict[str, Tenso
     the fine-tuned tower: the correction's output layer starts at zero, so scaling its weights by ``a`` interpolates
     the output exactly.
     """
-    import torch.nn.functional as F
-
     from encoders.base import EncoderOutput
 
     out = {}
@@ -187,13 +185,11 @@ def project_split(model: Any, feats: dict[str, Tensor], present: dict[str, Tenso
             scaled = name == "speech" and hasattr(tower.projector, "correction_scale")
             if scaled:  # the product's own knob (projectors.CascadeResidual), set for this call only
                 shipped, tower.projector.correction_scale = tower.projector.correction_scale, float(correction_scale)
-            try:
-                emb = tower.projector(EncoderOutput(pooled=x)).float()
+            try:  # the product's own projection (normalised and centred as the tower is configured)
+                emb = tower.project(EncoderOutput(pooled=x)).float()
             finally:
                 if scaled:
                     tower.projector.correction_scale = shipped
-            if tower.normalize:
-                emb = F.normalize(emb, dim=-1)
             full = torch.zeros(f.shape[0], emb.shape[1])
             full[rows] = emb
             out[name] = full
