@@ -310,8 +310,11 @@ def test_fit_export_reloads_in_a_fresh_process_and_captions_like_predict(synthet
     script = ("import json, sys, mmalign; job = json.loads(sys.argv[2]); model = mmalign.load(sys.argv[1]); "
               "print(json.dumps(model.generate(job['images'], lang=job['langs'], max_new_tokens=8)))")
     export = tmp_path / "outputs/tiny_mblip/export"
+    import os
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     out = subprocess.run([sys.executable, "-c", script, str(export), json.dumps(job)], capture_output=True, text=True,
-                         cwd=tmp_path)
+                         cwd=tmp_path, env=env)  # this checkout's mmalign, installed or not
     assert out.returncode == 0, out.stderr[-3000:]
     captions = json.loads(out.stdout.strip().splitlines()[-1])
     assert captions == [r["caption"] for r in rows]

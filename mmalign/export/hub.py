@@ -183,15 +183,15 @@ def model_card(config: Mapping[str, Any], repo_id: str | None = None) -> str:
              "```python", "from mmalign import AlignedModel", "",
              f"model = AlignedModel.from_pretrained({(repo_id or 'path/to/export')!r})", "print(model.describe())",
              "```", "", f"## Towers ({config.get('embed_dim')}-d shared space)", "",
-             "| tower | modality | field | encoder | encoder args | projector | parameters | normalised |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| tower | modality | field | encoder | encoder args | projector | parameters | normalised | centred |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, t in (config.get("towers") or {}).items():
         enc, proj = t.get("encoder", {}), t.get("projector", {})
         args = ", ".join(f"{k}={v}" for k, v in (enc.get("init_args") or {}).items())
         params = proj.get("num_parameters")
         lines.append(f"| {name} | {t.get('modality')} | `{t.get('field')}` | `{enc.get('class_path')}` "
                      f"({enc.get('output_dim')}-d) | {args or '-'} | `{str(proj.get('class_path', '')).rsplit('.', 1)[-1]}` "
-                     f"| {f'{params:,}' if isinstance(params, int) else '?'} | {t.get('normalize')} |")
+                     f"| {f'{params:,}' if isinstance(params, int) else '?'} | {t.get('normalize')} | {bool(t.get('center'))} |")
     objectives = config.get("objectives") or []
     if objectives:
         lines += ["", "## Objectives", ""]
