@@ -6,7 +6,9 @@ scaling, Conneau et al. 2018: ``2 cos(q, g) - r_gallery(q) - r_queries(g)``, ``r
 nearest neighbours), for the recipe AND for the ceiling (the frozen student's own ``student(L) -> student(en)``
 retrieval, scored the same way), so the fraction of the ceiling compares like with like. ``r_queries(g)`` is taken
 over the set's own queries of that language (transductive, as in MUSE) and, in the ``ref`` column, over 20,000
-projected corpus texts instead (no test queries needed: what a deployed gallery search could use).
+projected corpus texts instead (no test queries needed: what a deployed gallery search could use). The ``centred``
+columns subtract each side's mean over 20,000 corpus texts first (the modality gap, as ``Tower(center=True)``), the
+ceiling's both sides by the frozen student's corpus mean.
 
 Usage (repo root, after ``python -m benchmarks.studies.pivot_corpus encode``):
 ``python -m benchmarks.studies.pivot_hubness --steps 600 --output docs/results/pivot_hubness.json``
@@ -52,8 +54,12 @@ def main(argv=None) -> None:
     t0 = time.time()
     best = {"schedule": "cosine", "bank": 4096}
     model = pc.fit_features(best, train["student"], train["teacher"], a.steps, a.seed)
-    ref = pc.project(model, "student", train["student"][
-        torch.randperm(len(train["student"]), generator=torch.Generator().manual_seed(0))[:20000]])
+    sample = torch.randperm(len(train["student"]), generator=torch.Generator().manual_seed(0))[:20000]
+    ref = pc.project(model, "student", train["student"][sample])
+    # the modality gap (what ``Tower(center=True)`` removes in the product): each side's mean over the same 20,000
+    # corpus texts, the projected student's, the teacher tower's, and the frozen student's own for the ceiling
+    mean_s, mean_t = ref.float().mean(0), pc.project(model, "teacher", train["teacher"][sample]).float().mean(0)
+    mean_raw = train["student"][sample].float().mean(0)
     out: dict = {"command": "python -m benchmarks.studies.pivot_hubness " + " ".join(sys.argv[1:]),
                  "corpus_rows": len(train["student"]), "variant": best, "steps": a.steps, "k": a.k, "seed": a.seed,
                  "sets": {}}
@@ -76,11 +82,16 @@ def main(argv=None) -> None:
                 "recipe_csls_ref": r1(ps[idx], pt, labels, s.concepts, k=a.k, ref=ref),
                 "ceiling": r1(s.student[qi], s.student[g_idx], [s.rows[i]["concept"] for i in qi], g_labels),
                 "ceiling_csls": r1(s.student[qi], s.student[g_idx], [s.rows[i]["concept"] for i in qi], g_labels, k=a.k),
+                "recipe_centred": r1(ps[idx].float() - mean_s, pt.float() - mean_t, labels, s.concepts),
+                "ceiling_centred": r1(s.student[qi].float() - mean_raw, s.student[g_idx].float() - mean_raw,
+                                      [s.rows[i]["concept"] for i in qi], g_labels),
             }
         mean = {key: sum(v[key] for v in rows.values()) / len(rows) for key in next(iter(rows.values()))}
         frac = {"plain": sum(v["recipe"] / v["ceiling"] for v in rows.values()) / len(rows),
                 "csls": sum(v["recipe_csls"] / v["ceiling_csls"] for v in rows.values()) / len(rows),
-                "csls_ref": sum(v["recipe_csls_ref"] / v["ceiling_csls"] for v in rows.values()) / len(rows)}
+                "csls_ref": sum(v["recipe_csls_ref"] / v["ceiling_csls"] for v in rows.values()) / len(rows),
+                "centred": sum(v["recipe_centred"] / v["ceiling_centred"] for v in rows.values()) / len(rows),
+                "centred_over_plain_ceiling": sum(v["recipe_centred"] / v["ceiling"] for v in rows.values()) / len(rows)}
         out["sets"][name] = {"per_language": rows, "mean": mean, "fraction_of_ceiling": frac}
         print(f"{name}: " + " ".join(f"{k} {v:.3f}" for k, v in mean.items())
               + " | fraction " + " ".join(f"{k} {v:.2f}" for k, v in frac.items()), flush=True)
