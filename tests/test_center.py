@@ -174,6 +174,23 @@ def test_checkpoint_state_dict_carries_the_mean():
     torch.testing.assert_close(fresh.towers["text"].embedding_mean, module.towers["text"].embedding_mean)
 
 
+def test_export_from_a_checkpoint_keeps_the_mean(tmp_path):
+    from mmalign.export.checkpoint import load_export_state
+
+    module = _trained(make_module())
+    fresh = make_module().eval()  # what `mmalign export --ckpt` rebuilds from the recipe
+    load_export_state(fresh, module.state_dict(), "a checkpoint")
+    for name in module.towers:
+        torch.testing.assert_close(fresh.towers[name].embedding_mean, module.towers[name].embedding_mean)
+    assert int(fresh.towers["text"].embedding_count) == 24
+    model = AlignedModel.from_pretrained(export_module(fresh, tmp_path / "export"), device="cpu")
+    feats = cached_batch(module, 3, seed=4)["features"]["image"]
+    torch.testing.assert_close(model.embed_features(feats, "image"), module.towers["image"].project(feats))
+    state = {k: v for k, v in module.state_dict().items() if k != "towers.speech.embedding_mean"}
+    with pytest.raises(ExportError, match="missing tensors.*towers.speech.embedding_mean"):
+        load_export_state(make_module(), state, "an uncentred run's checkpoint")
+
+
 def test_onnx_graph_centres_like_the_tower(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")

@@ -147,7 +147,7 @@ def _is_captioner(module: nn.Module) -> bool:
 
 
 def load_export_state(module: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:
-    """Copy a checkpoint's trainable tensors (projectors, temperatures, LoRA) into ``module``.
+    """Copy a checkpoint's exported tensors (projectors, temperatures, centred towers' means, LoRA) into ``module``.
 
     Every key and shape must match, and no value may be NaN/Inf (a diverged run is not exported).
     """
@@ -173,6 +173,11 @@ def load_export_state(module: nn.Module, state_dict: Mapping[str, Tensor], sourc
     for name, tower in module.towers.items():
         prefix = f"towers.{name}.projector."
         tower.projector.load_state_dict({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)})
+        if getattr(tower, "center", False):  # a centred tower's running mean (and how many rows it averaged)
+            tower.embedding_mean.copy_(state_dict[f"towers.{name}.embedding_mean"])
+            count = state_dict.get(f"towers.{name}.embedding_count")
+            if count is not None:
+                tower.embedding_count.copy_(count)
     for i, objective in enumerate(module.objectives):
         prefix = f"objectives.{i}."
         objective.load_state_dict({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)})
