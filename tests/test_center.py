@@ -311,3 +311,27 @@ def test_ddp_ranks_share_the_mean_of_the_global_batch(tmp_path):
     for name in module.towers:
         for r in ranks:
             torch.testing.assert_close(r[name], module.towers[name].embedding_mean, atol=1e-6, rtol=1e-5)
+
+
+def test_a_sweep_of_a_centred_recipe_keeps_a_mean_per_member(synthetic_data, tmp_path):
+    """``--sweep_seeds`` stacks every buffer: each member tracks its own running mean (its own outputs) under vmap."""
+    import yaml
+
+    from mmalign.cli import main
+    from mmalign.recipe import MMAlignCLI, load_config
+
+    config = load_config("uclip_pivot", variant="tiny")
+    for tower in config["model"]["init_args"]["towers"].values():
+        tower["init_args"]["center"] = True
+    recipe = tmp_path / "pivot.yaml"
+    recipe.write_text(yaml.safe_dump(config).replace("data/synthetic", str(synthetic_data)))
+    main(["cache", "--config", str(recipe), "--output", str(tmp_path / "cache"), "--progress=false"])
+    cli = MMAlignCLI(args=["fit", "--config", str(recipe), f"--data.init_args.cache_dir={tmp_path / 'cache'}",
+                           "--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp_path / 'run'}", "--sweep_seeds=[0,1]"])
+    buffers = cli.model.sweep.buffers
+    student = buffers["module.towers.student.embedding_mean"]  # [members, D]
+    assert student.shape[0] == 2 and not torch.allclose(student[0], student[1]) and bool(student.abs().sum() > 0)
+    out = next((tmp_path / "run").rglob("ensemble.json")).parent
+    for i, name in enumerate(cli.model.names):
+        model = AlignedModel.from_pretrained(str(out / name))
+        torch.testing.assert_close(model.towers["student"].embedding_mean, student[i])

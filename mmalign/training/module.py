@@ -22,6 +22,12 @@ from mmalign.training.mixup import mixup_batch
 from mmalign.training.towers import Objective, Tower
 
 
+def _is_batched(x: Tensor) -> bool:
+    """Whether ``x`` is a vmap batch (a sweep's members): collectives are not run inside vmap."""
+    check = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", None)
+    return bool(check(x)) if check is not None else False
+
+
 def presence(batch: dict[str, Any], name: str) -> Tensor | None:
     """``[B]`` bool: the rows of ``batch`` that hold tower ``name``'s field; None when every row does."""
     mask = batch.get("present", {}).get(name)
@@ -224,28 +230,30 @@ class AlignmentModule(FrozenBackboneModule):
         (:meth:`~mmalign.training.towers.Tower.track_mean`), on the rows that hold the tower's field.
 
         Under DDP the sums and row counts of every rank are all-reduced first (one collective per step, the same
-        on every rank: a tower this rank's batch lacks adds zeros), so every rank keeps the same mean.
+        on every rank: a tower this rank's batch lacks adds zeros), so every rank keeps the same mean. Inside a
+        sweep's vmap (each member its own mean) the collective is skipped: a DDP sweep keeps each rank's mean.
         """
         names = [n for n, t in self.towers.items() if t.center]
         if not names:
             return
         like = next(iter(embeds.values()), None)
         device = like.device if like is not None else self.device
-        stats = torch.zeros(len(names), self.embed_dim + 1, device=device)  # [T, D + 1]: sum of outputs, rows
-        for i, name in enumerate(names):
+        rows = []  # per tower [D + 1]: sum of outputs, row count (built out of place: a sweep vmaps this)
+        for name in names:
             x = embeds.get(name)
             if x is None:
+                rows.append(torch.zeros(self.embed_dim + 1, device=device))
                 continue
             x = x.detach().float()
-            rows = present.get(name) if present else None
-            if rows is not None:
-                x = x[rows.to(x.device)]
-            stats[i, :-1] = x.sum(0)
-            stats[i, -1] = len(x)
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            keep = present.get(name) if present else None
+            keep = torch.ones(len(x), device=x.device) if keep is None else keep.to(device=x.device, dtype=x.dtype)
+            rows.append(torch.cat([(x * keep[:, None]).sum(0), keep.sum()[None]]))
+        stats = torch.stack(rows)  # [T, D + 1]
+        if (torch.distributed.is_available() and torch.distributed.is_initialized()
+                and torch.distributed.get_world_size() > 1 and not _is_batched(stats)):
             torch.distributed.all_reduce(stats)
         for i, name in enumerate(names):
-            self.towers[name].track_mean(stats[i, :-1], rows=int(stats[i, -1].round()))
+            self.towers[name].track_mean(stats[i, :-1], rows=stats[i, -1])
 
     def compute_losses(
         self, embeds: dict[str, Tensor], groups: Tensor | None = None, present: dict[str, Tensor] | None = None

@@ -98,9 +98,13 @@ def _per_member(value: float | Sequence[float], n: int, name: str, like: Tensor)
 
 
 def stacked_buffers(members: Sequence[nn.Module]) -> dict[str, Tensor]:
-    """``{name: [N, ...]}``: the buffers of BatchNorm layers (running statistics each member updates) and any
+    """``{name: [N, ...]}``: the buffers of BatchNorm layers and centred towers (running statistics each member
+    updates) and any
     buffer whose value differs between members; other buffers (frozen encoders') stay shared."""
     norms = {name for name, m in members[0].named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    # a centred tower's running output mean (Tower(center=True)) is per-member state too, like BatchNorm's
+    norms |= {name for name, m in members[0].named_modules() if getattr(m, "center", False) is True
+              and hasattr(m, "embedding_mean")}
     per = [dict(m.named_buffers()) for m in members]
     out = {}
     for name, buf in per[0].items():

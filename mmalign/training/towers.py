@@ -84,8 +84,11 @@ class Tower(nn.Module):
         return embeds
 
     @torch.no_grad()
-    def track_mean(self, embeds: Tensor, rows: Tensor | None = None) -> None:
+    def track_mean(self, embeds: Tensor, rows: Tensor | int | None = None) -> None:
         """Fold a training batch's outputs into the running mean (``center=True`` towers; a no-op otherwise).
+
+        Tensor ops only (no ``.item()``, no data-dependent branch), so a sweep's ``vmap`` over members runs it with
+        each member's own stacked buffers.
 
         Args:
             embeds: ``[N, D]`` this tower's plain (uncentred) outputs of the batch's rows that hold its field, or
@@ -95,14 +98,13 @@ class Tower(nn.Module):
         if not self.center:
             return
         total = embeds.float().sum(0) if rows is None else embeds.float()
-        n = int(len(embeds) if rows is None else rows)
-        if n == 0:
-            return
-        seen = int(self.embedding_count)
-        weight = max(self.center_momentum, n / (seen + n))  # the plain average until the window is full
+        n = torch.as_tensor(len(embeds) if rows is None else rows, dtype=torch.float32, device=total.device)
+        seen = self.embedding_count.float()
+        # the plain average until the window is full, then an EMA; a batch without rows changes nothing
+        weight = torch.where(n > 0, torch.clamp(n / (seen + n).clamp(min=1.0), min=self.center_momentum), 0.0)
         mean = self.embedding_mean.float()
-        self.embedding_mean.copy_(mean + weight * (total / n - mean))
-        self.embedding_count.add_(n)
+        self.embedding_mean.copy_(mean + weight * (total / n.clamp(min=1.0) - mean))
+        self.embedding_count.add_(n.round().long())
 
     def forward(self, inputs: dict[str, Tensor]) -> Tensor:
         return self.project(self.encoder(inputs))
