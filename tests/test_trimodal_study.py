@@ -228,3 +228,28 @@ def test_centre_removes_each_towers_reference_mean_and_keeps_absent_rows_zero():
     assert torch.allclose(out["speech"][present["speech"]], want[present["speech"]], atol=1e-6)
     assert not out["speech"][1].any()
     assert torch.allclose(out["image"], F.normalize(x["image"] - ref["image"].mean(0), dim=-1), atol=1e-6)
+
+
+def test_centre_by_language_removes_each_languages_offset_and_falls_back_to_the_tower_mean():
+    import torch
+    import torch.nn.functional as F
+
+    from benchmarks.studies.trimodal import centre_by_language
+
+    torch.manual_seed(0)
+    ref_rows = [{"lang": l} for l in ["en"] * 6 + ["de"] * 6]
+    offset = {"en": torch.tensor([3.0, 0, 0, 0]), "de": torch.tensor([0, 3.0, 0, 0])}
+    ref_text = torch.stack([offset[r["lang"]] for r in ref_rows]) + 0.1 * torch.randn(12, 4)
+    ref = {"text": ref_text, "image": torch.randn(12, 4) + 2}
+    ref_present = {"text": torch.ones(12, dtype=torch.bool), "image": torch.ones(12, dtype=torch.bool)}
+    rows = [{"lang": "en"}, {"lang": "de"}, {"lang": "fr"}]
+    x = torch.stack([offset["en"], offset["de"], torch.tensor([1.0, 1, 1, 1])])
+    embeds = {"text": x, "image": torch.randn(3, 4)}
+    present = {"text": torch.tensor([True, True, True]), "image": torch.tensor([True, False, True])}
+    out = centre_by_language(embeds, present, rows, ref, ref_present, ref_rows)
+    en_mean, de_mean = ref_text[:6].mean(0), ref_text[6:].mean(0)
+    torch.testing.assert_close(out["text"][0], F.normalize(x[0] - en_mean, dim=0))
+    torch.testing.assert_close(out["text"][1], F.normalize(x[1] - de_mean, dim=0))
+    torch.testing.assert_close(out["text"][2], F.normalize(x[2] - ref_text.mean(0), dim=0))  # fr: the tower's mean
+    torch.testing.assert_close(out["image"][0], F.normalize(embeds["image"][0] - ref["image"].mean(0), dim=0))
+    assert out["image"][1].abs().sum() == 0  # absent rows stay zero

@@ -211,6 +211,30 @@ def centre(embeds: dict[str, Tensor], present: dict[str, Tensor], ref: dict[str,
     return out
 
 
+def centre_by_language(embeds: dict[str, Tensor], present: dict[str, Tensor], rows: Sequence[dict], ref: dict[str, Tensor],
+                       ref_present: dict[str, Tensor], ref_rows: Sequence[dict],
+                       towers: Sequence[str] = ("text", "speech")) -> dict[str, Tensor]:
+    """Language-neutral embeddings (Libovický et al., 2020: a multilingual encoder's vectors carry a per-language
+    offset): the rows of each tower in ``towers`` minus that tower's mean over the ``ref`` rows of the same language
+    (``rows[i]["lang"]``), the tower's mean over every ``ref`` row for a language ``ref`` lacks; other towers (the
+    image) minus their mean over every ``ref`` row. Absent rows stay zero. ``ref`` may be the training split
+    (inductive) or the scored split itself (transductive: its unlabelled inputs of each language)."""
+    import torch.nn.functional as F
+
+    out = {}
+    for name, e in embeds.items():
+        r_e, r_p = ref[name], ref_present[name]
+        means = torch.zeros_like(e) + r_e[r_p].mean(0)
+        if name in towers:
+            ref_langs = [r["lang"] for r in ref_rows]
+            for lang in {r["lang"] for r in rows}:
+                sel = torch.tensor([l == lang for l in ref_langs]) & r_p
+                if bool(sel.any()):
+                    means[torch.tensor([r["lang"] == lang for r in rows])] = r_e[sel].mean(0)
+        out[name] = F.normalize(e - means, dim=-1) * present[name][:, None].to(e.dtype)
+    return out
+
+
 def emergent_mean(rows: Sequence[dict], embeds: dict[str, Tensor], present: dict[str, Tensor], langs: Sequence[str]) -> float:
     """Mean speech->image R@1 over ``langs`` (languages without speech skipped)."""
     vals = [direction_r1(rows, embeds["speech"], embeds["image"], present, "speech->image", lang)[0] for lang in langs]
@@ -279,6 +303,18 @@ def run_seed(args: argparse.Namespace, manifests: dict[str, str], out: Path, see
                                                train[2]), test_present_c, langs)
     extra["centring_val_speech->image"] = {"plain": emergent_mean(val[0], val_plain, val[2], langs),
                                            "centred": emergent_mean(val[0], centre(val_plain, val[2], ref, train[2]), val[2], langs)}
+    # per-language centring of the text and speech towers (language-neutral vectors): on the training rows of each
+    # language (inductive; never-heard languages fall back to the tower's mean) and on the test rows' own inputs
+    # of each language (transductive, unlabelled)
+    test_plain = project_split(cli.model, test_feats, test_present_c)
+    extra["lang_centred"] = table(test_rows, centre_by_language(test_plain, test_present_c, test_rows, ref, train[2],
+                                                                train[0]), test_present_c, langs)
+    extra["lang_centred_transductive"] = table(test_rows, centre_by_language(
+        test_plain, test_present_c, test_rows, test_plain, test_present_c, test_rows), test_present_c, langs)
+    extra["lang_centring_val_speech->image"] = {
+        "inductive": emergent_mean(val[0], centre_by_language(val_plain, val[2], val[0], ref, train[2], train[0]), val[2], langs),
+        "transductive": emergent_mean(val[0], centre_by_language(val_plain, val[2], val[0], val_plain, val[2], val[0]),
+                                      val[2], langs)}
     objectives = [{"towers": list(o.towers), "loss": type(o.loss).__name__, "weight": float(o.weight)}
                   for o in cli.model.objectives]
     return {"seed": seed, "recipe": recipe, "objectives": objectives, "least_squares": table(test_rows, composed, test_present, langs), **extra,
@@ -438,6 +474,26 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
             rm, rs = _mean_std([e / d if d else float("nan") for e, d in
                                 zip(per_seed("centred", "speech->image", lang), per_seed("centred", "text->image", lang))])
             lines.append(f"| {lang} | " + " | ".join(cells) + " | " + (f"{rm:.2f} ± {rs:.2f} |" if many else f"{rm:.2f} |"))
+    if all("lang_centred" in s for s in seeds):
+        v = [s["lang_centring_val_speech->image"] for s in seeds]
+        lines += ["", "The same fits with the text and speech towers' embeddings centred per LANGUAGE (language-neutral "
+                  "vectors, Libovický et al. 2020; the image tower on its mean): inductive, on each language's training "
+                  "rows (a language without training rows in that tower falls back to the tower's mean), and "
+                  "transductive, on the scored split's own unlabelled inputs of each language. VAL emergent "
+                  "speech->image R@1 (mean over the languages) inductive / transductive, per seed: "
+                  + ", ".join(f"{100 * x['inductive']:.1f} / {100 * x['transductive']:.1f}" for x in v) + ".",
+                  "", "| lang | text->image: recipe / per language / transductive | speech->text: recipe / per language / "
+                  "transductive | speech->image: recipe / per language / transductive | emergent / direct: per language / "
+                  "transductive |", "|---|---|---|---|---|"]
+        for lang in langs:
+            cells = [" / ".join(cell(per_seed(k, d, lang)) for k in ("recipe", "lang_centred", "lang_centred_transductive"))
+                     for d in ("text->image", "speech->text", "speech->image")]
+            ratios = []
+            for k in ("lang_centred", "lang_centred_transductive"):
+                rm, rs = _mean_std([e / d if d else float("nan") for e, d in
+                                    zip(per_seed(k, "speech->image", lang), per_seed(k, "text->image", lang))])
+                ratios.append(f"{rm:.2f} ± {rs:.2f}" if many else f"{rm:.2f}")
+            lines.append(f"| {lang} | " + " | ".join(cells) + " | " + " / ".join(ratios) + " |")
     sizes = ", ".join(f"{lang} {rec0['speech->image'][lang]['gallery']}" for lang in langs)
     lines += ["", f"Gallery sizes (speech->image): {sizes} concepts. "
               f"Ridge lambdas (val): {[s['ridge_lambda'] for s in seeds]}. Run time {result['seconds']} s on 2 shared "
