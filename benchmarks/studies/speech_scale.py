@@ -214,6 +214,7 @@ def train_head(train: dict, y: torch.Tensor, concepts: list[str], head_spec: dic
     epochs = int(spec.pop("epochs", epochs))
     lr, objective = float(spec.pop("lr", 1e-3)), spec.pop("loss", "clip")  # "cos": 1 - cosine to the target
     scale = spec.pop("correction_scale", None)  # fused heads: the correction's weight at eval (WiSE-FT)
+    center = bool(spec.pop("center", False))  # the modality gap, as Tower(center=True): both sides minus their training mean
     if scale is not None and kind != "fused":
         raise ValueError(f"correction_scale is a fused (CascadeResidual) head's setting, not a {kind!r} head's")
     if kind == "mlp":
@@ -262,11 +263,19 @@ def train_head(train: dict, y: torch.Tensor, concepts: list[str], head_spec: dic
     if scale is not None:
         head.correction_scale = float(scale)
 
-    def predict(f: dict) -> np.ndarray:
+    def raw(f: dict) -> np.ndarray:
         m = len(f["offsets"]) - 1
         with torch.no_grad():
             return np.concatenate([head(features(f, np.arange(i, min(i + 256, m)))).numpy()
                                    for i in range(0, m, 256)])
+    if not center:
+        return raw
+    # the speech head's mean output and the text tower's mean (the targets) over the training rows
+    shift = raw(train).mean(0)
+
+    def predict(f: dict) -> np.ndarray:
+        return raw(f) - shift
+    predict.gallery_shift = y.float().mean(0).numpy()  # type: ignore[attr-defined]
     return predict
 
 
@@ -335,6 +344,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {  # name -> (training data, head)
     # session 15: the recipe's head with its correction weighted at eval (WiSE-FT between the cascade, 0, and it, 1)
     **{f"emoji_fused_lr1e-4_a{a:g}": ("emoji", {"kind": "fused", "features": "decoder", "lr": 1e-4, "correction_scale": a})
        for a in (0.25, 0.5, 0.75, 1.5)},
+    # session 17: the recipe's head, both sides centred on their training means (the modality gap, Tower(center=True))
+    "emoji_fused_lr1e-4_center": ("emoji", {"kind": "fused", "features": "decoder", "lr": 1e-4, "center": True}),
+    "cascade_e0_center": ("emoji", {"kind": "fused", "features": "decoder", "epochs": 0, "center": True}),
     "emoji+espeak_fused_lr1e-4": ("emoji+espeak", {"kind": "fused", "features": "decoder", "lr": 1e-4}),
     "emoji+espeak_fused": ("emoji+espeak", {"kind": "fused", "features": "decoder"}),
     "emoji+engines_mlp": ("emoji+engines", {"kind": "mlp"}),
@@ -504,8 +516,10 @@ def main() -> None:
     groups = test_groups(test_rows, real_rows)
     gallery = {name: text_features(texts, cache) for name, (_, _, texts) in {**groups, **vgroups}.items()}
 
-    def score(pred: np.ndarray, gs: dict) -> dict[str, float]:
-        return {name: r1(pred[q], gallery[name], np.asarray(t)) for name, (q, t, _) in gs.items()}
+    def score(pred: np.ndarray, gs: dict, shift: np.ndarray | None = None) -> dict[str, float]:
+        """R@1 per group; ``shift``: subtracted from every gallery (a centred head's text-tower mean)."""
+        return {name: r1(pred[q], gallery[name] if shift is None else gallery[name] - shift, np.asarray(t))
+                for name, (q, t, _) in gs.items()}
 
     real_names = [g for g in groups if not g.startswith("espeak/")]
     real_w = [len(groups[g][0]) for g in real_names]
@@ -555,7 +569,8 @@ def main() -> None:
                 trained[name, s] = train_head(f, torch.as_tensor(y).float(), concepts, head, s, args.epochs,
                                               threads=args.threads)
             predict = trained[name, s]
-            runs.append({**score(predict(fe), groups), **score(predict(fv), vgroups)})
+            shift = getattr(predict, "gallery_shift", None)
+            runs.append({**score(predict(fe), groups, shift), **score(predict(fv), vgroups, shift)})
         sums = [summary(r) for r in runs]
         name = name + ("+centred" if centre else "")
         results["variants"][name] = {
