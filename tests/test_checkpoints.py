@@ -64,6 +64,14 @@ def test_best_ckpt_follows_the_best_checkpoint(fitted):
     assert not [p for p in os.listdir(cb.dirpath) if p.endswith(".tmp")]  # no temporary left behind
 
 
+def test_last_ckpt_is_the_latest_state_after_the_monitor_stopped_improving(fitted):
+    # Lightning 2.6's save_last copies only a step's top-k save: without BestCheckpoint last.ckpt stays at epoch 1
+    root, trainer, model = fitted
+    last = torch.load(os.path.join(trainer.checkpoint_callback.dirpath, "last.ckpt"), map_location="cpu", weights_only=True)
+    assert last["epoch"] == len(SCORES) - 1 and last["global_step"] == trainer.global_step
+    torch.testing.assert_close(last["state_dict"]["layer.weight"], model.layer.weight.detach())
+
+
 def test_a_new_trainer_resolves_best_last_and_folders(fitted):
     root, trainer, _ = fitted
     cb = trainer.checkpoint_callback
