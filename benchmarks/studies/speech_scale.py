@@ -1,5 +1,8 @@
 """Speech student at scale (issue 17.3): more vocabulary, styled voices and a frame-pooling head, beside the cascade.
 
+A little over 600 lines on purpose: the variant table, the head trainer and the one run loop share the cached feature
+layout (means/frames/offsets) and the val/test groups; split, each file would re-derive them.
+
 Continues ``benchmarks.studies.speech_robust`` (same held-out espeak and real-recordings test sets, same ASR
 cascade, same frozen Whisper base and USE-m), with:
 
