@@ -133,7 +133,7 @@ class BestCheckpoint(Checkpoint):
     (``save_last: true``), so "the best checkpoint of a run" had no stable name, and ``--ckpt_path best`` only
     worked in the process that trained. The mmalign CLI attaches this callback to every run: after each save it
     re-points ``<checkpoint dir>/best.ckpt`` (atomically) when the best changes, and keeps ``last.ckpt`` the latest
-    state (:meth:`_fresh_last`). Runs without a ``ModelCheckpoint`` (the tiny overlays) write nothing.
+    state at the fit's end (:meth:`_fresh_last`). Runs without a ``ModelCheckpoint`` (the tiny overlays) write nothing.
 
     A :class:`~lightning.pytorch.callbacks.Checkpoint` so Lightning calls it with the monitoring callbacks,
     after ``ModelCheckpoint`` saved (``on_train_epoch_end`` runs those in a second pass). Add it after a
@@ -167,38 +167,39 @@ class BestCheckpoint(Checkpoint):
             link_atomically(best, link)
             self._linked = best
 
-    def _fresh_last(self, trainer: L.Trainer, final: bool = False) -> None:
-        """Keep ``last.ckpt`` the run's LATEST state. Lightning 2.6's ``save_last=True`` copies a checkpoint only
-        when a top-k one is saved in the same step, so once the monitor stops improving ``last.ckpt`` stays at the
-        best epoch and resuming from it (``--ckpt_path last``) would silently redo the later epochs. When the
-        ``ModelCheckpoint`` saved nothing at this step, save ``last.ckpt`` here (every rank calls it: the strategy
-        writes on rank 0)."""
-        cb = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
-        if cb is None or cb.save_last is not True or not getattr(cb, "dirpath", None) or "{" in cb.CHECKPOINT_NAME_LAST:
+    def _fresh_last(self, trainer: L.Trainer) -> None:
+        """At the fit's end, make ``last.ckpt`` the run's FINAL state. Lightning 2.6's ``save_last=True`` copies a
+        checkpoint only when a top-k one is saved in the same step, so once the monitor stops improving
+        ``last.ckpt`` stays at the best epoch, and ``--ckpt_path last`` (to train on, or to export the final weights)
+        would silently restart from there. When no ``ModelCheckpoint`` saved at the last step, save ``last.ckpt``
+        here (every rank calls it: the strategy writes on rank 0). Only at the end: mid-fit, the callbacks' hook
+        order is not ours to rely on, and a second writer of ``last.ckpt`` would make ``ModelCheckpoint`` version
+        its own (``last-v1.ckpt``)."""
+        savers = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
+        lasts = [c for c in savers if c.save_last is True]
+        if len(lasts) != 1:
+            return  # no last.ckpt asked for, or several callbacks writing one: theirs to keep
+        cb = lasts[0]
+        if not getattr(cb, "dirpath", None) or "{" in cb.CHECKPOINT_NAME_LAST or cb.monitor is None:
             return
-        if cb.monitor is None or getattr(cb, "_every_n_train_steps", 0) or getattr(cb, "_train_time_interval", None):
-            return  # step/time-scheduled or unmonitored saves: each one is a top-k save and refreshes last.ckpt
+        if getattr(cb, "_every_n_train_steps", 0) or getattr(cb, "_train_time_interval", None):
+            return  # step/time-scheduled saves: each is a top-k save and refreshes last.ckpt
         step = trainer.global_step
-        if getattr(cb, "_last_global_step_saved", step) == step or self._last_step == step:
-            return  # ModelCheckpoint wrote last.ckpt at this step (or we did)
-        if not final and not trainer.is_last_batch and not trainer.sanity_checking:
-            return  # a mid-epoch validation: the epoch end (or the fit's end) writes it
-        if trainer.sanity_checking or step == 0:
-            return
+        if step == 0 or self._last_step == step or any(
+                getattr(c, "_last_global_step_saved", step) == step for c in savers):
+            return  # nothing trained, or a ModelCheckpoint saved at this step (and wrote last.ckpt)
         trainer.save_checkpoint(os.path.join(cb.dirpath, f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"))
         self._last_step = step
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._sync(trainer)
-        if trainer.state.fn == "fit":
-            self._fresh_last(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._sync(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._sync(trainer)
-        self._fresh_last(trainer, final=True)
+        self._fresh_last(trainer)
 
 
 #: ``--ckpt_path`` values resolved from the run folder, and the file each names.
